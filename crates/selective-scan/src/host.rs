@@ -1,0 +1,171 @@
+//! Host convenience: upload a [`ScanProblem`], run the kernels, read the results back.
+//!
+//! Used by the tests and `cargo xtask parity`; a framework integration passes device handles to
+//! [`crate::forward`] / [`crate::backward`] directly.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::{
+    BackwardOutput, DeviceTensor, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanGrads,
+    ScanProblem, TensorRef,
+};
+
+fn upload<R: Runtime>(client: &ComputeClient<R>, data: &[f32], dtype: ScanDtype) -> Handle {
+    match dtype {
+        ScanDtype::F32 => client.create_from_slice(bytemuck::cast_slice(data)),
+        ScanDtype::F16 => {
+            let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+            client.create_from_slice(bytemuck::cast_slice(&v))
+        }
+        ScanDtype::BF16 => {
+            let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            client.create_from_slice(bytemuck::cast_slice(&v))
+        }
+    }
+}
+
+/// Reads a contiguous f32 device tensor back to the host.
+pub fn read<R: Runtime>(client: &ComputeClient<R>, tensor: &DeviceTensor) -> Result<Vec<f32>, ScanError> {
+    let bytes = client
+        .read_one(tensor.handle.clone())
+        .map_err(|e| ScanError::Runtime {
+            detail: format!("{e:?}"),
+        })?;
+    let expected: usize = tensor.shape.iter().product();
+    let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[..expected * 4]);
+    Ok(values)
+}
+
+struct Uploaded {
+    handles: Vec<Handle>,
+    shapes: Vec<Vec<usize>>,
+    strides: Vec<Vec<usize>>,
+    dtypes: Vec<ScanDtype>,
+    has_d: bool,
+    has_bias: bool,
+}
+
+fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+impl Uploaded {
+    fn new<R: Runtime>(client: &ComputeClient<R>, p: &ScanProblem, dtype: ScanDtype) -> Result<Self, ScanError> {
+        p.validate()?;
+        let mut up = Uploaded {
+            handles: vec![],
+            shapes: vec![],
+            strides: vec![],
+            dtypes: vec![],
+            has_d: p.d.is_some(),
+            has_bias: p.delta_bias.is_some(),
+        };
+        for (name, shape, data) in p.named() {
+            // A, D and delta_bias stay f32 whatever the input dtype (SPEC §3.5).
+            let dt = if matches!(name, "A" | "D" | "delta_bias") {
+                ScanDtype::F32
+            } else {
+                dtype
+            };
+            up.handles.push(upload(client, data, dt));
+            up.strides.push(contiguous(&shape));
+            up.shapes.push(shape);
+            up.dtypes.push(dt);
+        }
+        Ok(up)
+    }
+
+    fn tensor(&self, i: usize) -> TensorRef<'_> {
+        TensorRef {
+            handle: &self.handles[i],
+            shape: &self.shapes[i],
+            strides: &self.strides[i],
+            dtype: self.dtypes[i],
+        }
+    }
+
+    fn args(&self, delta_softplus: bool) -> ScanArgs<'_> {
+        let mut next = 5;
+        let mut optional = |present: bool| {
+            present.then(|| {
+                next += 1;
+                self.tensor(next - 1)
+            })
+        };
+        let d = optional(self.has_d);
+        let delta_bias = optional(self.has_bias);
+        ScanArgs {
+            u: self.tensor(0),
+            delta: self.tensor(1),
+            a: self.tensor(2),
+            b: self.tensor(3),
+            c: self.tensor(4),
+            d,
+            delta_bias,
+            delta_softplus,
+        }
+    }
+}
+
+/// Runs the forward kernel on `problem`, with `u, delta, B, C` stored as `dtype`, and returns
+/// `y` on the host.
+pub fn forward_host<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: &ScanProblem,
+    dtype: ScanDtype,
+    config: ScanConfig,
+) -> Result<Vec<f32>, ScanError> {
+    let up = Uploaded::new(client, problem, dtype)?;
+    let out = crate::forward(client, &up.args(problem.delta_softplus), config)?;
+    read(client, &out.y)
+}
+
+/// Runs the forward and backward kernels on `problem` for the upstream gradient `dy`, and
+/// returns `y` and every gradient on the host.
+pub fn forward_backward_host<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: &ScanProblem,
+    dy: &[f32],
+    dtype: ScanDtype,
+    config: ScanConfig,
+) -> Result<(Vec<f32>, ScanGrads<f32>), ScanError> {
+    let up = Uploaded::new(client, problem, dtype)?;
+    let args = up.args(problem.delta_softplus);
+    let saved = crate::forward(client, &args, config)?;
+    if dy.len() != problem.shape.bdl_len() {
+        return Err(ScanError::Length {
+            arg: "dy",
+            expected: problem.shape.bdl_len(),
+            actual: dy.len(),
+        });
+    }
+    let dy_shape = problem.shape.bdl();
+    let dy_strides = contiguous(&dy_shape);
+    let dy_handle = upload(client, dy, ScanDtype::F32);
+    let dy_ref = TensorRef {
+        handle: &dy_handle,
+        shape: &dy_shape,
+        strides: &dy_strides,
+        dtype: ScanDtype::F32,
+    };
+    let grads: BackwardOutput = crate::backward(client, &args, &saved, dy_ref)?;
+    let y = read(client, &saved.y)?;
+    let opt = |t: &Option<DeviceTensor>| t.as_ref().map(|t| read(client, t)).transpose();
+    Ok((
+        y,
+        ScanGrads {
+            du: read(client, &grads.du)?,
+            ddelta: read(client, &grads.ddelta)?,
+            da: read(client, &grads.da)?,
+            db: read(client, &grads.db)?,
+            dc: read(client, &grads.dc)?,
+            dd: opt(&grads.dd)?,
+            ddelta_bias: opt(&grads.ddelta_bias)?,
+        },
+    ))
+}

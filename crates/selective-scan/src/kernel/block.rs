@@ -1,0 +1,99 @@
+//! Cube-level building blocks shared by the forward and backward kernels: the associative
+//! scan of per-unit aggregates and a deterministic sum, both through shared memory so that they
+//! run on every runtime (no plane operations needed).
+
+use cubecl::prelude::*;
+
+/// Inclusive scan of the affine maps `h ↦ a·h + b` held one per unit, in shared memory.
+///
+/// Hillis–Steele: in round `k` every unit composes with the unit `2^k` places earlier, so after
+/// `log2(units)` rounds `scan_a[i], scan_b[i]` hold the composition of units `0..=i`
+/// (`reverse = false`) or `i..units` (`reverse = true`, where "earlier" is the higher unit).
+/// The operator is `(a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)`, earlier element on the left; it
+/// is not commutative, and the reverse scan keeps the same order with respect to its own
+/// direction. Every unit of the cube must call this; it ends with a barrier.
+#[cube]
+pub fn cube_inclusive_scan(
+    agg_a: f32,
+    agg_b: f32,
+    scan_a: &mut SharedMemory<f32>,
+    scan_b: &mut SharedMemory<f32>,
+    #[comptime] units: usize,
+    #[comptime] reverse: bool,
+) {
+    let unit = UNIT_POS as usize;
+    let mut a = agg_a;
+    let mut b = agg_b;
+    scan_a[unit] = a;
+    scan_b[unit] = b;
+    sync_cube();
+    let mut offset = 1usize;
+    while offset < units {
+        // The identity (1, 0) for units with no partner in this round.
+        let mut earlier_a = 1.0f32;
+        let mut earlier_b = 0.0f32;
+        if reverse {
+            if unit + offset < units {
+                earlier_a = scan_a[unit + offset];
+                earlier_b = scan_b[unit + offset];
+            }
+        } else if unit >= offset {
+            earlier_a = scan_a[unit - offset];
+            earlier_b = scan_b[unit - offset];
+        }
+        sync_cube();
+        // (earlier_a, earlier_b) ∘ (a, b) = (earlier_a·a, a·earlier_b + b)
+        b = a * earlier_b + b;
+        a *= earlier_a;
+        scan_a[unit] = a;
+        scan_b[unit] = b;
+        sync_cube();
+        offset *= 2;
+    }
+}
+
+/// Sum of one value per unit, by a fixed binary tree in shared memory: the same inputs give the
+/// same bits on every run (no atomics). `units` must be a power of two. Every unit of the cube
+/// must call this; every unit gets the total.
+#[cube]
+pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: usize) -> f32 {
+    let unit = UNIT_POS as usize;
+    scratch[unit] = value;
+    sync_cube();
+    // Round k adds pairs 2^k apart: unit i (a multiple of 2^(k+1)) takes unit i + 2^k.
+    let mut stride = 1usize;
+    while stride < units {
+        if unit % (2 * stride) == 0 {
+            scratch[unit] += scratch[unit + stride];
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    let total = scratch[0];
+    sync_cube();
+    total
+}
+
+/// `Δ = softplus(x)` with mamba's threshold-20 rule, or `x` itself when `softplus` is off.
+#[cube]
+pub fn discretize_step(x: f32, #[comptime] softplus: bool) -> f32 {
+    let mut dt = x;
+    if softplus {
+        if x <= 20.0 {
+            dt = x.exp().log1p();
+        }
+    }
+    dt
+}
+
+/// `dΔ/dx` for [`discretize_step`]: the logistic sigmoid below the threshold, else 1.
+#[cube]
+pub fn discretize_step_grad(x: f32, #[comptime] softplus: bool) -> f32 {
+    let mut grad = 1.0f32;
+    if softplus {
+        if x <= 20.0 {
+            grad = 1.0 / (1.0 + (-x).exp());
+        }
+    }
+    grad
+}

@@ -1,0 +1,532 @@
+//! Launch wrappers: validate every argument, then dispatch the kernels on the input dtype.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::kernel::backward::scan_backward_kernel;
+use crate::kernel::forward::scan_forward_kernel;
+use crate::kernel::reduce::sum_middle_axis_kernel;
+use crate::{ArgShapes, MAX_D_STATE, ScanDtype, ScanError, ScanShape};
+
+/// How the sequence is split inside a cube: `units` units each own `items` consecutive
+/// positions of a chunk of `units · items` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScanConfig {
+    /// Units per cube (a power of two).
+    pub units: usize,
+    /// Positions per unit and chunk.
+    pub items: usize,
+}
+
+impl Default for ScanConfig {
+    /// 128 units × 4 items: chunks of 512 positions, ~22 KiB of shared memory in the backward
+    /// kernel, within the 32 KiB that WGPU guarantees.
+    fn default() -> Self {
+        Self {
+            units: 128,
+            items: 4,
+        }
+    }
+}
+
+impl ScanConfig {
+    /// Positions per chunk, `units · items`.
+    pub fn chunk_len(&self) -> usize {
+        self.units * self.items
+    }
+
+    /// Number of chunks for a sequence of `seq_len`.
+    pub fn n_chunks(&self, seq_len: usize) -> usize {
+        seq_len.div_ceil(self.chunk_len())
+    }
+
+    /// Shared memory of the backward kernel (the larger of the two), in bytes.
+    pub fn shared_memory_bytes(&self) -> usize {
+        4 * (9 * self.chunk_len() + 3 * self.units + 2 * MAX_D_STATE)
+    }
+
+    fn validate<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<(), ScanError> {
+        let hardware = &client.properties().hardware;
+        if !self.units.is_power_of_two() || self.items == 0 {
+            return Err(ScanError::Config {
+                detail: format!(
+                    "units must be a power of two and items at least 1, got units = {}, items = {}",
+                    self.units, self.items
+                ),
+            });
+        }
+        if self.units > hardware.max_units_per_cube as usize {
+            return Err(ScanError::Config {
+                detail: format!(
+                    "units = {} exceeds the device's {} units per cube",
+                    self.units, hardware.max_units_per_cube
+                ),
+            });
+        }
+        if self.shared_memory_bytes() > hardware.max_shared_memory_size {
+            return Err(ScanError::Config {
+                detail: format!(
+                    "units = {}, items = {} need {} bytes of shared memory, the device has {}",
+                    self.units,
+                    self.items,
+                    self.shared_memory_bytes(),
+                    hardware.max_shared_memory_size
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A tensor on the device: a handle with its shape, strides (in elements) and dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef<'a> {
+    /// The buffer.
+    pub handle: &'a Handle,
+    /// Sizes per dimension.
+    pub shape: &'a [usize],
+    /// Strides per dimension, in elements.
+    pub strides: &'a [usize],
+    /// Element type.
+    pub dtype: ScanDtype,
+}
+
+impl<'a> TensorRef<'a> {
+    fn arg<R: Runtime>(&self) -> TensorArg<R> {
+        // SAFETY: `check_layout` verified that every index reachable through these shape and
+        // strides lies inside the handle.
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.handle.clone(),
+                self.strides.iter().copied().into(),
+                self.shape.iter().copied().into(),
+            )
+        }
+    }
+
+    fn check_layout(&self, arg: &'static str, expected: ScanDtype) -> Result<(), ScanError> {
+        if self.dtype != expected {
+            return Err(ScanError::Dtype {
+                arg,
+                expected,
+                actual: self.dtype,
+            });
+        }
+        if self.strides.len() != self.shape.len() {
+            return Err(ScanError::Layout {
+                arg,
+                detail: format!(
+                    "{} strides for {} dimensions (shape {:?}, strides {:?})",
+                    self.strides.len(),
+                    self.shape.len(),
+                    self.shape,
+                    self.strides
+                ),
+            });
+        }
+        let last: usize = self
+            .shape
+            .iter()
+            .zip(self.strides)
+            .map(|(size, stride)| (size - 1) * stride)
+            .sum();
+        let capacity = self.handle.size() as usize / self.dtype.size();
+        if last >= capacity {
+            return Err(ScanError::Layout {
+                arg,
+                detail: format!(
+                    "shape {:?} with strides {:?} reaches element {last}, the buffer holds {capacity}",
+                    self.shape, self.strides
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of one scan on the device.
+///
+/// # Shapes
+/// - `u, delta`: `[batch, channels, seq_len]`, dtype f32, f16 or bf16 (both the same)
+/// - `a`: `[channels, d_state]`, f32
+/// - `b, c`: `[batch, groups, d_state, seq_len]`, dtype of `u`
+/// - `d`, `delta_bias`: `[channels]`, f32
+#[derive(Debug, Clone, Copy)]
+pub struct ScanArgs<'a> {
+    /// Input sequence.
+    pub u: TensorRef<'a>,
+    /// Raw step sizes.
+    pub delta: TensorRef<'a>,
+    /// State matrix (real).
+    pub a: TensorRef<'a>,
+    /// Input projection, per group.
+    pub b: TensorRef<'a>,
+    /// Output projection, per group.
+    pub c: TensorRef<'a>,
+    /// Skip connection.
+    pub d: Option<TensorRef<'a>>,
+    /// Bias added to `delta`.
+    pub delta_bias: Option<TensorRef<'a>>,
+    /// Apply softplus (threshold 20) to `delta + delta_bias`.
+    pub delta_softplus: bool,
+}
+
+impl ScanArgs<'_> {
+    /// Validates shapes, dtypes and layouts, and returns the problem sizes.
+    pub fn validate(&self) -> Result<ScanShape, ScanError> {
+        let shape = ScanShape::from_args(&ArgShapes {
+            u: self.u.shape,
+            delta: self.delta.shape,
+            a: self.a.shape,
+            b: self.b.shape,
+            c: self.c.shape,
+            d: self.d.map(|t| t.shape),
+            delta_bias: self.delta_bias.map(|t| t.shape),
+        })?;
+        let input = self.u.dtype;
+        self.u.check_layout("u", input)?;
+        self.delta.check_layout("delta", input)?;
+        self.a.check_layout("A", ScanDtype::F32)?;
+        self.b.check_layout("B", input)?;
+        self.c.check_layout("C", input)?;
+        if let Some(d) = &self.d {
+            d.check_layout("D", ScanDtype::F32)?;
+        }
+        if let Some(bias) = &self.delta_bias {
+            bias.check_layout("delta_bias", ScanDtype::F32)?;
+        }
+        Ok(shape)
+    }
+}
+
+/// A contiguous f32 tensor produced by the scan.
+#[derive(Debug, Clone)]
+pub struct DeviceTensor {
+    /// The buffer.
+    pub handle: Handle,
+    /// Sizes per dimension (row-major, contiguous).
+    pub shape: Vec<usize>,
+}
+
+impl DeviceTensor {
+    fn empty<R: Runtime>(client: &ComputeClient<R>, shape: Vec<usize>) -> Self {
+        let len: usize = shape.iter().product();
+        Self {
+            handle: client.empty(len * 4),
+            shape,
+        }
+    }
+
+    /// Contiguous row-major strides.
+    pub fn strides(&self) -> Vec<usize> {
+        let mut strides = vec![1; self.shape.len()];
+        for i in (0..self.shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * self.shape[i + 1];
+        }
+        strides
+    }
+
+    /// A [`TensorRef`] view of this tensor.
+    pub fn view<'a>(&'a self, strides: &'a [usize]) -> TensorRef<'a> {
+        TensorRef {
+            handle: &self.handle,
+            shape: &self.shape,
+            strides,
+            dtype: ScanDtype::F32,
+        }
+    }
+
+    fn arg<R: Runtime>(&self) -> TensorArg<R> {
+        let strides = self.strides();
+        // SAFETY: allocated above with exactly `product(shape)` f32 elements, contiguous.
+        unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), self.shape.clone().into()) }
+    }
+}
+
+/// What the forward pass returns: the output and the state saved for the backward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// `y`: `[batch, channels, seq_len]`, f32.
+    pub y: DeviceTensor,
+    /// The state `h` at the end of every chunk: `[batch, channels, n_chunks, d_state]`, f32.
+    pub carries: DeviceTensor,
+    /// The problem sizes.
+    pub shape: ScanShape,
+    /// The split used; the backward pass must use the same.
+    pub config: ScanConfig,
+}
+
+/// Gradients from the backward pass, all contiguous f32, shapes as in [`crate::ScanGrads`].
+#[derive(Debug, Clone)]
+pub struct BackwardOutput {
+    /// `dL/du`.
+    pub du: DeviceTensor,
+    /// `dL/ddelta` (raw delta).
+    pub ddelta: DeviceTensor,
+    /// `dL/dA`.
+    pub da: DeviceTensor,
+    /// `dL/dB`.
+    pub db: DeviceTensor,
+    /// `dL/dC`.
+    pub dc: DeviceTensor,
+    /// `dL/dD`, when `D` was given.
+    pub dd: Option<DeviceTensor>,
+    /// `dL/ddelta_bias`, when `delta_bias` was given.
+    pub ddelta_bias: Option<DeviceTensor>,
+}
+
+fn check_dtype_support<R: Runtime>(client: &ComputeClient<R>, dtype: ScanDtype) -> Result<(), ScanError> {
+    let usage = match dtype {
+        ScanDtype::F32 => return Ok(()),
+        ScanDtype::F16 => half::f16::supported_uses(client),
+        ScanDtype::BF16 => half::bf16::supported_uses(client),
+    };
+    if usage.contains(cubecl::ir::features::TypeUsage::Buffer)
+        && usage.contains(cubecl::ir::features::TypeUsage::Conversion)
+    {
+        Ok(())
+    } else {
+        Err(ScanError::Unsupported {
+            detail: format!(
+                "{dtype:?} buffers are not supported by this device ({:?}); convert the inputs to f32 first",
+                R::name(client)
+            ),
+        })
+    }
+}
+
+fn check_grid(shape: &ScanShape) -> Result<(), ScanError> {
+    const MAX: usize = 65535;
+    if shape.channels > MAX || shape.batch > MAX {
+        return Err(ScanError::Config {
+            detail: format!(
+                "batch = {} and channels = {} must each be at most {MAX} (one cube per (batch, channel))",
+                shape.batch, shape.channels
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A placeholder for an absent optional `[channels]` input; the kernels never read it.
+fn absent<R: Runtime>(client: &ComputeClient<R>) -> DeviceTensor {
+    DeviceTensor {
+        handle: client.create_from_slice(bytemuck::cast_slice(&[0.0f32])),
+        shape: vec![1],
+    }
+}
+
+fn optional_arg<R: Runtime>(tensor: Option<TensorRef<'_>>, placeholder: &DeviceTensor) -> TensorArg<R> {
+    match tensor {
+        Some(t) => t.arg(),
+        None => placeholder.arg(),
+    }
+}
+
+/// Runs the forward scan: `y = selective_scan(u, delta, A, B, C, D, delta_bias)`.
+///
+/// Validates every argument before launching anything.
+pub fn forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    args: &ScanArgs<'_>,
+    config: ScanConfig,
+) -> Result<ForwardOutput, ScanError> {
+    let shape = args.validate()?;
+    config.validate(client)?;
+    check_grid(&shape)?;
+    check_dtype_support(client, args.u.dtype)?;
+    let n_chunks = config.n_chunks(shape.seq_len);
+    let y = DeviceTensor::empty(client, shape.bdl().to_vec());
+    let carries = DeviceTensor::empty(
+        client,
+        vec![shape.batch, shape.channels, n_chunks, shape.d_state],
+    );
+    let placeholder = absent(client);
+    let count = CubeCount::Static(shape.channels as u32, shape.batch as u32, 1);
+    let dim = CubeDim::new_1d(config.units as u32);
+    macro_rules! launch {
+        ($F:ty) => {
+            scan_forward_kernel::launch::<$F, R>(
+                client,
+                count,
+                dim,
+                args.u.arg(),
+                args.delta.arg(),
+                args.a.arg(),
+                args.b.arg(),
+                args.c.arg(),
+                optional_arg(args.d, &placeholder),
+                optional_arg(args.delta_bias, &placeholder),
+                y.arg(),
+                carries.arg(),
+                shape.seq_len as u32,
+                shape.d_state as u32,
+                shape.channels_per_group() as u32,
+                n_chunks as u32,
+                config.units,
+                config.items,
+                args.d.is_some(),
+                args.delta_bias.is_some(),
+                args.delta_softplus,
+            )
+        };
+    }
+    match args.u.dtype {
+        ScanDtype::F32 => launch!(f32),
+        ScanDtype::F16 => launch!(half::f16),
+        ScanDtype::BF16 => launch!(half::bf16),
+    }
+    Ok(ForwardOutput {
+        y,
+        carries,
+        shape,
+        config,
+    })
+}
+
+/// Channels per backward block: `min(N, D/G)`, so the `dB`/`dC` partials stay `O(B·D·L)`.
+pub fn channels_per_block(shape: &ScanShape) -> usize {
+    shape.d_state.min(shape.channels_per_group())
+}
+
+fn sum_middle_axis<R: Runtime>(
+    client: &ComputeClient<R>,
+    input: &DeviceTensor,
+    outer: usize,
+    parts: usize,
+    inner: usize,
+    out_shape: Vec<usize>,
+) -> DeviceTensor {
+    let output = DeviceTensor::empty(client, out_shape);
+    let total = outer * inner;
+    let units = 256usize;
+    let cubes = total.div_ceil(units);
+    let x = cubes.min(65535);
+    let y = cubes.div_ceil(x);
+    sum_middle_axis_kernel::launch::<R>(
+        client,
+        CubeCount::Static(x as u32, y as u32, 1),
+        CubeDim::new_1d(units as u32),
+        input.arg(),
+        output.arg(),
+        parts as u32,
+        inner as u32,
+    );
+    output
+}
+
+/// Runs the backward scan for the upstream gradient `dy [batch, channels, seq_len]` (f32),
+/// recomputing states from `saved.carries`.
+///
+/// `args` must be the arguments of the forward call that produced `saved`.
+pub fn backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    args: &ScanArgs<'_>,
+    saved: &ForwardOutput,
+    dy: TensorRef<'_>,
+) -> Result<BackwardOutput, ScanError> {
+    let shape = args.validate()?;
+    let config = saved.config;
+    if shape != saved.shape {
+        return Err(ScanError::Config {
+            detail: format!(
+                "the arguments have sizes {shape:?}, the saved forward state was made for {:?}",
+                saved.shape
+            ),
+        });
+    }
+    let n_chunks = config.n_chunks(shape.seq_len);
+    let carries_shape = [shape.batch, shape.channels, n_chunks, shape.d_state];
+    if saved.carries.shape != carries_shape {
+        return Err(ScanError::Shape {
+            arg: "carries",
+            expected: carries_shape.to_vec(),
+            actual: saved.carries.shape.clone(),
+            source: "batch, channels, n_chunks, d_state",
+        });
+    }
+    if dy.shape != shape.bdl() {
+        return Err(ScanError::Shape {
+            arg: "dy",
+            expected: shape.bdl().to_vec(),
+            actual: dy.shape.to_vec(),
+            source: "same as u",
+        });
+    }
+    dy.check_layout("dy", ScanDtype::F32)?;
+    config.validate(client)?;
+    check_grid(&shape)?;
+    check_dtype_support(client, args.u.dtype)?;
+
+    let per_block = channels_per_block(&shape);
+    let blocks = shape.channels_per_group().div_ceil(per_block);
+    let (bt, dch, g, n, l) = (shape.batch, shape.channels, shape.groups, shape.d_state, shape.seq_len);
+    let du = DeviceTensor::empty(client, shape.bdl().to_vec());
+    let ddelta = DeviceTensor::empty(client, shape.bdl().to_vec());
+    let db_part = DeviceTensor::empty(client, vec![bt, g, blocks, n, l]);
+    let dc_part = DeviceTensor::empty(client, vec![bt, g, blocks, n, l]);
+    let da_part = DeviceTensor::empty(client, vec![bt, dch, n]);
+    let dskip_part = DeviceTensor::empty(client, vec![bt, dch]);
+    let dbias_part = DeviceTensor::empty(client, vec![bt, dch]);
+    let placeholder = absent(client);
+    let count = CubeCount::Static(blocks as u32, g as u32, bt as u32);
+    let dim = CubeDim::new_1d(config.units as u32);
+    macro_rules! launch {
+        ($F:ty) => {
+            scan_backward_kernel::launch::<$F, R>(
+                client,
+                count,
+                dim,
+                args.u.arg(),
+                args.delta.arg(),
+                args.a.arg(),
+                args.b.arg(),
+                args.c.arg(),
+                optional_arg(args.d, &placeholder),
+                optional_arg(args.delta_bias, &placeholder),
+                dy.arg(),
+                saved.carries.arg(),
+                du.arg(),
+                ddelta.arg(),
+                db_part.arg(),
+                dc_part.arg(),
+                da_part.arg(),
+                dskip_part.arg(),
+                dbias_part.arg(),
+                l as u32,
+                n as u32,
+                shape.channels_per_group() as u32,
+                n_chunks as u32,
+                per_block as u32,
+                config.units,
+                config.items,
+                args.d.is_some(),
+                args.delta_bias.is_some(),
+                args.delta_softplus,
+            )
+        };
+    }
+    match args.u.dtype {
+        ScanDtype::F32 => launch!(f32),
+        ScanDtype::F16 => launch!(half::f16),
+        ScanDtype::BF16 => launch!(half::bf16),
+    }
+    let db = sum_middle_axis(client, &db_part, bt * g, blocks, n * l, shape.bgnl().to_vec());
+    let dc = sum_middle_axis(client, &dc_part, bt * g, blocks, n * l, shape.bgnl().to_vec());
+    let da = sum_middle_axis(client, &da_part, 1, bt, dch * n, shape.dn().to_vec());
+    let dd = args
+        .d
+        .map(|_| sum_middle_axis(client, &dskip_part, 1, bt, dch, vec![dch]));
+    let ddelta_bias = args
+        .delta_bias
+        .map(|_| sum_middle_axis(client, &dbias_part, 1, bt, dch, vec![dch]));
+    Ok(BackwardOutput {
+        du,
+        ddelta,
+        da,
+        db,
+        dc,
+        dd,
+        ddelta_bias,
+    })
+}

@@ -1,0 +1,159 @@
+//! The f64 sequential reference: the specification every fast path is tested against.
+//!
+//! A direct transcription of `SPEC.md` §3.2 (forward) and §3.3 (backward), one `(batch,
+//! channel, state)` at a time, in `f64`. It stores the states of one channel (`O(L·N)`), which
+//! is fine for an oracle and is exactly what the kernels avoid.
+
+use crate::{ScanGrads, ScanProblem};
+
+/// `softplus` with mamba's threshold-20 rule: `x` itself above 20, `ln(1 + e^x)` otherwise.
+pub fn softplus(x: f64) -> f64 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// Derivative of [`softplus`]: the logistic sigmoid below the threshold, 1 above it.
+pub fn softplus_grad(x: f64) -> f64 {
+    if x > 20.0 { 1.0 } else { 1.0 / (1.0 + (-x).exp()) }
+}
+
+struct Indexer {
+    channels: usize,
+    seq_len: usize,
+    groups: usize,
+    d_state: usize,
+    channels_per_group: usize,
+}
+
+impl Indexer {
+    fn bdl(&self, b: usize, d: usize, t: usize) -> usize {
+        (b * self.channels + d) * self.seq_len + t
+    }
+    fn bgnl(&self, b: usize, d: usize, n: usize, t: usize) -> usize {
+        let g = d / self.channels_per_group;
+        ((b * self.groups + g) * self.d_state + n) * self.seq_len + t
+    }
+}
+
+fn indexer(p: &ScanProblem) -> Indexer {
+    let s = p.shape;
+    Indexer {
+        channels: s.channels,
+        seq_len: s.seq_len,
+        groups: s.groups,
+        d_state: s.d_state,
+        channels_per_group: s.channels_per_group(),
+    }
+}
+
+/// Pre-activation `delta + delta_bias` and `Δ` for one position.
+fn step(p: &ScanProblem, ix: usize, d: usize) -> (f64, f64) {
+    let bias = p.delta_bias.as_ref().map_or(0.0, |v| v[d] as f64);
+    let x = p.delta[ix] as f64 + bias;
+    let dt = if p.delta_softplus { softplus(x) } else { x };
+    (x, dt)
+}
+
+/// Forward: `y [batch, channels, seq_len]`, with `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t` and
+/// `y_t = C_t·h_t + D u_t`, `h_{-1} = 0`.
+pub fn forward(p: &ScanProblem) -> Vec<f64> {
+    let s = p.shape;
+    let ix = indexer(p);
+    let mut y = vec![0.0; s.bdl_len()];
+    for b in 0..s.batch {
+        for d in 0..s.channels {
+            let skip = p.d.as_ref().map_or(0.0, |v| v[d] as f64);
+            for t in 0..s.seq_len {
+                y[ix.bdl(b, d, t)] = skip * p.u[ix.bdl(b, d, t)] as f64;
+            }
+            for n in 0..s.d_state {
+                let a = p.a[d * s.d_state + n] as f64;
+                let mut h = 0.0;
+                for t in 0..s.seq_len {
+                    let i = ix.bdl(b, d, t);
+                    let (_, dt) = step(p, i, d);
+                    let j = ix.bgnl(b, d, n, t);
+                    h = (dt * a).exp() * h + dt * p.b[j] as f64 * p.u[i] as f64;
+                    y[i] += p.c[j] as f64 * h;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Backward: the output `y` and the gradients of `Σ dy ⊙ y` with respect to every input.
+///
+/// `dy` has shape `[batch, channels, seq_len]`. Uses the adjoint recurrence
+/// `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` and the formulas of `SPEC.md` §3.3.
+pub fn backward(p: &ScanProblem, dy: &[f32]) -> (Vec<f64>, ScanGrads<f64>) {
+    let s = p.shape;
+    let ix = indexer(p);
+    let y = forward(p);
+    let mut g = ScanGrads {
+        du: vec![0.0; s.bdl_len()],
+        ddelta: vec![0.0; s.bdl_len()],
+        da: vec![0.0; s.channels * s.d_state],
+        db: vec![0.0; s.bgnl_len()],
+        dc: vec![0.0; s.bgnl_len()],
+        dd: p.d.as_ref().map(|_| vec![0.0; s.channels]),
+        ddelta_bias: p.delta_bias.as_ref().map(|_| vec![0.0; s.channels]),
+    };
+    let l = s.seq_len;
+    let mut h = vec![0.0; l];
+    let mut dt = vec![0.0; l];
+    let mut pre = vec![0.0; l];
+    let mut a_t = vec![0.0; l];
+    for b in 0..s.batch {
+        for d in 0..s.channels {
+            let skip = p.d.as_ref().map_or(0.0, |v| v[d] as f64);
+            // dΔ (post-softplus), summed over n.
+            let mut d_dt = vec![0.0; l];
+            for t in 0..l {
+                let i = ix.bdl(b, d, t);
+                (pre[t], dt[t]) = step(p, i, d);
+                g.du[i] = skip * dy[i] as f64;
+                if let Some(dd) = &mut g.dd {
+                    dd[d] += dy[i] as f64 * p.u[i] as f64;
+                }
+            }
+            for n in 0..s.d_state {
+                let a = p.a[d * s.d_state + n] as f64;
+                let mut state = 0.0;
+                for t in 0..l {
+                    let i = ix.bdl(b, d, t);
+                    let j = ix.bgnl(b, d, n, t);
+                    a_t[t] = (dt[t] * a).exp();
+                    state = a_t[t] * state + dt[t] * p.b[j] as f64 * p.u[i] as f64;
+                    h[t] = state;
+                }
+                let mut adj = 0.0;
+                for t in (0..l).rev() {
+                    let i = ix.bdl(b, d, t);
+                    let j = ix.bgnl(b, d, n, t);
+                    let next_a = if t + 1 < l { a_t[t + 1] } else { 0.0 };
+                    adj = next_a * adj + dy[i] as f64 * p.c[j] as f64;
+                    let h_prev = if t > 0 { h[t - 1] } else { 0.0 };
+                    let (u, bj) = (p.u[i] as f64, p.b[j] as f64);
+                    g.du[i] += adj * dt[t] * bj;
+                    d_dt[t] += adj * (bj * u + a * a_t[t] * h_prev);
+                    g.da[d * s.d_state + n] += adj * dt[t] * a_t[t] * h_prev;
+                    g.db[j] += adj * dt[t] * u;
+                    g.dc[j] += dy[i] as f64 * h[t];
+                }
+            }
+            for t in 0..l {
+                let i = ix.bdl(b, d, t);
+                let chain = if p.delta_softplus {
+                    softplus_grad(pre[t])
+                } else {
+                    1.0
+                };
+                g.ddelta[i] = d_dt[t] * chain;
+                if let Some(db) = &mut g.ddelta_bias {
+                    db[d] += g.ddelta[i];
+                }
+            }
+        }
+    }
+    (y, g)
+}

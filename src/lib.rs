@@ -1,0 +1,1 @@
+pub use selective_scan;
