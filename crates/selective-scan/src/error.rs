@@ -99,7 +99,11 @@ pub enum ScanError {
 impl fmt::Display for ScanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ScanError::Rank { arg, layout, actual } => write!(
+            ScanError::Rank {
+                arg,
+                layout,
+                actual,
+            } => write!(
                 f,
                 "selective_scan: `{arg}` must have {} dimensions {layout}, got shape {actual:?}",
                 layout.matches(',').count() + 1

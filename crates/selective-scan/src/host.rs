@@ -26,7 +26,10 @@ fn upload<R: Runtime>(client: &ComputeClient<R>, data: &[f32], dtype: ScanDtype)
 }
 
 /// Reads a contiguous f32 device tensor back to the host.
-pub fn read<R: Runtime>(client: &ComputeClient<R>, tensor: &DeviceTensor) -> Result<Vec<f32>, ScanError> {
+pub fn read<R: Runtime>(
+    client: &ComputeClient<R>,
+    tensor: &DeviceTensor,
+) -> Result<Vec<f32>, ScanError> {
     let bytes = client
         .read_one(tensor.handle.clone())
         .map_err(|e| ScanError::Runtime {
@@ -55,7 +58,11 @@ fn contiguous(shape: &[usize]) -> Vec<usize> {
 }
 
 impl Uploaded {
-    fn new<R: Runtime>(client: &ComputeClient<R>, p: &ScanProblem, dtype: ScanDtype) -> Result<Self, ScanError> {
+    fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        p: &ScanProblem,
+        dtype: ScanDtype,
+    ) -> Result<Self, ScanError> {
         p.validate()?;
         let mut up = Uploaded {
             handles: vec![],

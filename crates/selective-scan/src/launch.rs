@@ -239,7 +239,13 @@ impl DeviceTensor {
     fn arg<R: Runtime>(&self) -> TensorArg<R> {
         let strides = self.strides();
         // SAFETY: allocated above with exactly `product(shape)` f32 elements, contiguous.
-        unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), self.shape.clone().into()) }
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.handle.clone(),
+                strides.into(),
+                self.shape.clone().into(),
+            )
+        }
     }
 }
 
@@ -275,7 +281,10 @@ pub struct BackwardOutput {
     pub ddelta_bias: Option<DeviceTensor>,
 }
 
-fn check_dtype_support<R: Runtime>(client: &ComputeClient<R>, dtype: ScanDtype) -> Result<(), ScanError> {
+fn check_dtype_support<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: ScanDtype,
+) -> Result<(), ScanError> {
     let usage = match dtype {
         ScanDtype::F32 => return Ok(()),
         ScanDtype::F16 => half::f16::supported_uses(client),
@@ -316,7 +325,10 @@ fn absent<R: Runtime>(client: &ComputeClient<R>) -> DeviceTensor {
     }
 }
 
-fn optional_arg<R: Runtime>(tensor: Option<TensorRef<'_>>, placeholder: &DeviceTensor) -> TensorArg<R> {
+fn optional_arg<R: Runtime>(
+    tensor: Option<TensorRef<'_>>,
+    placeholder: &DeviceTensor,
+) -> TensorArg<R> {
     match tensor {
         Some(t) => t.arg(),
         None => placeholder.arg(),
@@ -460,7 +472,13 @@ pub fn backward<R: Runtime>(
 
     let per_block = channels_per_block(&shape);
     let blocks = shape.channels_per_group().div_ceil(per_block);
-    let (bt, dch, g, n, l) = (shape.batch, shape.channels, shape.groups, shape.d_state, shape.seq_len);
+    let (bt, dch, g, n, l) = (
+        shape.batch,
+        shape.channels,
+        shape.groups,
+        shape.d_state,
+        shape.seq_len,
+    );
     let du = DeviceTensor::empty(client, shape.bdl().to_vec());
     let ddelta = DeviceTensor::empty(client, shape.bdl().to_vec());
     let db_part = DeviceTensor::empty(client, vec![bt, g, blocks, n, l]);
@@ -511,8 +529,22 @@ pub fn backward<R: Runtime>(
         ScanDtype::F16 => launch!(half::f16),
         ScanDtype::BF16 => launch!(half::bf16),
     }
-    let db = sum_middle_axis(client, &db_part, bt * g, blocks, n * l, shape.bgnl().to_vec());
-    let dc = sum_middle_axis(client, &dc_part, bt * g, blocks, n * l, shape.bgnl().to_vec());
+    let db = sum_middle_axis(
+        client,
+        &db_part,
+        bt * g,
+        blocks,
+        n * l,
+        shape.bgnl().to_vec(),
+    );
+    let dc = sum_middle_axis(
+        client,
+        &dc_part,
+        bt * g,
+        blocks,
+        n * l,
+        shape.bgnl().to_vec(),
+    );
     let da = sum_middle_axis(client, &da_part, 1, bt, dch * n, shape.dn().to_vec());
     let dd = args
         .d

@@ -208,7 +208,11 @@ impl ScanProblem {
         let u = rng.vec(shape.bdl_len(), -1.0, 1.0);
         let delta = rng.vec(shape.bdl_len(), spec.delta_range.0, spec.delta_range.1);
         let a = rng
-            .vec(shape.channels * shape.d_state, spec.a_log_range.0, spec.a_log_range.1)
+            .vec(
+                shape.channels * shape.d_state,
+                spec.a_log_range.0,
+                spec.a_log_range.1,
+            )
             .into_iter()
             .map(|a_log| -a_log.exp())
             .collect();

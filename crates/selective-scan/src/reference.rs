@@ -4,7 +4,40 @@
 //! channel, state)` at a time, in `f64`. It stores the states of one channel (`O(L·N)`), which
 //! is fine for an oracle and is exactly what the kernels avoid.
 
-use crate::{ScanGrads, ScanProblem};
+use crate::{ScanGrads, ScanProblem, ScanShape};
+
+/// A scan problem in `f64`, for the reference and for finite differences; shapes as in
+/// [`ScanProblem`].
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub struct Problem64 {
+    pub shape: ScanShape,
+    pub u: Vec<f64>,
+    pub delta: Vec<f64>,
+    pub a: Vec<f64>,
+    pub b: Vec<f64>,
+    pub c: Vec<f64>,
+    pub d: Option<Vec<f64>>,
+    pub delta_bias: Option<Vec<f64>>,
+    pub delta_softplus: bool,
+}
+
+impl From<&ScanProblem> for Problem64 {
+    fn from(p: &ScanProblem) -> Self {
+        let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        Self {
+            shape: p.shape,
+            u: widen(&p.u),
+            delta: widen(&p.delta),
+            a: widen(&p.a),
+            b: widen(&p.b),
+            c: widen(&p.c),
+            d: p.d.as_deref().map(widen),
+            delta_bias: p.delta_bias.as_deref().map(widen),
+            delta_softplus: p.delta_softplus,
+        }
+    }
+}
 
 /// `softplus` with mamba's threshold-20 rule: `x` itself above 20, `ln(1 + e^x)` otherwise.
 pub fn softplus(x: f64) -> f64 {
@@ -13,7 +46,11 @@ pub fn softplus(x: f64) -> f64 {
 
 /// Derivative of [`softplus`]: the logistic sigmoid below the threshold, 1 above it.
 pub fn softplus_grad(x: f64) -> f64 {
-    if x > 20.0 { 1.0 } else { 1.0 / (1.0 + (-x).exp()) }
+    if x > 20.0 {
+        1.0
+    } else {
+        1.0 / (1.0 + (-x).exp())
+    }
 }
 
 struct Indexer {
@@ -34,7 +71,7 @@ impl Indexer {
     }
 }
 
-fn indexer(p: &ScanProblem) -> Indexer {
+fn indexer(p: &Problem64) -> Indexer {
     let s = p.shape;
     Indexer {
         channels: s.channels,
@@ -46,9 +83,9 @@ fn indexer(p: &ScanProblem) -> Indexer {
 }
 
 /// Pre-activation `delta + delta_bias` and `Δ` for one position.
-fn step(p: &ScanProblem, ix: usize, d: usize) -> (f64, f64) {
-    let bias = p.delta_bias.as_ref().map_or(0.0, |v| v[d] as f64);
-    let x = p.delta[ix] as f64 + bias;
+fn step(p: &Problem64, ix: usize, d: usize) -> (f64, f64) {
+    let bias = p.delta_bias.as_ref().map_or(0.0, |v| v[d]);
+    let x = p.delta[ix] + bias;
     let dt = if p.delta_softplus { softplus(x) } else { x };
     (x, dt)
 }
@@ -56,24 +93,29 @@ fn step(p: &ScanProblem, ix: usize, d: usize) -> (f64, f64) {
 /// Forward: `y [batch, channels, seq_len]`, with `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t` and
 /// `y_t = C_t·h_t + D u_t`, `h_{-1} = 0`.
 pub fn forward(p: &ScanProblem) -> Vec<f64> {
+    forward64(&p.into())
+}
+
+/// [`forward`] on an `f64` problem.
+pub fn forward64(p: &Problem64) -> Vec<f64> {
     let s = p.shape;
     let ix = indexer(p);
     let mut y = vec![0.0; s.bdl_len()];
     for b in 0..s.batch {
         for d in 0..s.channels {
-            let skip = p.d.as_ref().map_or(0.0, |v| v[d] as f64);
+            let skip = p.d.as_ref().map_or(0.0, |v| v[d]);
             for t in 0..s.seq_len {
-                y[ix.bdl(b, d, t)] = skip * p.u[ix.bdl(b, d, t)] as f64;
+                y[ix.bdl(b, d, t)] = skip * p.u[ix.bdl(b, d, t)];
             }
             for n in 0..s.d_state {
-                let a = p.a[d * s.d_state + n] as f64;
+                let a = p.a[d * s.d_state + n];
                 let mut h = 0.0;
                 for t in 0..s.seq_len {
                     let i = ix.bdl(b, d, t);
                     let (_, dt) = step(p, i, d);
                     let j = ix.bgnl(b, d, n, t);
-                    h = (dt * a).exp() * h + dt * p.b[j] as f64 * p.u[i] as f64;
-                    y[i] += p.c[j] as f64 * h;
+                    h = (dt * a).exp() * h + dt * p.b[j] * p.u[i];
+                    y[i] += p.c[j] * h;
                 }
             }
         }
@@ -86,9 +128,15 @@ pub fn forward(p: &ScanProblem) -> Vec<f64> {
 /// `dy` has shape `[batch, channels, seq_len]`. Uses the adjoint recurrence
 /// `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` and the formulas of `SPEC.md` §3.3.
 pub fn backward(p: &ScanProblem, dy: &[f32]) -> (Vec<f64>, ScanGrads<f64>) {
+    let dy: Vec<f64> = dy.iter().map(|&x| f64::from(x)).collect();
+    backward64(&p.into(), &dy)
+}
+
+/// [`backward`] on an `f64` problem and upstream gradient.
+pub fn backward64(p: &Problem64, dy: &[f64]) -> (Vec<f64>, ScanGrads<f64>) {
+    let y = forward64(p);
     let s = p.shape;
     let ix = indexer(p);
-    let y = forward(p);
     let mut g = ScanGrads {
         du: vec![0.0; s.bdl_len()],
         ddelta: vec![0.0; s.bdl_len()],
@@ -105,25 +153,25 @@ pub fn backward(p: &ScanProblem, dy: &[f32]) -> (Vec<f64>, ScanGrads<f64>) {
     let mut a_t = vec![0.0; l];
     for b in 0..s.batch {
         for d in 0..s.channels {
-            let skip = p.d.as_ref().map_or(0.0, |v| v[d] as f64);
+            let skip = p.d.as_ref().map_or(0.0, |v| v[d]);
             // dΔ (post-softplus), summed over n.
             let mut d_dt = vec![0.0; l];
             for t in 0..l {
                 let i = ix.bdl(b, d, t);
                 (pre[t], dt[t]) = step(p, i, d);
-                g.du[i] = skip * dy[i] as f64;
+                g.du[i] = skip * dy[i];
                 if let Some(dd) = &mut g.dd {
-                    dd[d] += dy[i] as f64 * p.u[i] as f64;
+                    dd[d] += dy[i] * p.u[i];
                 }
             }
             for n in 0..s.d_state {
-                let a = p.a[d * s.d_state + n] as f64;
+                let a = p.a[d * s.d_state + n];
                 let mut state = 0.0;
                 for t in 0..l {
                     let i = ix.bdl(b, d, t);
                     let j = ix.bgnl(b, d, n, t);
                     a_t[t] = (dt[t] * a).exp();
-                    state = a_t[t] * state + dt[t] * p.b[j] as f64 * p.u[i] as f64;
+                    state = a_t[t] * state + dt[t] * p.b[j] * p.u[i];
                     h[t] = state;
                 }
                 let mut adj = 0.0;
@@ -131,14 +179,14 @@ pub fn backward(p: &ScanProblem, dy: &[f32]) -> (Vec<f64>, ScanGrads<f64>) {
                     let i = ix.bdl(b, d, t);
                     let j = ix.bgnl(b, d, n, t);
                     let next_a = if t + 1 < l { a_t[t + 1] } else { 0.0 };
-                    adj = next_a * adj + dy[i] as f64 * p.c[j] as f64;
+                    adj = next_a * adj + dy[i] * p.c[j];
                     let h_prev = if t > 0 { h[t - 1] } else { 0.0 };
-                    let (u, bj) = (p.u[i] as f64, p.b[j] as f64);
+                    let (u, bj) = (p.u[i], p.b[j]);
                     g.du[i] += adj * dt[t] * bj;
                     d_dt[t] += adj * (bj * u + a * a_t[t] * h_prev);
                     g.da[d * s.d_state + n] += adj * dt[t] * a_t[t] * h_prev;
                     g.db[j] += adj * dt[t] * u;
-                    g.dc[j] += dy[i] as f64 * h[t];
+                    g.dc[j] += dy[i] * h[t];
                 }
             }
             for t in 0..l {

@@ -61,7 +61,12 @@ pub struct ArgShapes<'a> {
     pub delta_bias: Option<&'a [usize]>,
 }
 
-fn rank(arg: &'static str, layout: &'static str, shape: &[usize], n: usize) -> Result<(), ScanError> {
+fn rank(
+    arg: &'static str,
+    layout: &'static str,
+    shape: &[usize],
+    n: usize,
+) -> Result<(), ScanError> {
     if shape.len() == n {
         Ok(())
     } else {
@@ -73,7 +78,12 @@ fn rank(arg: &'static str, layout: &'static str, shape: &[usize], n: usize) -> R
     }
 }
 
-fn same(arg: &'static str, shape: &[usize], expected: &[usize], source: &'static str) -> Result<(), ScanError> {
+fn same(
+    arg: &'static str,
+    shape: &[usize],
+    expected: &[usize],
+    source: &'static str,
+) -> Result<(), ScanError> {
     if shape == expected {
         Ok(())
     } else {
@@ -94,7 +104,11 @@ impl ScanShape {
         const BGNL: &str = "[batch, groups, d_state, seq_len]";
         rank("u", BDL, args.u, 3)?;
         let (batch, channels, seq_len) = (args.u[0], args.u[1], args.u[2]);
-        for (dim, size) in [("batch", batch), ("channels", channels), ("seq_len", seq_len)] {
+        for (dim, size) in [
+            ("batch", batch),
+            ("channels", channels),
+            ("seq_len", seq_len),
+        ] {
             if size == 0 {
                 return Err(ScanError::Empty {
                     arg: "u",

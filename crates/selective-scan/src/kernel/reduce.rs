@@ -8,7 +8,12 @@ use cubecl::prelude::*;
 /// - `input`: `[outer, parts, inner]` contiguous
 /// - `output`: `[outer, inner]` contiguous
 #[cube(launch)]
-pub fn sum_middle_axis_kernel(input: &Tensor<f32>, output: &mut Tensor<f32>, parts: u32, inner: u32) {
+pub fn sum_middle_axis_kernel(
+    input: &Tensor<f32>,
+    output: &mut Tensor<f32>,
+    parts: u32,
+    inner: u32,
+) {
     let position = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize)
         * CUBE_DIM_X as usize
         + UNIT_POS_X as usize;

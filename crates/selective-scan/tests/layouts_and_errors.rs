@@ -1,0 +1,314 @@
+//! Non-contiguous inputs through the device API, and every refusal of the validation layer.
+
+mod common;
+
+use common::{TOLERANCE, client, rel_err, upstream};
+use selective_scan::cubecl::prelude::ComputeClient;
+use selective_scan::cubecl::server::Handle;
+use selective_scan::cubecl::wgpu::WgpuRuntime;
+use selective_scan::{
+    RandomSpec, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanProblem, ScanShape, TensorRef,
+    host, reference,
+};
+
+fn upload(client: &ComputeClient<WgpuRuntime>, data: &[f32]) -> Handle {
+    client.create_from_slice(bytemuck::cast_slice(data))
+}
+
+/// Stores `[b, x, y]`-indexed data of a logical `[d0, d1, d2]` tensor transposed as `[d0, d2, d1]`.
+fn transpose_last_two(data: &[f32], d0: usize, d1: usize, d2: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for i in 0..d0 {
+        for j in 0..d1 {
+            for k in 0..d2 {
+                out[(i * d2 + k) * d1 + j] = data[(i * d1 + j) * d2 + k];
+            }
+        }
+    }
+    out
+}
+
+/// `u` and `delta` stored channel-last (`[batch, seq_len, channels]`, VMamba's `ln` layout) and
+/// `B`, `C` stored `[batch, groups, seq_len, d_state]`, passed with their strides, give the same
+/// result as the contiguous call.
+#[test]
+fn strided_inputs_match_the_reference() {
+    let client = client();
+    let s = ScanShape {
+        batch: 2,
+        channels: 6,
+        seq_len: 600,
+        d_state: 3,
+        groups: 2,
+    };
+    let p = ScanProblem::random(s, &RandomSpec::default(), 12);
+    let (bt, d, l, n, g) = (s.batch, s.channels, s.seq_len, s.d_state, s.groups);
+    let u = upload(&client, &transpose_last_two(&p.u, bt, d, l));
+    let delta = upload(&client, &transpose_last_two(&p.delta, bt, d, l));
+    let b = upload(&client, &transpose_last_two(&p.b, bt * g, n, l));
+    let c = upload(&client, &transpose_last_two(&p.c, bt * g, n, l));
+    let a = upload(&client, &p.a);
+    let skip = upload(&client, p.d.as_ref().unwrap());
+    let bias = upload(&client, p.delta_bias.as_ref().unwrap());
+    let bdl = s.bdl();
+    let bdl_strides = [l * d, 1, d];
+    let bgnl = s.bgnl();
+    let bgnl_strides = [g * l * n, l * n, 1, n];
+    let dn = s.dn();
+    let dn_strides = [n, 1];
+    let ch = [d];
+    let ch_strides = [1];
+    let t = |handle, shape, strides| TensorRef {
+        handle,
+        shape,
+        strides,
+        dtype: ScanDtype::F32,
+    };
+    let args = ScanArgs {
+        u: t(&u, &bdl, &bdl_strides),
+        delta: t(&delta, &bdl, &bdl_strides),
+        a: t(&a, &dn, &dn_strides),
+        b: t(&b, &bgnl, &bgnl_strides),
+        c: t(&c, &bgnl, &bgnl_strides),
+        d: Some(t(&skip, &ch, &ch_strides)),
+        delta_bias: Some(t(&bias, &ch, &ch_strides)),
+        delta_softplus: true,
+    };
+    let dy_data = upstream(&s, 5);
+    // dy strided too.
+    let dy = upload(&client, &transpose_last_two(&dy_data, bt, d, l));
+    let saved = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap();
+    let grads =
+        selective_scan::backward(&client, &args, &saved, t(&dy, &bdl, &bdl_strides)).unwrap();
+    let (y_ref, g_ref) = reference::backward(&p, &dy_data);
+    let checks = [
+        ("y", host::read(&client, &saved.y).unwrap(), &y_ref),
+        ("du", host::read(&client, &grads.du).unwrap(), &g_ref.du),
+        (
+            "ddelta",
+            host::read(&client, &grads.ddelta).unwrap(),
+            &g_ref.ddelta,
+        ),
+        ("dA", host::read(&client, &grads.da).unwrap(), &g_ref.da),
+        ("dB", host::read(&client, &grads.db).unwrap(), &g_ref.db),
+        ("dC", host::read(&client, &grads.dc).unwrap(), &g_ref.dc),
+        (
+            "dD",
+            host::read(&client, grads.dd.as_ref().unwrap()).unwrap(),
+            g_ref.dd.as_ref().unwrap(),
+        ),
+        (
+            "ddelta_bias",
+            host::read(&client, grads.ddelta_bias.as_ref().unwrap()).unwrap(),
+            g_ref.ddelta_bias.as_ref().unwrap(),
+        ),
+    ];
+    for (name, got, want) in checks {
+        let err = rel_err(&got, want);
+        assert!(err <= TOLERANCE, "strided {name} off by {err:.2e}");
+    }
+}
+
+fn problem(s: ScanShape) -> ScanProblem {
+    ScanProblem::random(s, &RandomSpec::default(), 1)
+}
+
+fn base() -> ScanShape {
+    ScanShape {
+        batch: 2,
+        channels: 4,
+        seq_len: 8,
+        d_state: 2,
+        groups: 2,
+    }
+}
+
+fn refuse(p: &ScanProblem) -> ScanError {
+    host::forward_host(&client(), p, ScanDtype::F32, ScanConfig::default())
+        .expect_err("the call should have been refused")
+}
+
+#[test]
+fn groups_that_do_not_divide_channels_are_refused() {
+    let mut s = base();
+    s.groups = 3;
+    s.channels = 4;
+    let err = refuse(&problem(s));
+    assert_eq!(
+        err,
+        ScanError::Groups {
+            channels: 4,
+            groups: 3
+        }
+    );
+    assert!(err.to_string().contains("G = 3"), "{err}");
+}
+
+#[test]
+fn state_size_above_256_is_refused() {
+    let mut s = base();
+    s.d_state = 257;
+    let err = refuse(&problem(s));
+    assert_eq!(
+        err,
+        ScanError::StateSize {
+            d_state: 257,
+            max: 256
+        }
+    );
+}
+
+#[test]
+fn empty_sequence_is_refused_with_the_dimension_named() {
+    let mut s = base();
+    s.seq_len = 0;
+    let err = refuse(&problem(s));
+    assert!(
+        matches!(
+            err,
+            ScanError::Empty {
+                arg: "u",
+                dim: "seq_len",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("seq_len = 0"), "{err}");
+}
+
+#[test]
+fn empty_batch_is_refused() {
+    let mut s = base();
+    s.batch = 0;
+    let err = refuse(&problem(s));
+    assert!(
+        matches!(
+            err,
+            ScanError::Empty {
+                arg: "u",
+                dim: "batch",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn wrong_slice_length_names_the_argument_and_both_counts() {
+    let mut p = problem(base());
+    p.c.pop();
+    let err = refuse(&p);
+    assert_eq!(
+        err,
+        ScanError::Length {
+            arg: "C",
+            expected: 2 * 2 * 2 * 8,
+            actual: 63
+        }
+    );
+}
+
+fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Device-level refusals: mismatched shapes, dtypes and out-of-buffer strides, before any launch.
+#[test]
+fn device_arguments_are_checked_before_launch() {
+    let client = client();
+    let buf = upload(&client, &vec![0.0; 4096]);
+    let bdl = [2usize, 4, 8];
+    let bdl_s = contiguous(&bdl);
+    let bad_delta = [2usize, 4, 7];
+    let bad_delta_s = contiguous(&bad_delta);
+    let dn = [4usize, 2];
+    let dn_s = contiguous(&dn);
+    let bgnl = [2usize, 2, 2, 8];
+    let bgnl_s = contiguous(&bgnl);
+    let t = |shape: &'static [usize], strides: &'static [usize], dtype| TensorRef {
+        handle: &buf,
+        shape,
+        strides,
+        dtype,
+    };
+    let leak = |v: Vec<usize>| -> &'static [usize] { Box::leak(v.into_boxed_slice()) };
+    let bdl: &'static [usize] = leak(bdl.to_vec());
+    let bdl_s = leak(bdl_s);
+    let dn: &'static [usize] = leak(dn.to_vec());
+    let dn_s = leak(dn_s);
+    let bgnl: &'static [usize] = leak(bgnl.to_vec());
+    let bgnl_s = leak(bgnl_s);
+    let good = ScanArgs {
+        u: t(bdl, bdl_s, ScanDtype::F32),
+        delta: t(bdl, bdl_s, ScanDtype::F32),
+        a: t(dn, dn_s, ScanDtype::F32),
+        b: t(bgnl, bgnl_s, ScanDtype::F32),
+        c: t(bgnl, bgnl_s, ScanDtype::F32),
+        d: None,
+        delta_bias: None,
+        delta_softplus: true,
+    };
+    assert!(good.validate().is_ok());
+
+    let mut args = good;
+    args.delta = t(leak(bad_delta.to_vec()), leak(bad_delta_s), ScanDtype::F32);
+    let err = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap_err();
+    assert_eq!(
+        err,
+        ScanError::Shape {
+            arg: "delta",
+            expected: vec![2, 4, 8],
+            actual: vec![2, 4, 7],
+            source: "same as u"
+        }
+    );
+    assert!(err.to_string().contains("[2, 4, 8]") && err.to_string().contains("[2, 4, 7]"));
+
+    let mut args = good;
+    args.b = t(bgnl, bgnl_s, ScanDtype::F16);
+    let err = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap_err();
+    assert_eq!(
+        err,
+        ScanError::Dtype {
+            arg: "B",
+            expected: ScanDtype::F32,
+            actual: ScanDtype::F16
+        }
+    );
+
+    let mut args = good;
+    args.a = t(dn, dn_s, ScanDtype::F16);
+    args.u = t(bdl, bdl_s, ScanDtype::F32);
+    let err = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap_err();
+    assert!(matches!(err, ScanError::Dtype { arg: "A", .. }), "{err:?}");
+
+    let mut args = good;
+    args.u = t(bdl, leak(vec![4096, 8, 1]), ScanDtype::F32);
+    let err = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap_err();
+    assert!(matches!(err, ScanError::Layout { arg: "u", .. }), "{err:?}");
+
+    let mut args = good;
+    args.a = t(leak(vec![4]), leak(vec![1]), ScanDtype::F32);
+    let err = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap_err();
+    assert!(matches!(err, ScanError::Rank { arg: "A", .. }), "{err:?}");
+    assert!(err.to_string().contains("[channels, d_state]"), "{err}");
+
+    let bad_config = ScanConfig {
+        units: 100,
+        items: 4,
+    };
+    let err = selective_scan::forward(&client, &good, bad_config).unwrap_err();
+    assert!(matches!(err, ScanError::Config { .. }), "{err:?}");
+    let too_big = ScanConfig {
+        units: 1024,
+        items: 8,
+    };
+    let err = selective_scan::forward(&client, &good, too_big).unwrap_err();
+    assert!(err.to_string().contains("shared memory"), "{err}");
+}
