@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask <command>`: project automation, one file per command.
+//!
+//! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures.
+//! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
+
+mod backends;
+mod bench;
+mod fixtures;
+mod parity;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
+      Runs the selective scan (forward + backward) on every backend compiled in
+      (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
+      and prints the max relative error (max |x - ref| / max |ref|) per tensor.
+      Without --fixtures it uses built-in seeded cases and the f64 reference;
+      with --fixtures it reads DIR/*.safetensors (DESIGN.md §6) and compares with
+      the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
+      Exits non-zero when any error exceeds the tolerance (default 2e-4).
+  bench scan [--backend NAME] [--repeats N]
+      Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
+      stdout, JSON records at target/bench/scan.json.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("$ cargo xtask {}", args.join(" "));
+    let result = match args.first().map(String::as_str) {
+        Some("parity") => parity::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `--flag value` pairs; `flags` lists the accepted names.
+pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut out = vec![];
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if !flags.contains(&flag.as_str()) {
+            return Err(format!(
+                "unknown option `{flag}` (expected one of {})",
+                flags.join(", ")
+            ));
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("option `{flag}` needs a value"))?;
+        out.push((flag.clone(), value.clone()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,191 @@
+//! Parity fixtures: one `.safetensors` per case (DESIGN.md §6), all f32.
+//!
+//! Inputs `u, delta, A, B, C, dout` and optionally `D, delta_bias`; expected `y, du, ddelta, dA,
+//! dB, dC` and `dD, ddelta_bias` when those inputs are present; metadata key `delta_softplus` =
+//! `"true"`/`"false"`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use selective_scan::{ArgShapes, ScanProblem, ScanShape};
+
+/// One fixture: the problem, the upstream gradient and the expected tensors by name.
+pub struct Fixture {
+    pub name: String,
+    pub problem: ScanProblem,
+    pub dy: Vec<f32>,
+    pub expected: Vec<(String, Vec<f32>)>,
+}
+
+/// Every `*.safetensors` in `dir`, sorted by name.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        // Outputs of an earlier `--out` into the same folder are not cases.
+        .filter(|p| {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            !stem.contains('.')
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no .safetensors fixtures in {}", dir.display()));
+    }
+    Ok(files)
+}
+
+/// Reads one fixture; every problem with it is reported at once.
+pub fn read(path: &Path) -> Result<Fixture, String> {
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| format!("{}: file name is not UTF-8", path.display()))?
+        .to_string();
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let (_, metadata) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut problems = vec![];
+    let delta_softplus = match metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("delta_softplus"))
+        .map(String::as_str)
+    {
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            problems.push(format!(
+                "metadata delta_softplus must be \"true\" or \"false\", got {other:?}"
+            ));
+            false
+        }
+        None => {
+            problems.push("metadata key delta_softplus is missing".to_string());
+            false
+        }
+    };
+    let mut get = |key: &str, required: bool| -> Option<(Vec<usize>, Vec<f32>)> {
+        match tensors.tensor(key) {
+            Ok(view) if view.dtype() == Dtype::F32 => Some((
+                view.shape().to_vec(),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            )),
+            Ok(view) => {
+                problems.push(format!(
+                    "tensor `{key}` must be F32, got {:?}",
+                    view.dtype()
+                ));
+                None
+            }
+            Err(_) => {
+                if required {
+                    problems.push(format!("tensor `{key}` is missing"));
+                }
+                None
+            }
+        }
+    };
+    let u = get("u", true);
+    let delta = get("delta", true);
+    let a = get("A", true);
+    let b = get("B", true);
+    let c = get("C", true);
+    let dout = get("dout", true);
+    let d = get("D", false);
+    let delta_bias = get("delta_bias", false);
+    let mut expected = vec![];
+    let mut wanted = vec!["y", "du", "ddelta", "dA", "dB", "dC"];
+    if d.is_some() {
+        wanted.push("dD");
+    }
+    if delta_bias.is_some() {
+        wanted.push("ddelta_bias");
+    }
+    for key in wanted {
+        if let Some((_, data)) = get(key, true) {
+            expected.push((key.to_string(), data));
+        }
+    }
+    let fail = |problems: &[String]| {
+        format!(
+            "{}: invalid fixture:\n  - {}",
+            path.display(),
+            problems.join("\n  - ")
+        )
+    };
+    let (Some(u), Some(delta), Some(a), Some(b), Some(c), Some(dout)) = (u, delta, a, b, c, dout)
+    else {
+        return Err(fail(&problems));
+    };
+    if !problems.is_empty() {
+        return Err(fail(&problems));
+    }
+    let shape = ScanShape::from_args(&ArgShapes {
+        u: &u.0,
+        delta: &delta.0,
+        a: &a.0,
+        b: &b.0,
+        c: &c.0,
+        d: d.as_ref().map(|t| &t.0[..]),
+        delta_bias: delta_bias.as_ref().map(|t| &t.0[..]),
+    })
+    .map_err(|e| fail(&[e.to_string()]))?;
+    if dout.0 != shape.bdl() {
+        return Err(fail(&[format!(
+            "tensor `dout` must have shape {:?}, got {:?}",
+            shape.bdl(),
+            dout.0
+        )]));
+    }
+    let problem = ScanProblem {
+        shape,
+        u: u.1,
+        delta: delta.1,
+        a: a.1,
+        b: b.1,
+        c: c.1,
+        d: d.map(|t| t.1),
+        delta_bias: delta_bias.map(|t| t.1),
+        delta_softplus,
+    };
+    problem.validate().map_err(|e| fail(&[e.to_string()]))?;
+    Ok(Fixture {
+        name,
+        problem,
+        dy: dout.1,
+        expected,
+    })
+}
+
+/// Writes tensors (all f32) to `path`.
+pub fn write(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<(), String> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| format!("{name}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let out = safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
+    std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
