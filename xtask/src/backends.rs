@@ -93,6 +93,6 @@ pub fn cuda_client() -> ComputeClient<selective_scan::cubecl::cuda::CudaRuntime>
 
 #[cfg(feature = "rocm")]
 pub fn rocm_client() -> ComputeClient<selective_scan::cubecl::hip::HipRuntime> {
-    use selective_scan::cubecl::hip::{HipDevice, HipRuntime};
-    HipRuntime::client(&HipDevice::default())
+    use selective_scan::cubecl::hip::{AmdDevice, HipRuntime};
+    HipRuntime::client(&AmdDevice::default())
 }

@@ -273,10 +273,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if bench.gpu_only && !has_real_gpu {
             continue;
         }
-        if let Some(only) = &only {
-            if !only.iter().any(|s| s == bench.name) {
-                continue;
-            }
+        if only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|s| s == bench.name))
+        {
+            continue;
         }
         let s = bench.shape;
         let p = ScanProblem::random(s, &RandomSpec::default(), 7);
@@ -303,6 +304,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
             };
             let (forward, both) =
                 result.map_err(|e| format!("{} on {}: {e}", bench.name, backend.name()))?;
+            println!(
+                "{} {}-cubecl: forward {forward:.2} ms, forward+backward {both:.2} ms",
+                bench.name,
+                backend.name()
+            );
             push(format!("{}-cubecl", backend.name()), forward, both, *bw);
         }
         if !bench.gpu_only {
@@ -313,6 +319,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let both = time_ms(1, || {
                 std::hint::black_box(reference::backward(&p, &dy));
             });
+            println!(
+                "{} reference: forward {forward:.2} ms, forward+backward {both:.2} ms",
+                bench.name
+            );
             push("reference".to_string(), forward, both, triad);
         }
     }

@@ -189,3 +189,78 @@ pub fn write(
     let out = safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
     std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("xtask-fixtures-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_bad_fixture_lists_every_problem_at_once() {
+        let dir = temp_dir("bad");
+        let path = dir.join("broken.safetensors");
+        let u = vec![0.0f32; 2 * 4 * 3];
+        let a = vec![-1.0f32; 4];
+        let b = vec![0.5f32; 2 * 2 * 3];
+        write(
+            &path,
+            &[
+                ("u", vec![2, 4, 3], &u),
+                ("delta", vec![2, 4, 3], &u),
+                ("A", vec![4, 1], &a),
+                ("B", vec![2, 2, 1, 3], &b),
+            ],
+            HashMap::from([("delta_softplus".to_string(), "yes".to_string())]),
+        )
+        .unwrap();
+        let err = read(&path).err().expect("the fixture is incomplete");
+        for needle in [
+            "delta_softplus",
+            "`C` is missing",
+            "`dout` is missing",
+            "`y` is missing",
+            "`dB` is missing",
+        ] {
+            assert!(err.contains(needle), "{needle} not reported in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn a_fixture_with_a_wrong_shape_names_the_argument() {
+        let dir = temp_dir("shape");
+        let path = dir.join("shape.safetensors");
+        let bdl = vec![0.0f32; 2 * 4 * 3];
+        let a = vec![-1.0f32; 3];
+        let b = vec![0.5f32; 2 * 2 * 3];
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+            ("u", vec![2, 4, 3], &bdl),
+            ("delta", vec![2, 4, 3], &bdl),
+            ("A", vec![3, 1], &a),
+            ("B", vec![2, 2, 1, 3], &b),
+            ("C", vec![2, 2, 1, 3], &b),
+            ("dout", vec![2, 4, 3], &bdl),
+        ];
+        for name in ["y", "du", "ddelta"] {
+            tensors.push((name, vec![2, 4, 3], &bdl));
+        }
+        tensors.push(("dA", vec![3, 1], &a));
+        tensors.push(("dB", vec![2, 2, 1, 3], &b));
+        tensors.push(("dC", vec![2, 2, 1, 3], &b));
+        write(
+            &path,
+            &tensors,
+            HashMap::from([("delta_softplus".to_string(), "true".to_string())]),
+        )
+        .unwrap();
+        let err = read(&path)
+            .err()
+            .expect("A has the wrong number of channels");
+        assert!(err.contains("`A` must have shape [4, 1]"), "{err}");
+    }
+}

@@ -2,11 +2,13 @@
 //!
 //! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures.
 //! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
+//! - `test`: the README's test command (Vulkan check, workspace tests, parity).
 
 mod backends;
 mod bench;
 mod fixtures;
 mod parity;
+mod test;
 
 use std::process::ExitCode;
 
@@ -14,6 +16,10 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
+  test
+      The README's test command: checks for a Vulkan driver (prints what to install
+      if there is none), runs `cargo test --workspace`, then parity on the built-in
+      cases and on tests/fixtures/scan.
   parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
       Runs the selective scan (forward + backward) on every backend compiled in
       (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("parity") => parity::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("test") => test::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

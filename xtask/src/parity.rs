@@ -2,7 +2,7 @@
 //! cases) or against fixtures produced elsewhere.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use selective_scan::{RandomSpec, ScanGrads, ScanProblem, ScanShape, SplitMix64, reference};
 
@@ -96,7 +96,7 @@ fn builtin_cases() -> Vec<Case> {
         .collect()
 }
 
-fn fixture_cases(dir: &PathBuf) -> Result<Vec<Case>, String> {
+fn fixture_cases(dir: &Path) -> Result<Vec<Case>, String> {
     let mut cases = vec![];
     let mut errors = vec![];
     for path in fixtures::list(dir)? {
@@ -149,6 +149,9 @@ fn shape_of(name: &str, s: &ScanShape) -> Vec<usize> {
     }
 }
 
+/// Computed tensors by name, widened to f64.
+type Outputs = Vec<(&'static str, Vec<f64>)>;
+
 const COLUMNS: [&str; 8] = ["y", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -199,7 +202,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut failures = vec![];
     let mut worst_per_tensor: HashMap<&str, f64> = HashMap::new();
     for case in &cases {
-        let mut rows: Vec<(String, Result<Vec<(&'static str, Vec<f64>)>, String>)> = vec![];
+        let mut rows: Vec<(String, Result<Outputs, String>)> = vec![];
         if from_fixtures.is_some() {
             // The oracle itself against the fixture: a sanity row for whoever made the files.
             let (y, g) = reference::backward(&case.problem, &case.dy);

@@ -100,17 +100,16 @@ fn reference_backward_matches_central_finite_differences(
     let eps = 1e-6;
     for (name, analytic) in names.iter().zip(analytic) {
         let Some(analytic) = analytic else { continue };
-        for i in 0..analytic.len() {
+        for (i, &expected) in analytic.iter().enumerate() {
             let mut plus = p.clone();
             field(&mut plus, name)[i] += eps;
             let mut minus = p.clone();
             field(&mut minus, name)[i] -= eps;
             let numeric = (loss(&plus) - loss(&minus)) / (2.0 * eps);
-            let diff = (numeric - analytic[i]).abs();
+            let diff = (numeric - expected).abs();
             assert!(
-                diff <= 1e-6 * (1.0 + analytic[i].abs()),
-                "{name}[{i}]: analytic {} vs finite difference {numeric}",
-                analytic[i]
+                diff <= 1e-6 * (1.0 + expected.abs()),
+                "{name}[{i}]: analytic {expected} vs finite difference {numeric}"
             );
         }
     }

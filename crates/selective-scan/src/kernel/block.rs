@@ -43,7 +43,7 @@ pub fn cube_inclusive_scan(
         }
         sync_cube();
         // (earlier_a, earlier_b) ∘ (a, b) = (earlier_a·a, a·earlier_b + b)
-        b = a * earlier_b + b;
+        b += a * earlier_b;
         a *= earlier_a;
         scan_a[unit] = a;
         scan_b[unit] = b;
@@ -63,7 +63,7 @@ pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: 
     // Round k adds pairs 2^k apart: unit i (a multiple of 2^(k+1)) takes unit i + 2^k.
     let mut stride = 1usize;
     while stride < units {
-        if unit % (2 * stride) == 0 {
+        if unit & (2 * stride - 1) == 0 {
             scratch[unit] += scratch[unit + stride];
         }
         sync_cube();
@@ -75,6 +75,8 @@ pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: 
 }
 
 /// `Δ = softplus(x)` with mamba's threshold-20 rule, or `x` itself when `softplus` is off.
+// `softplus` is comptime and `x` is not: the two conditions cannot share one `if`.
+#[allow(clippy::collapsible_if)]
 #[cube]
 pub fn discretize_step(x: f32, #[comptime] softplus: bool) -> f32 {
     let mut dt = x;
@@ -87,6 +89,7 @@ pub fn discretize_step(x: f32, #[comptime] softplus: bool) -> f32 {
 }
 
 /// `dΔ/dx` for [`discretize_step`]: the logistic sigmoid below the threshold, else 1.
+#[allow(clippy::collapsible_if)]
 #[cube]
 pub fn discretize_step_grad(x: f32, #[comptime] softplus: bool) -> f32 {
     let mut grad = 1.0f32;
