@@ -11,7 +11,7 @@ use std::time::Instant;
 use cubecl::prelude::*;
 use selective_scan::{
     RandomSpec, ScanArgs, ScanConfig, ScanDtype, ScanProblem, ScanShape, SplitMix64, TensorRef,
-    reference,
+    contiguous_strides, reference,
 };
 
 use crate::backends::{self, Backend};
@@ -24,13 +24,7 @@ struct Bench {
 }
 
 fn shapes() -> Vec<Bench> {
-    let s = |batch, channels, seq_len, d_state, groups| ScanShape {
-        batch,
-        channels,
-        seq_len,
-        d_state,
-        groups,
-    };
+    let s = ScanShape::new;
     vec![
         Bench {
             name: "C1",
@@ -158,14 +152,6 @@ struct Record {
     floor_ms: f64,
 }
 
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
 /// Times forward and forward+backward of the CubeCL kernels with inputs already on the device.
 fn bench_cube<R: Runtime>(
     client: &ComputeClient<R>,
@@ -178,7 +164,7 @@ fn bench_cube<R: Runtime>(
     let handles: Vec<_> = named.iter().map(|(_, _, data)| upload(data)).collect();
     let strides: Vec<Vec<usize>> = named
         .iter()
-        .map(|(_, shape, _)| contiguous(shape))
+        .map(|(_, shape, _)| contiguous_strides(shape))
         .collect();
     let t = |i: usize| TensorRef {
         handle: &handles[i],
@@ -198,7 +184,7 @@ fn bench_cube<R: Runtime>(
     };
     let dy = upload(&SplitMix64::new(1).vec(s.bdl_len(), -1.0, 1.0));
     let bdl = s.bdl();
-    let bdl_strides = contiguous(&bdl);
+    let bdl_strides = contiguous_strides(&bdl);
     let dy_ref = TensorRef {
         handle: &dy,
         shape: &bdl,

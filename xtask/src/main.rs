@@ -9,6 +9,7 @@ mod bench;
 mod fixtures;
 mod parity;
 mod test;
+mod vulkan;
 
 use std::process::ExitCode;
 

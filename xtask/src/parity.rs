@@ -19,22 +19,6 @@ struct Case {
     expected: Vec<(String, Vec<f64>)>,
 }
 
-fn shape(
-    batch: usize,
-    channels: usize,
-    seq_len: usize,
-    d_state: usize,
-    groups: usize,
-) -> ScanShape {
-    ScanShape {
-        batch,
-        channels,
-        seq_len,
-        d_state,
-        groups,
-    }
-}
-
 /// The built-in seeded cases: VMamba's settings plus the edges that break scans.
 fn builtin_cases() -> Vec<Case> {
     let vmamba = RandomSpec::default();
@@ -58,20 +42,28 @@ fn builtin_cases() -> Vec<Case> {
         ..RandomSpec::default()
     };
     let list = [
-        ("vmamba_t_stage1_n1_g4", shape(1, 32, 3136, 1, 4), &vmamba),
-        ("n16_g4", shape(2, 16, 1000, 16, 4), &vmamba),
-        ("odd_sizes", shape(3, 6, 777, 3, 3), &vmamba),
-        ("single_step", shape(2, 4, 1, 2, 2), &vmamba),
-        ("chunk_edge_513", shape(2, 4, 513, 4, 1), &vmamba),
-        ("long_4101", shape(1, 4, 4101, 4, 2), &vmamba),
-        ("raw_delta_no_skip", shape(2, 4, 600, 2, 2), &raw),
+        (
+            "vmamba_t_stage1_n1_g4",
+            ScanShape::new(1, 32, 3136, 1, 4),
+            &vmamba,
+        ),
+        ("n16_g4", ScanShape::new(2, 16, 1000, 16, 4), &vmamba),
+        ("odd_sizes", ScanShape::new(3, 6, 777, 3, 3), &vmamba),
+        ("single_step", ScanShape::new(2, 4, 1, 2, 2), &vmamba),
+        ("chunk_edge_513", ScanShape::new(2, 4, 513, 4, 1), &vmamba),
+        ("long_4101", ScanShape::new(1, 4, 4101, 4, 2), &vmamba),
+        ("raw_delta_no_skip", ScanShape::new(2, 4, 600, 2, 2), &raw),
         (
             "delta_at_softplus_threshold",
-            shape(1, 4, 600, 2, 2),
+            ScanShape::new(1, 4, 600, 2, 2),
             &threshold,
         ),
-        ("a_log_20", shape(1, 4, 600, 2, 2), &forgetful),
-        ("a_log_minus_30", shape(1, 4, 600, 2, 2), &long_memory),
+        ("a_log_20", ScanShape::new(1, 4, 600, 2, 2), &forgetful),
+        (
+            "a_log_minus_30",
+            ScanShape::new(1, 4, 600, 2, 2),
+            &long_memory,
+        ),
     ];
     list.into_iter()
         .enumerate()
@@ -163,6 +155,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .map(|(_, v)| v.clone())
     };
     let backends = Backend::select(flag("--backend").as_deref())?;
+    if backends.contains(&Backend::Wgpu) {
+        crate::vulkan::require_driver()?;
+    }
     let tolerance = match flag("--tolerance") {
         Some(t) => t
             .parse::<f64>()

@@ -8,7 +8,7 @@ use cubecl::server::Handle;
 
 use crate::{
     BackwardOutput, DeviceTensor, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanGrads,
-    ScanProblem, TensorRef,
+    ScanProblem, TensorRef, contiguous_strides,
 };
 
 fn upload<R: Runtime>(client: &ComputeClient<R>, data: &[f32], dtype: ScanDtype) -> Handle {
@@ -49,14 +49,6 @@ struct Uploaded {
     has_bias: bool,
 }
 
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
 impl Uploaded {
     fn new<R: Runtime>(
         client: &ComputeClient<R>,
@@ -80,7 +72,7 @@ impl Uploaded {
                 dtype
             };
             up.handles.push(upload(client, data, dt));
-            up.strides.push(contiguous(&shape));
+            up.strides.push(contiguous_strides(&shape));
             up.shapes.push(shape);
             up.dtypes.push(dt);
         }
@@ -152,7 +144,7 @@ pub fn forward_backward_host<R: Runtime>(
         });
     }
     let dy_shape = problem.shape.bdl();
-    let dy_strides = contiguous(&dy_shape);
+    let dy_strides = contiguous_strides(&dy_shape);
     let dy_handle = upload(client, dy, ScanDtype::F32);
     let dy_ref = TensorRef {
         handle: &dy_handle,

@@ -6,7 +6,7 @@ use cubecl::server::Handle;
 use crate::kernel::backward::scan_backward_kernel;
 use crate::kernel::forward::scan_forward_kernel;
 use crate::kernel::reduce::sum_middle_axis_kernel;
-use crate::{ArgShapes, MAX_D_STATE, ScanDtype, ScanError, ScanShape};
+use crate::{ArgShapes, MAX_D_STATE, ScanDtype, ScanError, ScanShape, contiguous_strides};
 
 /// How the sequence is split inside a cube: `units` units each own `items` consecutive
 /// positions of a chunk of `units · items` positions.
@@ -219,11 +219,7 @@ impl DeviceTensor {
 
     /// Contiguous row-major strides.
     pub fn strides(&self) -> Vec<usize> {
-        let mut strides = vec![1; self.shape.len()];
-        for i in (0..self.shape.len().saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * self.shape[i + 1];
-        }
-        strides
+        contiguous_strides(&self.shape)
     }
 
     /// A [`TensorRef`] view of this tensor.

@@ -43,7 +43,7 @@
 //!
 //! ```
 //! use selective_scan::{reference, ScanProblem, ScanShape, RandomSpec};
-//! let shape = ScanShape { batch: 1, channels: 2, seq_len: 5, d_state: 1, groups: 1 };
+//! let shape = ScanShape::new(1, 2, 5, 1, 1);
 //! let p = ScanProblem::random(shape, &RandomSpec::default(), 7);
 //! let y = reference::forward(&p);
 //! assert_eq!(y.len(), 10);
@@ -63,7 +63,7 @@ pub use launch::{
     BackwardOutput, DeviceTensor, ForwardOutput, ScanArgs, ScanConfig, TensorRef, backward, forward,
 };
 pub use problem::{RandomSpec, ScanGrads, ScanProblem, SplitMix64};
-pub use shape::{ArgShapes, MAX_D_STATE, ScanDtype, ScanShape};
+pub use shape::{ArgShapes, MAX_D_STATE, ScanDtype, ScanShape, contiguous_strides};
 
 /// Re-export of `cubecl`, so callers name the same runtime types.
 pub use cubecl;

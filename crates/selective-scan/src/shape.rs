@@ -96,7 +96,33 @@ fn same(
     }
 }
 
+/// Row-major contiguous strides (in elements) for `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
 impl ScanShape {
+    /// The sizes `(batch, channels, seq_len, d_state, groups)`; not validated until used.
+    pub fn new(
+        batch: usize,
+        channels: usize,
+        seq_len: usize,
+        d_state: usize,
+        groups: usize,
+    ) -> Self {
+        Self {
+            batch,
+            channels,
+            seq_len,
+            d_state,
+            groups,
+        }
+    }
+
     /// Infers the sizes from the argument shapes and checks every contract of the op:
     /// ranks, agreement between arguments, non-empty dimensions, `G | D` and `N <= 256`.
     pub fn from_args(args: &ArgShapes<'_>) -> Result<Self, ScanError> {

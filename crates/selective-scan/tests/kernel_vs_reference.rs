@@ -4,27 +4,13 @@
 
 mod common;
 
-use common::{TOLERANCE, assert_matches_reference, client, rel_err, upstream};
+use common::{
+    TOLERANCE, assert_golden, assert_matches_reference, client, golden_problem, rel_err, upstream,
+};
 use rstest::rstest;
 use selective_scan::{
     RandomSpec, ScanConfig, ScanDtype, ScanError, ScanProblem, ScanShape, host, reference,
 };
-
-fn shape(
-    batch: usize,
-    channels: usize,
-    seq_len: usize,
-    d_state: usize,
-    groups: usize,
-) -> ScanShape {
-    ScanShape {
-        batch,
-        channels,
-        seq_len,
-        d_state,
-        groups,
-    }
-}
 
 /// Default split: segments of 4 positions, chunks of 512. The lengths sit on every unit,
 /// chunk and multi-chunk edge, plus VMamba's 56×56 = 3136 and one past 4096.
@@ -33,7 +19,7 @@ fn kernel_matches_reference_at_every_segment_and_chunk_edge(
     #[values(1, 2, 3, 4, 5, 511, 512, 513, 1023, 1025, 3136, 4101)] seq_len: usize,
 ) {
     let p = ScanProblem::random(
-        shape(2, 4, seq_len, 4, 2),
+        ScanShape::new(2, 4, seq_len, 4, 2),
         &RandomSpec::default(),
         seq_len as u64,
     );
@@ -52,7 +38,7 @@ fn kernel_matches_reference_for_every_state_size_and_group_count(
     #[values(1, 2, 4)] groups: usize,
 ) {
     let p = ScanProblem::random(
-        shape(2, 8, 700, d_state, groups),
+        ScanShape::new(2, 8, 700, d_state, groups),
         &RandomSpec::default(),
         (d_state * 10 + groups) as u64,
     );
@@ -84,7 +70,7 @@ fn kernel_matches_reference_with_and_without_optional_inputs(
         delta_range,
         ..RandomSpec::default()
     };
-    let mut p = ScanProblem::random(shape(1, 6, 530, 2, 3), &spec, 5);
+    let mut p = ScanProblem::random(ScanShape::new(1, 6, 530, 2, 3), &spec, 5);
     if with_delta_bias && !delta_softplus {
         // A small positive bias keeps Δ > 0 without softplus.
         p.delta_bias = Some(vec![0.05; 6]);
@@ -119,7 +105,7 @@ fn kernel_matches_reference_at_extreme_delta_and_a(
         with_delta_bias: delta_softplus,
         ..RandomSpec::default()
     };
-    let p = ScanProblem::random(shape(2, 4, 1030, 2, 2), &spec, 11);
+    let p = ScanProblem::random(ScanShape::new(2, 4, 1030, 2, 2), &spec, 11);
     assert_matches_reference(
         &format!("delta {delta_range:?} A_log {a_log_range:?}"),
         &p,
@@ -138,7 +124,11 @@ fn kernel_matches_reference_with_a_small_odd_split(
         units: 32,
         items: 3,
     };
-    let p = ScanProblem::random(shape(3, 6, seq_len, 3, 3), &RandomSpec::default(), 3);
+    let p = ScanProblem::random(
+        ScanShape::new(3, 6, seq_len, 3, 3),
+        &RandomSpec::default(),
+        3,
+    );
     assert_matches_reference(
         &format!("units=32 items=3 L={seq_len}"),
         &p,
@@ -150,7 +140,11 @@ fn kernel_matches_reference_with_a_small_odd_split(
 
 #[test]
 fn kernel_matches_reference_on_vmamba_stage_one_length_with_sixteen_states() {
-    let p = ScanProblem::random(shape(1, 16, 3136, 16, 4), &RandomSpec::default(), 99);
+    let p = ScanProblem::random(
+        ScanShape::new(1, 16, 3136, 16, 4),
+        &RandomSpec::default(),
+        99,
+    );
     assert_matches_reference(
         "L=3136 N=16 G=4",
         &p,
@@ -166,7 +160,7 @@ fn kernel_matches_reference_on_vmamba_stage_one_length_with_sixteen_states() {
 #[test]
 fn impulse_response_follows_the_decay_across_chunks() {
     let l = 1500;
-    let s = shape(1, 1, l, 1, 1);
+    let s = ScanShape::new(1, 1, l, 1, 1);
     let mut p = ScanProblem::random(s, &RandomSpec::default(), 4);
     p.u = vec![0.0; l];
     p.u[0] = 1.0;
@@ -194,54 +188,25 @@ fn impulse_response_follows_the_decay_across_chunks() {
     );
 }
 
-/// SPEC §3.3: Bt = D = N = 1, L = 3, u = [1, 2, 3], Δ = 0.5, A = −1, B = C = 1, D = 0, dy = 1.
+/// SPEC §3.3's golden numbers, through the kernels.
 #[test]
 fn kernel_reproduces_the_golden_numbers_of_the_spec() {
-    let p = ScanProblem {
-        shape: shape(1, 1, 3, 1, 1),
-        u: vec![1.0, 2.0, 3.0],
-        delta: vec![0.5; 3],
-        a: vec![-1.0],
-        b: vec![1.0; 3],
-        c: vec![1.0; 3],
-        d: Some(vec![0.0]),
-        delta_bias: None,
-        delta_softplus: false,
-    };
     let (y, g) = host::forward_backward_host(
         &client(),
-        &p,
+        &golden_problem(),
         &[1.0; 3],
         ScanDtype::F32,
         ScanConfig::default(),
     )
     .unwrap();
-    let close = |name: &str, got: &[f32], want: &[f64]| {
-        for (a, b) in got.iter().zip(want) {
-            assert!(
-                (f64::from(*a) - b).abs() < 2e-6,
-                "{name}: got {got:?}, golden {want:?}"
-            );
-        }
-    };
-    close("y", &y, &[0.5, 1.3032653299, 2.2904703803]);
-    close("du", &g.du, &[0.9872050504, 0.8032653299, 0.5]);
-    close(
-        "ddelta",
-        &g.ddelta,
-        &[1.9744101009, 2.7258562690, 2.2095296197],
-    );
-    close("dA", &g.da, &[0.6388377154]);
-    close("dB", &g.db, &[0.9872050504, 1.6065306597, 1.5]);
-    close("dC", &g.dc, &[0.5, 1.3032653299, 2.2904703803]);
-    close("dD", g.dd.as_deref().unwrap(), &[6.0]);
+    assert_golden(&y, &g, 2e-6);
 }
 
 /// f16 inputs, f32 state: the kernel must equal the reference run on the same f16-rounded values.
 #[test]
 fn kernel_accepts_f16_inputs_and_keeps_an_f32_state() {
     let client = client();
-    let mut p = ScanProblem::random(shape(2, 4, 777, 4, 2), &RandomSpec::default(), 21);
+    let mut p = ScanProblem::random(ScanShape::new(2, 4, 777, 4, 2), &RandomSpec::default(), 21);
     let round = |v: &mut Vec<f32>| {
         v.iter_mut()
             .for_each(|x| *x = half::f16::from_f32(*x).to_f32())
@@ -269,7 +234,7 @@ fn kernel_accepts_f16_inputs_and_keeps_an_f32_state() {
 #[test]
 fn kernel_runs_bf16_where_supported_and_refuses_cleanly_elsewhere() {
     let client = client();
-    let mut p = ScanProblem::random(shape(1, 4, 300, 2, 2), &RandomSpec::default(), 8);
+    let mut p = ScanProblem::random(ScanShape::new(1, 4, 300, 2, 2), &RandomSpec::default(), 8);
     let round = |v: &mut Vec<f32>| {
         v.iter_mut()
             .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
@@ -299,7 +264,7 @@ fn kernel_runs_bf16_where_supported_and_refuses_cleanly_elsewhere() {
 #[test]
 fn identical_inputs_give_identical_bits() {
     let client = client();
-    let p = ScanProblem::random(shape(2, 8, 1100, 4, 2), &RandomSpec::default(), 31);
+    let p = ScanProblem::random(ScanShape::new(2, 8, 1100, 4, 2), &RandomSpec::default(), 31);
     let dy = upstream(&p.shape, 3);
     let run = || {
         host::forward_backward_host(&client, &p, &dy, ScanDtype::F32, ScanConfig::default())
@@ -318,7 +283,7 @@ fn identical_inputs_give_identical_bits() {
 /// the backward right.
 #[test]
 fn forward_alone_matches_reference() {
-    let p = ScanProblem::random(shape(2, 4, 1537, 3, 1), &RandomSpec::default(), 41);
+    let p = ScanProblem::random(ScanShape::new(2, 4, 1537, 3, 1), &RandomSpec::default(), 41);
     let y = host::forward_host(&client(), &p, ScanDtype::F32, ScanConfig::default()).unwrap();
     let err = rel_err(&y, &reference::forward(&p));
     assert!(err <= TOLERANCE, "y off by {err:.2e}");

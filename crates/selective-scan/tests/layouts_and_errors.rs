@@ -8,7 +8,7 @@ use selective_scan::cubecl::server::Handle;
 use selective_scan::cubecl::wgpu::WgpuRuntime;
 use selective_scan::{
     RandomSpec, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanProblem, ScanShape, TensorRef,
-    host, reference,
+    contiguous_strides, host, reference,
 };
 
 fn upload(client: &ComputeClient<WgpuRuntime>, data: &[f32]) -> Handle {
@@ -210,27 +210,19 @@ fn wrong_slice_length_names_the_argument_and_both_counts() {
     );
 }
 
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
 /// Device-level refusals: mismatched shapes, dtypes and out-of-buffer strides, before any launch.
 #[test]
 fn device_arguments_are_checked_before_launch() {
     let client = client();
     let buf = upload(&client, &vec![0.0; 4096]);
     let bdl = [2usize, 4, 8];
-    let bdl_s = contiguous(&bdl);
+    let bdl_s = contiguous_strides(&bdl);
     let bad_delta = [2usize, 4, 7];
-    let bad_delta_s = contiguous(&bad_delta);
+    let bad_delta_s = contiguous_strides(&bad_delta);
     let dn = [4usize, 2];
-    let dn_s = contiguous(&dn);
+    let dn_s = contiguous_strides(&dn);
     let bgnl = [2usize, 2, 2, 8];
-    let bgnl_s = contiguous(&bgnl);
+    let bgnl_s = contiguous_strides(&bgnl);
     let t = |shape: &'static [usize], strides: &'static [usize], dtype| TensorRef {
         handle: &buf,
         shape,

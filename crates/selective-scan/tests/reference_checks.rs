@@ -1,45 +1,16 @@
 //! The reference itself: the golden numbers of SPEC §3.3 and central finite differences.
 
+mod common;
+
+use common::{assert_golden, golden_problem};
 use rstest::rstest;
 use selective_scan::reference::{Problem64, backward64, forward64};
 use selective_scan::{RandomSpec, ScanProblem, ScanShape, SplitMix64, reference};
 
 #[test]
 fn reference_reproduces_the_golden_numbers_of_the_spec() {
-    let p = ScanProblem {
-        shape: ScanShape {
-            batch: 1,
-            channels: 1,
-            seq_len: 3,
-            d_state: 1,
-            groups: 1,
-        },
-        u: vec![1.0, 2.0, 3.0],
-        delta: vec![0.5; 3],
-        a: vec![-1.0],
-        b: vec![1.0; 3],
-        c: vec![1.0; 3],
-        d: Some(vec![0.0]),
-        delta_bias: None,
-        delta_softplus: false,
-    };
-    let (y, g) = reference::backward(&p, &[1.0; 3]);
-    let close = |name: &str, got: &[f64], want: &[f64]| {
-        for (a, b) in got.iter().zip(want) {
-            assert!((a - b).abs() < 1e-9, "{name}: got {got:?}, golden {want:?}");
-        }
-    };
-    close("y", &y, &[0.5, 1.3032653299, 2.2904703803]);
-    close("du", &g.du, &[0.9872050504, 0.8032653299, 0.5]);
-    close(
-        "ddelta",
-        &g.ddelta,
-        &[1.9744101009, 2.7258562690, 2.2095296197],
-    );
-    close("dA", &g.da, &[0.6388377154]);
-    close("dB", &g.db, &[0.9872050504, 1.6065306597, 1.5]);
-    close("dC", &g.dc, &[0.5, 1.3032653299, 2.2904703803]);
-    close("dD", g.dd.as_deref().unwrap(), &[6.0]);
+    let (y, g) = reference::backward(&golden_problem(), &[1.0; 3]);
+    assert_golden(&y, &g, 1e-9);
 }
 
 /// Every field of the problem that has a gradient, by name.

@@ -16,7 +16,10 @@
 
 use cubecl::prelude::*;
 
-use super::block::{cube_inclusive_scan, cube_sum, discretize_step, discretize_step_grad};
+use super::block::{
+    chunk_prefix_state, cube_inclusive_scan, cube_sum, discretize_step, discretize_step_grad,
+    load_projections,
+};
 
 /// Backward kernel. Launch with `CubeCount(blocks_per_group, groups, batch)`, `CubeDim(units)`.
 ///
@@ -145,42 +148,37 @@ pub fn scan_backward_kernel<F: Float>(
             }
             for n in 0..d_state {
                 let a_n = a[channel * a.stride(0) + n * a.stride(1)];
-                for j in 0..items {
-                    let idx = unit + j * units;
-                    let t = chunk_start + idx;
-                    let mut b_t = 0.0f32;
-                    let mut c_t = 0.0f32;
-                    if t < seq_len {
-                        b_t = f32::cast_from(b[b_row + n * b.stride(2) + t * b.stride(3)]);
-                        c_t = f32::cast_from(c[c_row + n * c.stride(2) + t * c.stride(3)]);
-                    }
-                    s_b[idx] = b_t;
-                    s_c[idx] = c_t;
-                }
-                sync_cube();
+                load_projections(
+                    b,
+                    c,
+                    &mut s_b,
+                    &mut s_c,
+                    b_row,
+                    c_row,
+                    n,
+                    chunk_start,
+                    seq_len,
+                    units,
+                    items,
+                );
 
                 // (1) Replay the forward scan of this chunk from the saved carry.
                 let mut h0 = 0.0f32;
                 if chunk > 0 {
                     h0 = carries[(carry_row + chunk - 1) * d_state + n];
                 }
-                let mut agg_a = 1.0f32;
-                let mut agg_b = 0.0f32;
-                for k in 0..items {
-                    let i = segment + k;
-                    let a_t = (s_dt[i] * a_n).exp();
-                    s_a[i] = a_t;
-                    agg_b = a_t * agg_b + s_dt[i] * s_b[i] * s_u[i];
-                    agg_a *= a_t;
-                }
-                if unit == 0 {
-                    agg_b += agg_a * h0;
-                }
-                cube_inclusive_scan(agg_a, agg_b, &mut scan_a, &mut scan_b, units, false);
-                let mut h = h0;
-                if unit > 0 {
-                    h = scan_b[unit - 1];
-                }
+                let mut h = chunk_prefix_state(
+                    &s_dt,
+                    &s_u,
+                    &s_b,
+                    &mut s_a,
+                    &mut scan_a,
+                    &mut scan_b,
+                    a_n,
+                    h0,
+                    units,
+                    items,
+                );
                 for k in 0..items {
                     let i = segment + k;
                     h = s_a[i] * h + s_dt[i] * s_b[i] * s_u[i];

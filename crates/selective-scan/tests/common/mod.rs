@@ -87,3 +87,46 @@ pub fn errors(
     }
     out
 }
+
+/// SPEC §3.3's golden case: Bt = D = N = 1, L = 3, u = [1, 2, 3], Δ = 0.5 (no bias, no
+/// softplus), A = −1, B = C = 1, D = 0, upstream gradient 1.
+pub fn golden_problem() -> ScanProblem {
+    ScanProblem {
+        shape: ScanShape::new(1, 1, 3, 1, 1),
+        u: vec![1.0, 2.0, 3.0],
+        delta: vec![0.5; 3],
+        a: vec![-1.0],
+        b: vec![1.0; 3],
+        c: vec![1.0; 3],
+        d: Some(vec![0.0]),
+        delta_bias: None,
+        delta_softplus: false,
+    }
+}
+
+/// SPEC §3.3's golden values (checked there against central finite differences), by name.
+pub const GOLDEN: [(&str, &[f64]); 7] = [
+    ("y", &[0.5, 1.3032653299, 2.2904703803]),
+    ("du", &[0.9872050504, 0.8032653299, 0.5]),
+    ("ddelta", &[1.9744101009, 2.7258562690, 2.2095296197]),
+    ("dA", &[0.6388377154]),
+    ("dB", &[0.9872050504, 1.6065306597, 1.5]),
+    ("dC", &[0.5, 1.3032653299, 2.2904703803]),
+    ("dD", &[6.0]),
+];
+
+/// Asserts `y` and the gradients equal [`GOLDEN`] within `tol` (absolute).
+pub fn assert_golden<T: Copy + Into<f64>>(y: &[T], grads: &ScanGrads<T>, tol: f64) {
+    let mut got = vec![("y", y)];
+    got.extend(grads.named());
+    for (name, want) in GOLDEN {
+        let (_, values) = got
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        for (a, b) in values.iter().zip(want) {
+            let a: f64 = (*a).into();
+            assert!((a - b).abs() < tol, "{name}: got {a}, golden {b}");
+        }
+    }
+}
