@@ -43,4 +43,3 @@ pub fn require_driver() -> Result<(), String> {
         Err(INSTALL_HINT.to_string())
     }
 }
-

@@ -37,6 +37,7 @@
 //!
 //! ## Where things are
 //! - [`reference`]: the f64 sequential oracle (forward and backward).
+//! - [`cpu`]: the native CPU scan (fused, rayon-parallel, f32 state).
 //! - [`kernel`]: the `#[cube]` kernels; [`launch`] validates and dispatches them.
 //! - [`host`]: upload/run/read for host data ([`ScanProblem`]).
 //! - [`ScanError`]: every refusal names the argument and the expected vs actual value.
@@ -50,6 +51,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cpu;
 mod error;
 pub mod host;
 pub mod kernel;

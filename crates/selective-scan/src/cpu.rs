@@ -1,0 +1,319 @@
+//! The native CPU scan: fused like the kernels (no `[B, D, L, N]` tensor), f32 state, parallel
+//! with rayon, deterministic.
+//!
+//! - Forward: one task per `(batch, channel)` row; for each state `n` one sequential pass
+//!   `h = exp(Δ_t A_n) h + Δ_t B_t u_t`, `y_t += C_t h`.
+//! - Backward: one task per `(batch, group, block of 16 channels)`. For each channel and state
+//!   it replays the forward into an `L`-long buffer, then runs the adjoint
+//!   `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` backwards, accumulating the formulas of `SPEC.md` §3.3.
+//!   `dB`/`dC` are summed over the block's channels by the task itself and over blocks
+//!   afterwards, `dA`/`dD`/`ddelta_bias` over the batch afterwards, always in the same order.
+//!   The block size is fixed, not derived from the thread count, so the bits do not depend on
+//!   the machine.
+
+use rayon::prelude::*;
+
+use crate::{ScanError, ScanGrads, ScanProblem, ScanShape};
+
+/// Channels per backward task; fixed so results do not depend on the number of threads.
+pub const CHANNELS_PER_TASK: usize = 16;
+
+/// Borrowed, contiguous row-major f32 inputs of one scan (shapes as in [`ScanProblem`]).
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct ScanSlices<'a> {
+    pub shape: ScanShape,
+    pub u: &'a [f32],
+    pub delta: &'a [f32],
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub d: Option<&'a [f32]>,
+    pub delta_bias: Option<&'a [f32]>,
+    pub delta_softplus: bool,
+}
+
+impl ScanProblem {
+    /// A borrowed view for [`forward`] / [`backward`].
+    pub fn slices(&self) -> ScanSlices<'_> {
+        ScanSlices {
+            shape: self.shape,
+            u: &self.u,
+            delta: &self.delta,
+            a: &self.a,
+            b: &self.b,
+            c: &self.c,
+            d: self.d.as_deref(),
+            delta_bias: self.delta_bias.as_deref(),
+            delta_softplus: self.delta_softplus,
+        }
+    }
+}
+
+/// `softplus` with the threshold-20 rule, in f32.
+#[inline]
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// `d softplus / dx`: the logistic sigmoid below the threshold, 1 above it.
+#[inline]
+fn softplus_grad(x: f32) -> f32 {
+    if x > 20.0 {
+        1.0
+    } else {
+        1.0 / (1.0 + (-x).exp())
+    }
+}
+
+impl ScanSlices<'_> {
+    fn validate(&self) -> Result<(), ScanError> {
+        let s = &self.shape;
+        let problem_like = [
+            ("u", self.u.len(), s.bdl_len()),
+            ("delta", self.delta.len(), s.bdl_len()),
+            ("A", self.a.len(), s.channels * s.d_state),
+            ("B", self.b.len(), s.bgnl_len()),
+            ("C", self.c.len(), s.bgnl_len()),
+            ("D", self.d.map_or(s.channels, <[f32]>::len), s.channels),
+            (
+                "delta_bias",
+                self.delta_bias.map_or(s.channels, <[f32]>::len),
+                s.channels,
+            ),
+        ];
+        let bdl = s.bdl();
+        let dn = s.dn();
+        let bgnl = s.bgnl();
+        let ch = [s.channels];
+        ScanShape::from_args(&crate::ArgShapes {
+            u: &bdl,
+            delta: &bdl,
+            a: &dn,
+            b: &bgnl,
+            c: &bgnl,
+            d: self.d.map(|_| &ch[..]),
+            delta_bias: self.delta_bias.map(|_| &ch[..]),
+        })?;
+        for (arg, actual, expected) in problem_like {
+            if actual != expected {
+                return Err(ScanError::Length {
+                    arg,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `pre` with `delta + bias` and `dt` with `Δ` for row `(batch, channel)`.
+    fn steps(&self, row: usize, channel: usize, pre: &mut [f32], dt: &mut [f32]) {
+        let l = self.shape.seq_len;
+        let bias = self.delta_bias.map_or(0.0, |v| v[channel]);
+        let delta = &self.delta[row * l..(row + 1) * l];
+        for ((p, x), d) in pre.iter_mut().zip(delta).zip(dt.iter_mut()) {
+            *p = x + bias;
+            *d = if self.delta_softplus {
+                softplus(*p)
+            } else {
+                *p
+            };
+        }
+    }
+}
+
+/// Forward scan: `y [batch, channels, seq_len]`.
+pub fn forward(p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
+    p.validate()?;
+    let s = p.shape;
+    let (l, n_state, cpg) = (s.seq_len, s.d_state, s.channels_per_group());
+    let mut y = vec![0.0f32; s.bdl_len()];
+    y.par_chunks_mut(l).enumerate().for_each(|(row, y_row)| {
+        let (batch, channel) = (row / s.channels, row % s.channels);
+        let group = channel / cpg;
+        let mut pre = vec![0.0f32; l];
+        let mut dt = vec![0.0f32; l];
+        p.steps(row, channel, &mut pre, &mut dt);
+        let u = &p.u[row * l..(row + 1) * l];
+        // Δ_t u_t, reused by every state.
+        let dt_u: Vec<f32> = dt.iter().zip(u).map(|(d, u)| d * u).collect();
+        let skip = p.d.map_or(0.0, |v| v[channel]);
+        for (y, u) in y_row.iter_mut().zip(u) {
+            *y = skip * u;
+        }
+        for n in 0..n_state {
+            let a_n = p.a[channel * n_state + n];
+            let base = ((batch * s.groups + group) * n_state + n) * l;
+            let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
+            let mut h = 0.0f32;
+            for t in 0..l {
+                // h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t += C_t h_t
+                h = (dt[t] * a_n).exp() * h + dt_u[t] * b_row[t];
+                y_row[t] += c_row[t] * h;
+            }
+        }
+    });
+    Ok(y)
+}
+
+/// Per-task outputs of the backward pass.
+struct TaskOut {
+    /// `dB`, `dC` partials of this block: `[d_state, seq_len]` each.
+    db: Vec<f32>,
+    dc: Vec<f32>,
+    /// `dA` rows of the block's channels: `[channels_in_block, d_state]`.
+    da: Vec<f32>,
+    dd: Vec<f32>,
+    dbias: Vec<f32>,
+}
+
+/// Backward scan for the upstream gradient `dy [batch, channels, seq_len]`.
+pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanError> {
+    p.validate()?;
+    let s = p.shape;
+    if dy.len() != s.bdl_len() {
+        return Err(ScanError::Length {
+            arg: "dy",
+            expected: s.bdl_len(),
+            actual: dy.len(),
+        });
+    }
+    let (l, n_state, cpg) = (s.seq_len, s.d_state, s.channels_per_group());
+    let blocks = cpg.div_ceil(CHANNELS_PER_TASK);
+    let mut du = vec![0.0f32; s.bdl_len()];
+    let mut ddelta = vec![0.0f32; s.bdl_len()];
+    // Rows of one task are contiguous in du/ddelta: a block is ≤ 16 consecutive channels.
+    let mut tasks: Vec<(usize, &mut [f32], &mut [f32])> = vec![];
+    {
+        let mut du_rest = &mut du[..];
+        let mut dd_rest = &mut ddelta[..];
+        for task in 0..s.batch * s.groups * blocks {
+            let block = task % blocks;
+            let width = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK) * l;
+            let (du_task, du_next) = du_rest.split_at_mut(width);
+            let (dd_task, dd_next) = dd_rest.split_at_mut(width);
+            tasks.push((task, du_task, dd_task));
+            du_rest = du_next;
+            dd_rest = dd_next;
+        }
+    }
+    let outs: Vec<TaskOut> = tasks
+        .into_par_iter()
+        .map(|(task, du_task, dd_task)| {
+            let block = task % blocks;
+            let bg = task / blocks;
+            let (batch, group) = (bg / s.groups, bg % s.groups);
+            let first = group * cpg + block * CHANNELS_PER_TASK;
+            let count = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK);
+            let mut out = TaskOut {
+                db: vec![0.0; n_state * l],
+                dc: vec![0.0; n_state * l],
+                da: vec![0.0; count * n_state],
+                dd: vec![0.0; count],
+                dbias: vec![0.0; count],
+            };
+            let mut pre = vec![0.0f32; l];
+            let mut dt = vec![0.0f32; l];
+            let mut a_t = vec![0.0f32; l];
+            let mut h = vec![0.0f32; l];
+            let mut ddt = vec![0.0f32; l];
+            for k in 0..count {
+                let channel = first + k;
+                let row = batch * s.channels + channel;
+                p.steps(row, channel, &mut pre, &mut dt);
+                let u = &p.u[row * l..(row + 1) * l];
+                let gy = &dy[row * l..(row + 1) * l];
+                let skip = p.d.map_or(0.0, |v| v[channel]);
+                let du_row = &mut du_task[k * l..(k + 1) * l];
+                // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t
+                for (d, g) in du_row.iter_mut().zip(gy) {
+                    *d = skip * g;
+                }
+                ddt.iter_mut().for_each(|x| *x = 0.0);
+                for n in 0..n_state {
+                    let a_n = p.a[channel * n_state + n];
+                    let base = ((batch * s.groups + group) * n_state + n) * l;
+                    let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
+                    let mut state = 0.0f32;
+                    for t in 0..l {
+                        a_t[t] = (dt[t] * a_n).exp();
+                        state = a_t[t] * state + dt[t] * b_row[t] * u[t];
+                        h[t] = state;
+                    }
+                    let (db, dc) = (
+                        &mut out.db[n * l..(n + 1) * l],
+                        &mut out.dc[n * l..(n + 1) * l],
+                    );
+                    let mut adj = 0.0f32;
+                    let mut next_a = 0.0f32;
+                    let mut da = 0.0f32;
+                    for t in (0..l).rev() {
+                        // ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t
+                        adj = next_a * adj + gy[t] * c_row[t];
+                        next_a = a_t[t];
+                        let h_prev = if t > 0 { h[t - 1] } else { 0.0 };
+                        let adj_dt = adj * dt[t];
+                        du_row[t] += adj_dt * b_row[t];
+                        ddt[t] += adj * (b_row[t] * u[t] + a_n * a_t[t] * h_prev);
+                        da += adj_dt * a_t[t] * h_prev;
+                        db[t] += adj_dt * u[t];
+                        dc[t] += gy[t] * h[t];
+                    }
+                    out.da[k * n_state + n] = da;
+                }
+                let ddelta_row = &mut dd_task[k * l..(k + 1) * l];
+                let (mut bias_sum, mut skip_sum) = (0.0f32, 0.0f32);
+                for t in 0..l {
+                    let chain = if p.delta_softplus {
+                        softplus_grad(pre[t])
+                    } else {
+                        1.0
+                    };
+                    ddelta_row[t] = ddt[t] * chain;
+                    bias_sum += ddelta_row[t];
+                    skip_sum += gy[t] * u[t];
+                }
+                out.dd[k] = skip_sum;
+                out.dbias[k] = bias_sum;
+            }
+            out
+        })
+        .collect();
+
+    // Fixed-order reductions over blocks (dB, dC) and over the batch (dA, dD, ddelta_bias).
+    let mut db = vec![0.0f32; s.bgnl_len()];
+    let mut dc = vec![0.0f32; s.bgnl_len()];
+    let mut da = vec![0.0f32; s.channels * n_state];
+    let mut dd = vec![0.0f32; s.channels];
+    let mut dbias = vec![0.0f32; s.channels];
+    for (task, out) in outs.iter().enumerate() {
+        let block = task % blocks;
+        let bg = task / blocks;
+        let group = bg % s.groups;
+        let span = bg * n_state * l..(bg + 1) * n_state * l;
+        for (acc, x) in db[span.clone()].iter_mut().zip(&out.db) {
+            *acc += x;
+        }
+        for (acc, x) in dc[span].iter_mut().zip(&out.dc) {
+            *acc += x;
+        }
+        let first = group * cpg + block * CHANNELS_PER_TASK;
+        for (k, (skip, bias)) in out.dd.iter().zip(&out.dbias).enumerate() {
+            dd[first + k] += skip;
+            dbias[first + k] += bias;
+            for n in 0..n_state {
+                da[(first + k) * n_state + n] += out.da[k * n_state + n];
+            }
+        }
+    }
+    Ok(ScanGrads {
+        du,
+        ddelta,
+        da,
+        db,
+        dc,
+        dd: p.d.map(|_| dd),
+        ddelta_bias: p.delta_bias.map(|_| dbias),
+    })
+}
