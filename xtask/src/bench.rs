@@ -201,7 +201,7 @@ fn bench_cube<R: Runtime>(
     });
     let both = time_ms(repeats, || {
         match selective_scan::forward(client, &args, config)
-            .and_then(|saved| selective_scan::backward(client, &args, &saved, dy_ref))
+            .and_then(|saved| selective_scan::backward(client, &args, &saved.carries, config, dy_ref))
         {
             Ok(_) => {}
             Err(e) => error = Some(e.to_string()),

@@ -277,18 +277,23 @@ pub struct BackwardOutput {
     pub ddelta_bias: Option<DeviceTensor>,
 }
 
+/// Whether the device can hold and convert `dtype` buffers (f32 always; f16/bf16 depend on the
+/// device: llvmpipe has f16 but not bf16).
+pub fn supports_dtype<R: Runtime>(client: &ComputeClient<R>, dtype: ScanDtype) -> bool {
+    let usage = match dtype {
+        ScanDtype::F32 => return true,
+        ScanDtype::F16 => half::f16::supported_uses(client),
+        ScanDtype::BF16 => half::bf16::supported_uses(client),
+    };
+    usage.contains(cubecl::ir::features::TypeUsage::Buffer)
+        && usage.contains(cubecl::ir::features::TypeUsage::Conversion)
+}
+
 fn check_dtype_support<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: ScanDtype,
 ) -> Result<(), ScanError> {
-    let usage = match dtype {
-        ScanDtype::F32 => return Ok(()),
-        ScanDtype::F16 => half::f16::supported_uses(client),
-        ScanDtype::BF16 => half::bf16::supported_uses(client),
-    };
-    if usage.contains(cubecl::ir::features::TypeUsage::Buffer)
-        && usage.contains(cubecl::ir::features::TypeUsage::Conversion)
-    {
+    if supports_dtype(client, dtype) {
         Ok(())
     } else {
         Err(ScanError::Unsupported {
@@ -424,33 +429,26 @@ fn sum_middle_axis<R: Runtime>(
 }
 
 /// Runs the backward scan for the upstream gradient `dy [batch, channels, seq_len]` (f32),
-/// recomputing states from `saved.carries`.
+/// recomputing states from `carries` (`[batch, channels, n_chunks, d_state]`, from
+/// [`ForwardOutput::carries`]).
 ///
-/// `args` must be the arguments of the forward call that produced `saved`.
+/// `args` and `config` must be those of the forward call that produced `carries`.
 pub fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     args: &ScanArgs<'_>,
-    saved: &ForwardOutput,
+    carries: &DeviceTensor,
+    config: ScanConfig,
     dy: TensorRef<'_>,
 ) -> Result<BackwardOutput, ScanError> {
     let shape = args.validate()?;
-    let config = saved.config;
-    if shape != saved.shape {
-        return Err(ScanError::Config {
-            detail: format!(
-                "the arguments have sizes {shape:?}, the saved forward state was made for {:?}",
-                saved.shape
-            ),
-        });
-    }
     let n_chunks = config.n_chunks(shape.seq_len);
     let carries_shape = [shape.batch, shape.channels, n_chunks, shape.d_state];
-    if saved.carries.shape != carries_shape {
+    if carries.shape != carries_shape {
         return Err(ScanError::Shape {
             arg: "carries",
             expected: carries_shape.to_vec(),
-            actual: saved.carries.shape.clone(),
-            source: "batch, channels, n_chunks, d_state",
+            actual: carries.shape.clone(),
+            source: "batch, channels, n_chunks, d_state of the forward call",
         });
     }
     if dy.shape != shape.bdl() {
@@ -499,7 +497,7 @@ pub fn backward<R: Runtime>(
                 optional_arg(args.d, &placeholder),
                 optional_arg(args.delta_bias, &placeholder),
                 dy.arg(),
-                saved.carries.arg(),
+                carries.arg(),
                 du.arg(),
                 ddelta.arg(),
                 db_part.arg(),

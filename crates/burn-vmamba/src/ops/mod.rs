@@ -1,0 +1,217 @@
+//! The selective scan as a Burn op: a backend-extension trait with fused forward and backward,
+//! its implementations, and the public [`selective_scan`] function.
+//!
+//! | backend | implementation |
+//! |---|---|
+//! | `CubeBackend<R, F, I, BT>` (WGPU, CUDA, ROCm) | the CubeCL kernels of `selective-scan` ([`cube`]) |
+//! | `Fusion<B>` (burn's default `Wgpu` with `fusion`) | a fusion custom op calling `B` ([`fusion`]) |
+//! | `NdArray` | the native fused CPU scan `selective_scan::cpu` ([`ndarray`]) |
+//! | `Flex`, or any backend that implements the trait with no body | the tensor-op fallback ([`fallback`]) |
+//! | `Autodiff<B, C>` | a custom `Backward` that calls `B`'s fused backward ([`autodiff`]) |
+
+pub mod autodiff;
+pub mod cube;
+pub mod fallback;
+pub mod fusion;
+pub mod ndarray;
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+use selective_scan::{ArgShapes, ScanShape};
+
+/// The inputs of one scan as backend primitives.
+///
+/// # Shapes
+/// - `u, delta`: `[batch, channels, seq_len]`
+/// - `a`: `[channels, d_state]`
+/// - `b, c`: `[batch, groups, d_state, seq_len]`
+/// - `d, delta_bias`: `[channels]`
+#[derive(Debug)]
+pub struct ScanTensors<B: Backend> {
+    /// Input sequence.
+    pub u: FloatTensor<B>,
+    /// Raw step sizes.
+    pub delta: FloatTensor<B>,
+    /// State matrix (real, normally negative).
+    pub a: FloatTensor<B>,
+    /// Input projection per group.
+    pub b: FloatTensor<B>,
+    /// Output projection per group.
+    pub c: FloatTensor<B>,
+    /// Skip connection.
+    pub d: Option<FloatTensor<B>>,
+    /// Bias added to `delta`.
+    pub delta_bias: Option<FloatTensor<B>>,
+}
+
+impl<B: Backend> Clone for ScanTensors<B> {
+    fn clone(&self) -> Self {
+        Self {
+            u: self.u.clone(),
+            delta: self.delta.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            c: self.c.clone(),
+            d: self.d.clone(),
+            delta_bias: self.delta_bias.clone(),
+        }
+    }
+}
+
+impl<B: Backend> ScanTensors<B> {
+    /// The problem sizes, validated (panics with the argument, expected and actual shapes).
+    pub fn shape(&self) -> ScanShape {
+        let dims = |t: &FloatTensor<B>| t.shape().to_vec();
+        let (u, delta, a, b, c) = (
+            dims(&self.u),
+            dims(&self.delta),
+            dims(&self.a),
+            dims(&self.b),
+            dims(&self.c),
+        );
+        let d = self.d.as_ref().map(dims);
+        let bias = self.delta_bias.as_ref().map(dims);
+        ScanShape::from_args(&ArgShapes {
+            u: &u,
+            delta: &delta,
+            a: &a,
+            b: &b,
+            c: &c,
+            d: d.as_deref(),
+            delta_bias: bias.as_deref(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Gradients of a scalar loss with respect to every input, as backend primitives (f32).
+///
+/// Shapes as in [`ScanTensors`]; `dd` and `ddelta_bias` are present exactly when `d` and
+/// `delta_bias` were given.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub struct ScanGradients<B: Backend> {
+    pub du: FloatTensor<B>,
+    pub ddelta: FloatTensor<B>,
+    pub da: FloatTensor<B>,
+    pub db: FloatTensor<B>,
+    pub dc: FloatTensor<B>,
+    pub dd: Option<FloatTensor<B>>,
+    pub ddelta_bias: Option<FloatTensor<B>>,
+}
+
+/// Options of the scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScanOptions {
+    /// `Δ = softplus(delta + delta_bias)` (threshold 20) when true, `delta + delta_bias` when false.
+    pub delta_softplus: bool,
+}
+
+/// A backend that can run the selective scan, forward and backward.
+///
+/// The default bodies are the tensor-op fallback ([`fallback`]), so any backend gets a correct
+/// (slow) scan with `impl SelectiveScanBackend for MyBackend {}`. CubeCL backends, `Fusion`,
+/// `NdArray` and `Autodiff` override them with fused implementations.
+pub trait SelectiveScanBackend: Backend {
+    /// Forward: `y [batch, channels, seq_len]` (f32) and what the backward needs besides the
+    /// inputs (for the CubeCL kernels: the state at every chunk end).
+    fn selective_scan_forward(
+        inputs: ScanTensors<Self>,
+        options: ScanOptions,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        (fallback::forward::<Self>(inputs, options), None)
+    }
+
+    /// Backward for the upstream gradient `dy [batch, channels, seq_len]`, given the inputs and
+    /// the `saved` state of the matching forward call (recomputed when `None`).
+    fn selective_scan_backward(
+        inputs: ScanTensors<Self>,
+        saved: Option<FloatTensor<Self>>,
+        dy: FloatTensor<Self>,
+        options: ScanOptions,
+    ) -> ScanGradients<Self> {
+        let _ = saved;
+        fallback::backward::<Self>(inputs, dy, options)
+    }
+}
+
+impl SelectiveScanBackend for burn::backend::Flex {}
+
+fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// The exact selective scan (S6) of Mamba / VMamba, differentiable on every backend.
+///
+/// `h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t`, `y_t = C_t · h_t + D u_t`, with
+/// `Δ_t = softplus(delta_t + delta_bias)` (threshold 20) when `delta_softplus`. Channel `d` uses
+/// group `d / (channels / groups)` of `B` and `C`. The state is f32; `y` is f32 (f64 when `u` is
+/// f64). `A`, `D` and `delta_bias` are used in f32; `u, delta, B, C` keep f16/bf16 where the
+/// backend's kernel takes them and are cast to f32 otherwise.
+///
+/// # Shapes
+/// - `u`, `delta`: `[batch, channels, seq_len]`
+/// - `a`: `[channels, d_state]` (`d_state <= 256`)
+/// - `b`, `c`: `[batch, groups, d_state, seq_len]`, `groups` dividing `channels`
+/// - `d`, `delta_bias`: `[channels]`
+/// - returns `[batch, channels, seq_len]`
+///
+/// # Panics
+/// Before any work, when a shape is wrong: the message names the argument and gives the
+/// expected and actual shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan<B: SelectiveScanBackend>(
+    u: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 4>,
+    c: Tensor<B, 4>,
+    d: Option<Tensor<B, 1>>,
+    delta_bias: Option<Tensor<B, 1>>,
+    delta_softplus: bool,
+) -> Tensor<B, 3> {
+    let wants_f64 = u.dtype() == DType::F64;
+    let inputs = ScanTensors::<B> {
+        u: float(u),
+        delta: float(delta),
+        a: float(a),
+        b: float(b),
+        c: float(c),
+        d: d.map(float),
+        delta_bias: delta_bias.map(float),
+    };
+    inputs.shape();
+    let inputs = normalize_dtypes(inputs);
+    let (y, _) = B::selective_scan_forward(inputs, ScanOptions { delta_softplus });
+    let y = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(y));
+    if wants_f64 { y.cast(DType::F64) } else { y }
+}
+
+/// `A`, `D`, `delta_bias` to f32; `u, delta, B, C` to one dtype among f32/f16/bf16 (f32 unless
+/// all four already share f16 or bf16).
+fn normalize_dtypes<B: Backend>(t: ScanTensors<B>) -> ScanTensors<B> {
+    let to = |x: FloatTensor<B>, dtype: DType| {
+        if x.dtype() == dtype {
+            x
+        } else {
+            B::float_cast(x, dtype.into())
+        }
+    };
+    let dtypes = [t.u.dtype(), t.delta.dtype(), t.b.dtype(), t.c.dtype()];
+    let common = if dtypes.iter().all(|d| *d == dtypes[0])
+        && matches!(dtypes[0], DType::F16 | DType::BF16 | DType::F32)
+    {
+        dtypes[0]
+    } else {
+        DType::F32
+    };
+    ScanTensors {
+        u: to(t.u, common),
+        delta: to(t.delta, common),
+        a: to(t.a, DType::F32),
+        b: to(t.b, common),
+        c: to(t.c, common),
+        d: t.d.map(|x| to(x, DType::F32)),
+        delta_bias: t.delta_bias.map(|x| to(x, DType::F32)),
+    }
+}

@@ -1,0 +1,282 @@
+//! `selective_scan` through `Autodiff<B>` on every backend we can run, against the f64
+//! reference: the output and every gradient, untracked inputs, a shape error, and training.
+
+use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_fusion::Fusion;
+use burn_vmamba::{SelectiveScanBackend, selective_scan};
+use rstest::rstest;
+use selective_scan::{RandomSpec, ScanProblem, ScanShape, SplitMix64, reference};
+
+type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+fn tensor<B: Backend, const D: usize>(data: &[f32], shape: Vec<usize>, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape), device)
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+
+fn rel_err(actual: &[f32], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let err = actual.iter().zip(expected).fold(0.0f64, |m, (a, e)| {
+        let d = (f64::from(*a) - e).abs();
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    });
+    err / scale.max(f64::MIN_POSITIVE)
+}
+
+/// Output and all seven gradients of `Σ dy ⊙ y` through `Autodiff<B>` vs the f64 reference.
+fn check_backend<B>(label: &str, device: &B::Device, shape: ScanShape, spec: &RandomSpec)
+where
+    B: AutodiffBackend + SelectiveScanBackend,
+{
+    let p = ScanProblem::random(shape, spec, 77);
+    let dy = SplitMix64::new(5).vec(shape.bdl_len(), -1.0, 1.0);
+    let s = p.shape;
+    let u = tensor::<B, 3>(&p.u, s.bdl().to_vec(), device).require_grad();
+    let delta = tensor::<B, 3>(&p.delta, s.bdl().to_vec(), device).require_grad();
+    let a = tensor::<B, 2>(&p.a, s.dn().to_vec(), device).require_grad();
+    let b = tensor::<B, 4>(&p.b, s.bgnl().to_vec(), device).require_grad();
+    let c = tensor::<B, 4>(&p.c, s.bgnl().to_vec(), device).require_grad();
+    let d = p.d.as_ref().map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
+    let bias = p
+        .delta_bias
+        .as_ref()
+        .map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
+    let y = selective_scan(
+        u.clone(),
+        delta.clone(),
+        a.clone(),
+        b.clone(),
+        c.clone(),
+        d.clone(),
+        bias.clone(),
+        p.delta_softplus,
+    );
+    let grads = (y.clone() * tensor::<B, 3>(&dy, s.bdl().to_vec(), device))
+        .sum()
+        .backward();
+    let (y_ref, g_ref) = reference::backward(&p, &dy);
+    let mut checks = vec![
+        ("y", values(y), y_ref),
+        ("du", values(u.grad(&grads).unwrap()), g_ref.du),
+        ("ddelta", values(delta.grad(&grads).unwrap()), g_ref.ddelta),
+        ("dA", values(a.grad(&grads).unwrap()), g_ref.da),
+        ("dB", values(b.grad(&grads).unwrap()), g_ref.db),
+        ("dC", values(c.grad(&grads).unwrap()), g_ref.dc),
+    ];
+    if let (Some(d), Some(want)) = (d, g_ref.dd) {
+        checks.push(("dD", values(d.grad(&grads).unwrap()), want));
+    }
+    if let (Some(bias), Some(want)) = (bias, g_ref.ddelta_bias) {
+        checks.push(("ddelta_bias", values(bias.grad(&grads).unwrap()), want));
+    }
+    for (name, got, want) in checks {
+        let err = rel_err(&got, &want);
+        println!("{label}: {name} {err:.2e}");
+        assert!(err <= 2e-4, "{label}: {name} differs from the reference by {err:.3e}");
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    NdArray,
+    Wgpu,
+    Cube,
+    FusionCube,
+    Fallback,
+}
+
+fn run(path: Path, shape: ScanShape, spec: &RandomSpec) {
+    match path {
+        Path::NdArray => check_backend::<Autodiff<NdArray>>("ndarray", &Default::default(), shape, spec),
+        Path::Wgpu => check_backend::<Autodiff<burn::backend::Wgpu>>("wgpu", &WgpuDevice::default(), shape, spec),
+        Path::Cube => check_backend::<Autodiff<Cube>>("cube", &WgpuDevice::default(), shape, spec),
+        Path::FusionCube => {
+            check_backend::<Autodiff<Fusion<Cube>>>("fusion", &WgpuDevice::default(), shape, spec)
+        }
+        Path::Fallback => check_backend::<Autodiff<Flex>>("fallback", &Default::default(), shape, spec),
+    }
+}
+
+#[rstest]
+fn scan_op_matches_reference_with_all_inputs(
+    #[values(Path::NdArray, Path::Wgpu, Path::Cube, Path::FusionCube, Path::Fallback)] path: Path,
+    #[values(ScanShape::new(2, 8, 530, 2, 4), ScanShape::new(1, 4, 1, 3, 2), ScanShape::new(3, 6, 37, 1, 3))] shape: ScanShape,
+) {
+    run(path, shape, &RandomSpec::default());
+}
+
+#[rstest]
+fn scan_op_matches_reference_without_optional_inputs(
+    #[values(Path::NdArray, Path::Wgpu, Path::FusionCube, Path::Fallback)] path: Path,
+) {
+    let spec = RandomSpec {
+        with_d: false,
+        with_delta_bias: false,
+        delta_softplus: false,
+        delta_range: (0.01, 1.0),
+        ..RandomSpec::default()
+    };
+    run(path, ScanShape::new(2, 4, 70, 2, 2), &spec);
+}
+
+#[rstest]
+fn scan_op_matches_reference_at_extreme_values(
+    #[values(Path::NdArray, Path::Wgpu, Path::Fallback)] path: Path,
+    #[values((19.5, 20.5, -1.0, 1.5), (60.0, 200.0, -1.0, 1.5), (-3.0, 1.0, 20.0, 20.0), (-3.0, 1.0, -30.0, -30.0))]
+    ranges: (f32, f32, f32, f32),
+) {
+    let spec = RandomSpec {
+        delta_range: (ranges.0, ranges.1),
+        a_log_range: (ranges.2, ranges.3),
+        ..RandomSpec::default()
+    };
+    run(path, ScanShape::new(1, 4, 90, 2, 2), &spec);
+}
+
+/// Only `u` and `A` are tracked: they get gradients, the others none.
+#[test]
+fn untracked_inputs_get_no_gradient() {
+    type B = Autodiff<NdArray>;
+    let device = Default::default();
+    let s = ScanShape::new(1, 4, 20, 2, 2);
+    let p = ScanProblem::random(s, &RandomSpec::default(), 3);
+    let u = tensor::<B, 3>(&p.u, s.bdl().to_vec(), &device).require_grad();
+    let delta = tensor::<B, 3>(&p.delta, s.bdl().to_vec(), &device);
+    let a = tensor::<B, 2>(&p.a, s.dn().to_vec(), &device).require_grad();
+    let b = tensor::<B, 4>(&p.b, s.bgnl().to_vec(), &device);
+    let c = tensor::<B, 4>(&p.c, s.bgnl().to_vec(), &device);
+    let d = tensor::<B, 1>(p.d.as_ref().unwrap(), vec![4], &device);
+    let bias = tensor::<B, 1>(p.delta_bias.as_ref().unwrap(), vec![4], &device);
+    let y = selective_scan(u.clone(), delta.clone(), a.clone(), b.clone(), c.clone(), Some(d.clone()), Some(bias.clone()), true);
+    let grads = y.sum().backward();
+    assert!(u.grad(&grads).is_some() && a.grad(&grads).is_some());
+    assert!(delta.grad(&grads).is_none());
+    assert!(b.grad(&grads).is_none() && c.grad(&grads).is_none());
+    assert!(d.grad(&grads).is_none() && bias.grad(&grads).is_none());
+}
+
+#[test]
+#[should_panic(expected = "`delta` must have shape [1, 4, 20]")]
+fn a_wrong_shape_panics_naming_the_argument_and_both_shapes() {
+    type B = NdArray;
+    let device = Default::default();
+    let u = Tensor::<B, 3>::zeros([1, 4, 20], &device);
+    let delta = Tensor::<B, 3>::zeros([1, 4, 19], &device);
+    let a = Tensor::<B, 2>::zeros([4, 2], &device);
+    let b = Tensor::<B, 4>::zeros([1, 2, 2, 20], &device);
+    let c = Tensor::<B, 4>::zeros([1, 2, 2, 20], &device);
+    let _ = selective_scan(u, delta, a, b, c, None, None, true);
+}
+
+#[derive(Module, Debug)]
+struct ScanParams<B: Backend> {
+    a_log: Param<Tensor<B, 2>>,
+    dt_bias: Param<Tensor<B, 1>>,
+    skip: Param<Tensor<B, 1>>,
+}
+
+impl<B: SelectiveScanBackend> ScanParams<B> {
+    fn forward(&self, u: Tensor<B, 3>, delta: Tensor<B, 3>, b: Tensor<B, 4>, c: Tensor<B, 4>) -> Tensor<B, 3> {
+        let a = -self.a_log.val().exp();
+        selective_scan(u, delta, a, b, c, Some(self.skip.val()), Some(self.dt_bias.val()), true)
+    }
+}
+
+/// A few AdamW steps through the op fit the parameters of a teacher scan: the loss falls.
+#[rstest]
+fn adamw_steps_through_the_op_lower_the_loss(#[values(Path::NdArray, Path::Wgpu)] path: Path) {
+    fn train<B: AutodiffBackend + SelectiveScanBackend>(device: &B::Device) -> (f32, f32) {
+        let s = ScanShape::new(2, 4, 64, 2, 2);
+        let teacher = ScanProblem::random(s, &RandomSpec::default(), 1);
+        let y_target = reference::forward(&teacher);
+        let y_target: Vec<f32> = y_target.iter().map(|&x| x as f32).collect();
+        let target = tensor::<B, 3>(&y_target, s.bdl().to_vec(), device);
+        let mut model = ScanParams::<B> {
+            a_log: Param::from_tensor(Tensor::zeros([4, 2], device)),
+            dt_bias: Param::from_tensor(Tensor::zeros([4], device)),
+            skip: Param::from_tensor(Tensor::zeros([4], device)),
+        };
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let input = |v: &[f32], shape: Vec<usize>| tensor::<B, 3>(v, shape, device);
+        let u = input(&teacher.u, s.bdl().to_vec());
+        let delta = input(&teacher.delta, s.bdl().to_vec());
+        let b = tensor::<B, 4>(&teacher.b, s.bgnl().to_vec(), device);
+        let c = tensor::<B, 4>(&teacher.c, s.bgnl().to_vec(), device);
+        let mut losses = vec![];
+        for _ in 0..15 {
+            let y = model.forward(u.clone(), delta.clone(), b.clone(), c.clone());
+            let loss = (y - target.clone()).powf_scalar(2.0).mean();
+            losses.push(values(loss.clone())[0]);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(0.05, model, grads);
+        }
+        (losses[0], *losses.last().unwrap())
+    }
+    let (first, last) = match path {
+        Path::NdArray => train::<Autodiff<NdArray>>(&Default::default()),
+        Path::Wgpu => train::<Autodiff<burn::backend::Wgpu>>(&WgpuDevice::default()),
+        _ => unreachable!(),
+    };
+    assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
+}
+
+/// The tensor-op fallback itself on two different backends (NdArray and Flex), forward and
+/// backward, without autodiff in between.
+#[rstest]
+fn fallback_matches_reference_on_ndarray_and_flex(#[values(false, true)] flex: bool) {
+    fn go<B: Backend>(device: &B::Device) {
+        use burn_vmamba::ops::{ScanOptions, ScanTensors, fallback};
+        let s = ScanShape::new(2, 6, 37, 3, 3);
+        let p = ScanProblem::random(s, &RandomSpec::default(), 11);
+        let dy = SplitMix64::new(2).vec(s.bdl_len(), -1.0, 1.0);
+        let prim = |v: &[f32], shape: Vec<usize>| {
+            B::float_from_data(TensorData::new(v.to_vec(), shape), device)
+        };
+        let inputs = ScanTensors::<B> {
+            u: prim(&p.u, s.bdl().to_vec()),
+            delta: prim(&p.delta, s.bdl().to_vec()),
+            a: prim(&p.a, s.dn().to_vec()),
+            b: prim(&p.b, s.bgnl().to_vec()),
+            c: prim(&p.c, s.bgnl().to_vec()),
+            d: p.d.as_ref().map(|v| prim(v, vec![s.channels])),
+            delta_bias: p.delta_bias.as_ref().map(|v| prim(v, vec![s.channels])),
+        };
+        let options = ScanOptions { delta_softplus: true };
+        let y = fallback::forward::<B>(inputs.clone(), options);
+        let g = fallback::backward::<B>(inputs, prim(&dy, s.bdl().to_vec()), options);
+        let (y_ref, g_ref) = reference::backward(&p, &dy);
+        let read = |t: burn::tensor::ops::FloatTensor<B>| -> Vec<f32> {
+            let data = burn::tensor::try_read_sync(B::float_into_data(t)).unwrap().unwrap();
+            data.convert::<f32>().into_vec::<f32>().unwrap()
+        };
+        for (name, got, want) in [
+            ("y", read(y), y_ref),
+            ("du", read(g.du), g_ref.du),
+            ("ddelta", read(g.ddelta), g_ref.ddelta),
+            ("dA", read(g.da), g_ref.da),
+            ("dB", read(g.db), g_ref.db),
+            ("dC", read(g.dc), g_ref.dc),
+            ("dD", read(g.dd.unwrap()), g_ref.dd.unwrap()),
+            ("ddelta_bias", read(g.ddelta_bias.unwrap()), g_ref.ddelta_bias.unwrap()),
+        ] {
+            let err = rel_err(&got, &want);
+            println!("{name} {err:.2e}");
+            assert!(err <= 2e-4, "{name} differs from the reference by {err:.3e}");
+        }
+    }
+    if flex {
+        go::<Flex>(&Default::default())
+    } else {
+        go::<NdArray>(&Default::default())
+    }
+}
