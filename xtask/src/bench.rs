@@ -200,9 +200,9 @@ fn bench_cube<R: Runtime>(
         sync(client);
     });
     let both = time_ms(repeats, || {
-        match selective_scan::forward(client, &args, config)
-            .and_then(|saved| selective_scan::backward(client, &args, &saved.carries, config, dy_ref))
-        {
+        match selective_scan::forward(client, &args, config).and_then(|saved| {
+            selective_scan::backward(client, &args, &saved.carries, config, dy_ref)
+        }) {
             Ok(_) => {}
             Err(e) => error = Some(e.to_string()),
         }

@@ -15,7 +15,11 @@ use selective_scan::{RandomSpec, ScanProblem, ScanShape, SplitMix64, reference};
 
 type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
-fn tensor<B: Backend, const D: usize>(data: &[f32], shape: Vec<usize>, device: &B::Device) -> Tensor<B, D> {
+fn tensor<B: Backend, const D: usize>(
+    data: &[f32],
+    shape: Vec<usize>,
+    device: &B::Device,
+) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(data.to_vec(), shape), device)
 }
 
@@ -46,7 +50,9 @@ where
     let a = tensor::<B, 2>(&p.a, s.dn().to_vec(), device).require_grad();
     let b = tensor::<B, 4>(&p.b, s.bgnl().to_vec(), device).require_grad();
     let c = tensor::<B, 4>(&p.c, s.bgnl().to_vec(), device).require_grad();
-    let d = p.d.as_ref().map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
+    let d =
+        p.d.as_ref()
+            .map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
     let bias = p
         .delta_bias
         .as_ref()
@@ -82,7 +88,10 @@ where
     for (name, got, want) in checks {
         let err = rel_err(&got, &want);
         println!("{label}: {name} {err:.2e}");
-        assert!(err <= 2e-4, "{label}: {name} differs from the reference by {err:.3e}");
+        assert!(
+            err <= 2e-4,
+            "{label}: {name} differs from the reference by {err:.3e}"
+        );
     }
 }
 
@@ -97,20 +106,41 @@ enum Path {
 
 fn run(path: Path, shape: ScanShape, spec: &RandomSpec) {
     match path {
-        Path::NdArray => check_backend::<Autodiff<NdArray>>("ndarray", &Default::default(), shape, spec),
-        Path::Wgpu => check_backend::<Autodiff<burn::backend::Wgpu>>("wgpu", &WgpuDevice::default(), shape, spec),
+        Path::NdArray => {
+            check_backend::<Autodiff<NdArray>>("ndarray", &Default::default(), shape, spec)
+        }
+        Path::Wgpu => check_backend::<Autodiff<burn::backend::Wgpu>>(
+            "wgpu",
+            &WgpuDevice::default(),
+            shape,
+            spec,
+        ),
         Path::Cube => check_backend::<Autodiff<Cube>>("cube", &WgpuDevice::default(), shape, spec),
         Path::FusionCube => {
             check_backend::<Autodiff<Fusion<Cube>>>("fusion", &WgpuDevice::default(), shape, spec)
         }
-        Path::Fallback => check_backend::<Autodiff<Flex>>("fallback", &Default::default(), shape, spec),
+        Path::Fallback => {
+            check_backend::<Autodiff<Flex>>("fallback", &Default::default(), shape, spec)
+        }
     }
 }
 
 #[rstest]
 fn scan_op_matches_reference_with_all_inputs(
-    #[values(Path::NdArray, Path::Wgpu, Path::Cube, Path::FusionCube, Path::Fallback)] path: Path,
-    #[values(ScanShape::new(2, 8, 530, 2, 4), ScanShape::new(1, 4, 1, 3, 2), ScanShape::new(3, 6, 37, 1, 3))] shape: ScanShape,
+    #[values(
+        Path::NdArray,
+        Path::Wgpu,
+        Path::Cube,
+        Path::FusionCube,
+        Path::Fallback
+    )]
+    path: Path,
+    #[values(
+        ScanShape::new(2, 8, 530, 2, 4),
+        ScanShape::new(1, 4, 1, 3, 2),
+        ScanShape::new(3, 6, 37, 1, 3)
+    )]
+    shape: ScanShape,
 ) {
     run(path, shape, &RandomSpec::default());
 }
@@ -157,7 +187,16 @@ fn untracked_inputs_get_no_gradient() {
     let c = tensor::<B, 4>(&p.c, s.bgnl().to_vec(), &device);
     let d = tensor::<B, 1>(p.d.as_ref().unwrap(), vec![4], &device);
     let bias = tensor::<B, 1>(p.delta_bias.as_ref().unwrap(), vec![4], &device);
-    let y = selective_scan(u.clone(), delta.clone(), a.clone(), b.clone(), c.clone(), Some(d.clone()), Some(bias.clone()), true);
+    let y = selective_scan(
+        u.clone(),
+        delta.clone(),
+        a.clone(),
+        b.clone(),
+        c.clone(),
+        Some(d.clone()),
+        Some(bias.clone()),
+        true,
+    );
     let grads = y.sum().backward();
     assert!(u.grad(&grads).is_some() && a.grad(&grads).is_some());
     assert!(delta.grad(&grads).is_none());
@@ -186,9 +225,24 @@ struct ScanParams<B: Backend> {
 }
 
 impl<B: SelectiveScanBackend> ScanParams<B> {
-    fn forward(&self, u: Tensor<B, 3>, delta: Tensor<B, 3>, b: Tensor<B, 4>, c: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        u: Tensor<B, 3>,
+        delta: Tensor<B, 3>,
+        b: Tensor<B, 4>,
+        c: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let a = -self.a_log.val().exp();
-        selective_scan(u, delta, a, b, c, Some(self.skip.val()), Some(self.dt_bias.val()), true)
+        selective_scan(
+            u,
+            delta,
+            a,
+            b,
+            c,
+            Some(self.skip.val()),
+            Some(self.dt_bias.val()),
+            true,
+        )
     }
 }
 
@@ -251,12 +305,16 @@ fn fallback_matches_reference_on_ndarray_and_flex(#[values(false, true)] flex: b
             d: p.d.as_ref().map(|v| prim(v, vec![s.channels])),
             delta_bias: p.delta_bias.as_ref().map(|v| prim(v, vec![s.channels])),
         };
-        let options = ScanOptions { delta_softplus: true };
+        let options = ScanOptions {
+            delta_softplus: true,
+        };
         let y = fallback::forward::<B>(inputs.clone(), options);
         let g = fallback::backward::<B>(inputs, prim(&dy, s.bdl().to_vec()), options);
         let (y_ref, g_ref) = reference::backward(&p, &dy);
         let read = |t: burn::tensor::ops::FloatTensor<B>| -> Vec<f32> {
-            let data = burn::tensor::try_read_sync(B::float_into_data(t)).unwrap().unwrap();
+            let data = burn::tensor::try_read_sync(B::float_into_data(t))
+                .unwrap()
+                .unwrap();
             data.convert::<f32>().into_vec::<f32>().unwrap()
         };
         for (name, got, want) in [
@@ -267,11 +325,18 @@ fn fallback_matches_reference_on_ndarray_and_flex(#[values(false, true)] flex: b
             ("dB", read(g.db), g_ref.db),
             ("dC", read(g.dc), g_ref.dc),
             ("dD", read(g.dd.unwrap()), g_ref.dd.unwrap()),
-            ("ddelta_bias", read(g.ddelta_bias.unwrap()), g_ref.ddelta_bias.unwrap()),
+            (
+                "ddelta_bias",
+                read(g.ddelta_bias.unwrap()),
+                g_ref.ddelta_bias.unwrap(),
+            ),
         ] {
             let err = rel_err(&got, &want);
             println!("{name} {err:.2e}");
-            assert!(err <= 2e-4, "{name} differs from the reference by {err:.3e}");
+            assert!(
+                err <= 2e-4,
+                "{name} differs from the reference by {err:.3e}"
+            );
         }
     }
     if flex {

@@ -152,7 +152,8 @@ pub fn forward_backward_host<R: Runtime>(
         strides: &dy_strides,
         dtype: ScanDtype::F32,
     };
-    let grads: BackwardOutput = crate::backward(client, &args, &saved.carries, saved.config, dy_ref)?;
+    let grads: BackwardOutput =
+        crate::backward(client, &args, &saved.carries, saved.config, dy_ref)?;
     let y = read(client, &saved.y)?;
     let opt = |t: &Option<DeviceTensor>| t.as_ref().map(|t| read(client, t)).transpose();
     Ok((

@@ -62,8 +62,8 @@ mod shape;
 
 pub use error::ScanError;
 pub use launch::{
-    BackwardOutput, DeviceTensor, ForwardOutput, ScanArgs, ScanConfig, TensorRef, backward, forward,
-    supports_dtype,
+    BackwardOutput, DeviceTensor, ForwardOutput, ScanArgs, ScanConfig, TensorRef, backward,
+    forward, supports_dtype,
 };
 pub use problem::{RandomSpec, ScanGrads, ScanProblem, SplitMix64};
 pub use shape::{ArgShapes, MAX_D_STATE, ScanDtype, ScanShape, contiguous_strides};

@@ -78,8 +78,14 @@ fn strided_inputs_match_the_reference() {
     // dy strided too.
     let dy = upload(&client, &transpose_last_two(&dy_data, bt, d, l));
     let saved = selective_scan::forward(&client, &args, ScanConfig::default()).unwrap();
-    let grads =
-        selective_scan::backward(&client, &args, &saved.carries, saved.config, t(&dy, &bdl, &bdl_strides)).unwrap();
+    let grads = selective_scan::backward(
+        &client,
+        &args,
+        &saved.carries,
+        saved.config,
+        t(&dy, &bdl, &bdl_strides),
+    )
+    .unwrap();
     let (y_ref, g_ref) = reference::backward(&p, &dy_data);
     let checks = [
         ("y", host::read(&client, &saved.y).unwrap(), &y_ref),

@@ -41,7 +41,15 @@ impl<B: SelectiveScanBackend, const N: usize> Backward<B, N> for ScanBackward {
             dd,
             ddelta_bias,
         } = B::selective_scan_backward(inputs, saved, dy, self.options);
-        let all = [Some(du), Some(ddelta), Some(da), Some(db), Some(dc), dd, ddelta_bias];
+        let all = [
+            Some(du),
+            Some(ddelta),
+            Some(da),
+            Some(db),
+            Some(dc),
+            dd,
+            ddelta_bias,
+        ];
         let present = all.into_iter().flatten();
         for ((parent, grad), dtype) in ops.parents.into_iter().zip(present).zip(dtypes) {
             if let Some(node) = parent {

@@ -29,7 +29,10 @@ fn view<R: CubeRuntime>(t: &CubeTensor<R>) -> TensorRef<'_> {
     }
 }
 
-fn args<'a, R: CubeRuntime>(t: &'a ScanTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>, options: ScanOptions) -> ScanArgs<'a> {
+fn args<'a, R: CubeRuntime>(
+    t: &'a ScanTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>,
+    options: ScanOptions,
+) -> ScanArgs<'a> {
     ScanArgs {
         u: view(&t.u),
         delta: view(&t.delta),
@@ -100,10 +103,7 @@ where
             &args(&inputs, options),
             ScanConfig::default(),
         ));
-        (
-            wrap(&inputs.u, out.y),
-            Some(wrap(&inputs.u, out.carries)),
-        )
+        (wrap(&inputs.u, out.y), Some(wrap(&inputs.u, out.carries)))
     }
 
     fn selective_scan_backward(
@@ -121,7 +121,12 @@ where
                 shape: carries.meta.shape().to_vec(),
             },
             None => {
-                expect(selective_scan::forward(&client, &args, ScanConfig::default())).carries
+                expect(selective_scan::forward(
+                    &client,
+                    &args,
+                    ScanConfig::default(),
+                ))
+                .carries
             }
         };
         let dy = if dy.dtype == DType::F32 {

@@ -117,8 +117,18 @@ impl<B: Backend> Prepared<B> {
         let device = self.u.device();
         let dt = self.dt.clone().slice([0..bt, 0..ch, start..end]);
         let u = self.u.clone().slice([0..bt, 0..ch, start..end]);
-        let b = self.per_channel(self.b.clone().slice([0..bt, 0..self.groups, 0..n, start..end]), len);
-        let c = self.per_channel(self.c.clone().slice([0..bt, 0..self.groups, 0..n, start..end]), len);
+        let b = self.per_channel(
+            self.b
+                .clone()
+                .slice([0..bt, 0..self.groups, 0..n, start..end]),
+            len,
+        );
+        let c = self.per_channel(
+            self.c
+                .clone()
+                .slice([0..bt, 0..self.groups, 0..n, start..end]),
+            len,
+        );
         let s = (dt.clone().unsqueeze_dim::<4>(2) * self.a.clone()).cumsum(3);
         // Burn's `tril_mask` is true outside the lower triangle: exactly s > t.
         let upper = Tensor::<B, 2, Bool>::tril_mask([len, len], 0, &device)
@@ -129,7 +139,10 @@ impl<B: Backend> Prepared<B> {
             .exp();
         // Δ_s B_s u_s
         let inject = (dt.clone() * u.clone()).unsqueeze_dim::<4>(2) * b.clone();
-        let h = weights.clone().matmul(inject.unsqueeze_dim::<5>(4)).squeeze_dim::<4>(4)
+        let h = weights
+            .clone()
+            .matmul(inject.unsqueeze_dim::<5>(4))
+            .squeeze_dim::<4>(4)
             + s.clone().exp() * h0.clone().unsqueeze_dim::<4>(3);
         Chunk {
             dt,
@@ -151,7 +164,12 @@ impl<B: Backend> Prepared<B> {
 
     fn last_state(&self, h: &Tensor<B, 4>, len: usize) -> Tensor<B, 3> {
         h.clone()
-            .slice([0..self.batch, 0..self.channels, 0..self.d_state, len - 1..len])
+            .slice([
+                0..self.batch,
+                0..self.channels,
+                0..self.d_state,
+                len - 1..len,
+            ])
             .squeeze_dim::<3>(3)
     }
 }
@@ -273,7 +291,12 @@ pub fn backward<B: Backend>(
         let dt4 = chunk.dt.clone().unsqueeze_dim::<4>(2);
         let u4 = chunk.u.clone().unsqueeze_dim::<4>(2);
         // du_t = Σ_n ĥ_t Δ_t B_t (the skip term is added below)
-        du.push((adj.clone() * chunk.b.clone()).sum_dim(2).squeeze_dim::<3>(2) * chunk.dt.clone());
+        du.push(
+            (adj.clone() * chunk.b.clone())
+                .sum_dim(2)
+                .squeeze_dim::<3>(2)
+                * chunk.dt.clone(),
+        );
         // dΔ_t = Σ_n ĥ_t (B_t u_t + A a_t h_{t-1})
         let decay = p.a.clone() * a_t.clone() * h_prev.clone();
         ddt.push(
@@ -282,7 +305,10 @@ pub fn backward<B: Backend>(
                 .squeeze_dim::<3>(2),
         );
         // dA = Σ_{b,t} ĥ_t Δ_t a_t h_{t-1}
-        da = da + (adj.clone() * dt4.clone() * a_t.clone() * h_prev).sum_dim(0).sum_dim(3);
+        da = da
+            + (adj.clone() * dt4.clone() * a_t.clone() * h_prev)
+                .sum_dim(0)
+                .sum_dim(3);
         // dB = Σ_{d∈g} ĥ_t Δ_t u_t;  dC = Σ_{d∈g} dy_t h_t
         db.push(p.per_group(adj.clone() * dt4 * u4, len));
         dc.push(p.per_group(gy.unsqueeze_dim::<4>(2) * chunk.h, len));

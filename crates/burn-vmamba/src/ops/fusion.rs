@@ -12,7 +12,8 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
 
-type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+type Handles<B> =
+    HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
 /// Reads the inner inputs back from the op's IR: u, delta, A, B, C, then D and delta_bias when
 /// present.
@@ -67,11 +68,24 @@ struct BackwardOp<B> {
 impl<B: FusionBackend + SelectiveScanBackend> Operation<B::FusionRuntime> for BackwardOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
         let n = self.desc.inputs.len();
-        let inputs = inner_inputs::<B>(&self.desc.inputs[..n - 1], self.has_d, self.has_bias, handles);
+        let inputs = inner_inputs::<B>(
+            &self.desc.inputs[..n - 1],
+            self.has_d,
+            self.has_bias,
+            handles,
+        );
         let dy = handles.get_float_tensor::<B>(&self.desc.inputs[n - 1]);
         let (_, saved) = B::selective_scan_forward(inputs.clone(), self.options);
         let g = B::selective_scan_backward(inputs, saved, dy, self.options);
-        let grads = [Some(g.du), Some(g.ddelta), Some(g.da), Some(g.db), Some(g.dc), g.dd, g.ddelta_bias];
+        let grads = [
+            Some(g.du),
+            Some(g.ddelta),
+            Some(g.da),
+            Some(g.db),
+            Some(g.dc),
+            g.dd,
+            g.ddelta_bias,
+        ];
         for (out, grad) in self.desc.outputs.iter().zip(grads.into_iter().flatten()) {
             handles.register_float_tensor::<B>(&out.id, grad);
         }
@@ -90,7 +104,10 @@ impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B>
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,
         options: ScanOptions,
-    ) -> (FusionTensor<B::FusionRuntime>, Option<FusionTensor<B::FusionRuntime>>) {
+    ) -> (
+        FusionTensor<B::FusionRuntime>,
+        Option<FusionTensor<B::FusionRuntime>>,
+    ) {
         let shape = inputs.shape();
         let tensors = present::<B>(&inputs);
         let client = inputs.u.client.clone();
@@ -158,7 +175,6 @@ impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B>
         let (du, ddelta, da, db, dc) = (next(), next(), next(), next(), next());
         let dd = has_d.then(&mut next);
         let ddelta_bias = has_bias.then(&mut next);
-        let _ = inputs.u.dtype();
         ScanGradients {
             du,
             ddelta,

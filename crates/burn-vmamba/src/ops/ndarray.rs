@@ -24,7 +24,11 @@ pub(crate) fn read_f32<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
 }
 
 /// A new f32 float primitive on `device`.
-pub(crate) fn write_f32<B: Backend>(values: Vec<f32>, shape: Vec<usize>, device: &B::Device) -> FloatTensor<B> {
+pub(crate) fn write_f32<B: Backend>(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    device: &B::Device,
+) -> FloatTensor<B> {
     B::float_from_data(TensorData::new(values, Shape::from(shape)), device)
 }
 
@@ -68,7 +72,10 @@ impl HostInputs {
 }
 
 /// Forward on any backend whose tensors can be read on the host.
-pub(crate) fn host_forward<B: Backend>(inputs: ScanTensors<B>, options: ScanOptions) -> FloatTensor<B> {
+pub(crate) fn host_forward<B: Backend>(
+    inputs: ScanTensors<B>,
+    options: ScanOptions,
+) -> FloatTensor<B> {
     let shape = inputs.shape();
     let device = B::float_device(&inputs.u);
     let host = HostInputs::read(inputs);
