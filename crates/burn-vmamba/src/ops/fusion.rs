@@ -5,7 +5,7 @@
 //! gradients) that recomputes `B`'s forward to get its saved state: the fused graph cannot
 //! return a backend-specific saved tensor whose shape it does not know.
 
-use burn::tensor::{DType, Shape, TensorMetadata};
+use burn::tensor::{DType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
