@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use selective_scan::{RandomSpec, ScanGrads, ScanProblem, ScanShape, SplitMix64, reference};
 
-use crate::backends::Backend;
+use crate::backends::Path as Backend;
 use crate::{fixtures, parse_flags};
 
 const DEFAULT_TOLERANCE: f64 = 2e-4;
@@ -155,7 +155,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .map(|(_, v)| v.clone())
     };
     let backends = Backend::select(flag("--backend").as_deref())?;
-    if backends.contains(&Backend::Wgpu) {
+    if backends.iter().any(|b| b.uses_wgpu()) {
         crate::vulkan::require_driver()?;
     }
     let tolerance = match flag("--tolerance") {
@@ -227,7 +227,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                         .map(|(n, v)| (n, v.into_iter().map(f64::from).collect()))
                         .collect())
                 });
-            rows.push((backend.name().to_string(), result));
+            rows.push((backend.name(), result));
         }
         for (label, result) in rows {
             match result {

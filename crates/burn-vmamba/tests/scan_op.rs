@@ -44,49 +44,18 @@ where
 {
     let p = ScanProblem::random(shape, spec, 77);
     let dy = SplitMix64::new(5).vec(shape.bdl_len(), -1.0, 1.0);
-    let s = p.shape;
-    let u = tensor::<B, 3>(&p.u, s.bdl().to_vec(), device).require_grad();
-    let delta = tensor::<B, 3>(&p.delta, s.bdl().to_vec(), device).require_grad();
-    let a = tensor::<B, 2>(&p.a, s.dn().to_vec(), device).require_grad();
-    let b = tensor::<B, 4>(&p.b, s.bgnl().to_vec(), device).require_grad();
-    let c = tensor::<B, 4>(&p.c, s.bgnl().to_vec(), device).require_grad();
-    let d =
-        p.d.as_ref()
-            .map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
-    let bias = p
-        .delta_bias
-        .as_ref()
-        .map(|v| tensor::<B, 1>(v, vec![s.channels], device).require_grad());
-    let y = selective_scan(
-        u.clone(),
-        delta.clone(),
-        a.clone(),
-        b.clone(),
-        c.clone(),
-        d.clone(),
-        bias.clone(),
-        p.delta_softplus,
-    );
-    let grads = (y.clone() * tensor::<B, 3>(&dy, s.bdl().to_vec(), device))
-        .sum()
-        .backward();
+    let (y, grads) = burn_vmamba::ops::problem::forward_backward::<B>(&p, &dy, device);
     let (y_ref, g_ref) = reference::backward(&p, &dy);
-    let mut checks = vec![
-        ("y", values(y), y_ref),
-        ("du", values(u.grad(&grads).unwrap()), g_ref.du),
-        ("ddelta", values(delta.grad(&grads).unwrap()), g_ref.ddelta),
-        ("dA", values(a.grad(&grads).unwrap()), g_ref.da),
-        ("dB", values(b.grad(&grads).unwrap()), g_ref.db),
-        ("dC", values(c.grad(&grads).unwrap()), g_ref.dc),
-    ];
-    if let (Some(d), Some(want)) = (d, g_ref.dd) {
-        checks.push(("dD", values(d.grad(&grads).unwrap()), want));
+    let mut checks = vec![("y", &y[..], &y_ref[..])];
+    for ((name, got), (_, want)) in grads.named().into_iter().zip(g_ref.named()) {
+        checks.push((name, got, want));
     }
-    if let (Some(bias), Some(want)) = (bias, g_ref.ddelta_bias) {
-        checks.push(("ddelta_bias", values(bias.grad(&grads).unwrap()), want));
-    }
+    assert_eq!(
+        checks.len(),
+        6 + usize::from(p.d.is_some()) + usize::from(p.delta_bias.is_some())
+    );
     for (name, got, want) in checks {
-        let err = rel_err(&got, &want);
+        let err = rel_err(got, want);
         println!("{label}: {name} {err:.2e}");
         assert!(
             err <= 2e-4,

@@ -14,6 +14,7 @@ pub mod cube;
 pub mod fallback;
 pub mod fusion;
 pub mod ndarray;
+pub mod problem;
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
