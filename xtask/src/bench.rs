@@ -14,6 +14,12 @@ use selective_scan::{
     contiguous_strides, reference,
 };
 
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend};
+use burn::tensor::{Tensor, TensorData};
+use burn_vmamba::SelectiveScanBackend;
+use rayon::prelude::*;
+
 use crate::backends::{self, Backend};
 use crate::parse_flags;
 
@@ -90,20 +96,161 @@ fn time_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// STREAM triad `a = b + s·c` over 3 × 64 MiB of f32: bytes moved / time, in GB/s (single
-/// thread, as the reference implementation is).
-fn cpu_triad_gbps() -> f64 {
+/// STREAM triad `a = b + s·c` over 3 × 64 MiB of f32: bytes moved / time, in GB/s; on one
+/// thread (for the single-threaded reference) or on every core with rayon (for the fused CPU
+/// path, which is rayon-parallel).
+fn cpu_triad_gbps(parallel: bool) -> f64 {
     let n = 16 << 20;
     let b = vec![1.0f32; n];
     let c = vec![2.0f32; n];
     let mut a = vec![0.0f32; n];
+    let block = 1 << 16;
     let ms = time_ms(5, || {
-        for i in 0..n {
-            a[i] = b[i] + 3.0 * c[i];
+        let triad = |(a, (b, c)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                *a = b + 3.0 * c;
+            }
+        };
+        if parallel {
+            a.par_chunks_mut(block)
+                .zip(b.par_chunks(block).zip(c.par_chunks(block)))
+                .for_each(triad);
+        } else {
+            a.chunks_mut(block)
+                .zip(b.chunks(block).zip(c.chunks(block)))
+                .for_each(triad);
         }
         std::hint::black_box(&mut a);
     });
     (3 * 4 * n) as f64 / (ms * 1e-3) / 1e9
+}
+
+/// `f32::exp` calls per second (the transcendental the scan cannot avoid), on one thread or on
+/// every core with rayon.
+fn exp_rate(parallel: bool) -> f64 {
+    let n = 1 << 24;
+    let x: Vec<f32> = (0..n).map(|i| -((i % 1000) as f32) * 1e-3).collect();
+    let block = 1 << 16;
+    let sum = |xs: &[f32]| xs.iter().map(|v| v.exp()).sum::<f32>();
+    let ms = time_ms(3, || {
+        let total: f32 = if parallel {
+            x.par_chunks(block).map(sum).sum()
+        } else {
+            x.chunks(block).map(sum).sum()
+        };
+        std::hint::black_box(total);
+    });
+    n as f64 / (ms * 1e-3)
+}
+
+/// Transcendentals of one pass: `exp(Δ A)` per state, and softplus (exp + log1p) per position;
+/// the backward recomputes the forward's and adds the sigmoid of softplus' derivative.
+fn exp_count(s: &ScanShape, pass: &str) -> f64 {
+    let bdl = s.bdl_len() as f64;
+    let n = s.d_state as f64;
+    let forward = bdl * (n + 2.0);
+    let backward = bdl * (n + 3.0);
+    if pass == "forward" {
+        forward
+    } else {
+        forward + backward
+    }
+}
+
+/// What bounds an implementation from below: memory traffic at a bandwidth, and (on the CPU)
+/// exp calls at a rate.
+#[derive(Clone, Copy)]
+struct Floor {
+    gbps: f64,
+    exps_per_s: Option<f64>,
+}
+
+impl Floor {
+    fn ms(&self, s: &ScanShape, pass: &str) -> f64 {
+        let memory = traffic_bytes(s, pass) / (self.gbps * 1e9) * 1e3;
+        let exp = self
+            .exps_per_s
+            .map_or(0.0, |r| exp_count(s, pass) / r * 1e3);
+        memory.max(exp)
+    }
+}
+
+/// Times the Burn op on an eager CPU backend: forward on `B::InnerBackend`, forward+backward
+/// (every input tracked) on the autodiff backend `B`.
+fn bench_burn<B>(p: &ScanProblem, device: &B::Device, repeats: usize) -> (f64, f64)
+where
+    B: AutodiffBackend + SelectiveScanBackend,
+    B::InnerBackend: SelectiveScanBackend,
+{
+    let s = p.shape;
+    // Flat leaves (one tensor type for all seven), reshaped inside the timed region.
+    let t = |v: &[f32]| TensorData::new(v.to_vec(), [v.len()]);
+    let inputs = [
+        t(&p.u),
+        t(&p.delta),
+        t(&p.a),
+        t(&p.b),
+        t(&p.c),
+        t(p.d.as_ref().expect("bench problems have D")),
+        t(p.delta_bias.as_ref().expect("bench problems have a bias")),
+    ];
+    fn leaves<B: BurnBackend>(inputs: &[TensorData; 7], device: &B::Device) -> Vec<Tensor<B, 1>> {
+        inputs
+            .iter()
+            .map(|d| Tensor::from_data(d.clone(), device))
+            .collect()
+    }
+    fn run<B: SelectiveScanBackend>(
+        leaves: &[Tensor<B, 1>],
+        s: ScanShape,
+        track: bool,
+    ) -> Vec<Tensor<B, 1>> {
+        let leaves: Vec<Tensor<B, 1>> = leaves
+            .iter()
+            .map(|t| {
+                if track {
+                    t.clone().require_grad()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let y = burn_vmamba::selective_scan(
+            leaves[0].clone().reshape(s.bdl()),
+            leaves[1].clone().reshape(s.bdl()),
+            leaves[2].clone().reshape(s.dn()),
+            leaves[3].clone().reshape(s.bgnl()),
+            leaves[4].clone().reshape(s.bgnl()),
+            Some(leaves[5].clone()),
+            Some(leaves[6].clone()),
+            true,
+        );
+        let mut out = vec![y.sum()];
+        out.extend(leaves);
+        out
+    }
+    // Inputs are created outside the timed region; CPU backends compute eagerly, so no
+    // read-back is needed (it would dominate the time).
+    let inner = leaves::<B::InnerBackend>(&inputs, device);
+    let forward = time_ms(repeats, || {
+        std::hint::black_box(run::<B::InnerBackend>(&inner, s, false));
+    });
+    let tracked = leaves::<B>(&inputs, device);
+    let both = time_ms(repeats, || {
+        let out = run::<B>(&tracked, s, true);
+        let grads = out[0].clone().backward();
+        for leaf in &out[1..] {
+            std::hint::black_box(leaf.grad(&grads));
+        }
+    });
+    (forward, both)
+}
+
+/// Peak heap bytes above the starting point while `f` runs.
+fn peak_heap_bytes(f: impl FnOnce()) -> usize {
+    let start = crate::alloc::reset_peak();
+    f();
+    crate::alloc::peak().saturating_sub(start)
 }
 
 #[cube(launch)]
@@ -239,8 +386,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let backends = Backend::select(flag("--backend").as_deref())?;
     let has_real_gpu = backends.iter().any(|b| *b != Backend::Wgpu);
 
-    let triad = cpu_triad_gbps();
-    println!("bandwidth: CPU triad (1 thread) {triad:.1} GB/s");
+    let triad_1 = cpu_triad_gbps(false);
+    let triad_all = cpu_triad_gbps(true);
+    let exp_1 = exp_rate(false);
+    let exp_all = exp_rate(true);
+    println!(
+        "bandwidth: CPU triad {triad_1:.1} GB/s (1 thread), {triad_all:.1} GB/s ({} threads); \
+         exp rate {:.0} M/s (1 thread), {:.0} M/s (all)",
+        rayon::current_num_threads(),
+        exp_1 / 1e6,
+        exp_all / 1e6
+    );
+    let single_core = Floor {
+        gbps: triad_1,
+        exps_per_s: Some(exp_1),
+    };
+    let all_cores = Floor {
+        gbps: triad_all,
+        exps_per_s: Some(exp_all),
+    };
     let mut device_bw = vec![];
     for backend in &backends {
         let gbps = match backend {
@@ -267,7 +431,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         let s = bench.shape;
         let p = ScanProblem::random(s, &RandomSpec::default(), 7);
-        let mut push = |implementation: String, forward: f64, both: f64, bw: f64| {
+        let mut push = |implementation: String, forward: f64, both: f64, floor: Floor| {
+            println!(
+                "{} {implementation}: forward {forward:.2} ms, forward+backward {both:.2} ms",
+                bench.name
+            );
             for (pass, ms) in [("forward", forward), ("forward_backward", both)] {
                 let bytes = traffic_bytes(&s, pass);
                 records.push(Record {
@@ -276,7 +444,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     pass,
                     median_ms: ms,
                     gbps: bytes / (ms * 1e-3) / 1e9,
-                    floor_ms: bytes / (bw * 1e9) * 1e3,
+                    floor_ms: floor.ms(&s, pass),
                 });
             }
         };
@@ -290,14 +458,33 @@ pub fn run(args: &[String]) -> Result<(), String> {
             };
             let (forward, both) =
                 result.map_err(|e| format!("{} on {}: {e}", bench.name, backend.name()))?;
-            println!(
-                "{} {}-cubecl: forward {forward:.2} ms, forward+backward {both:.2} ms",
-                bench.name,
-                backend.name()
-            );
-            push(format!("{}-cubecl", backend.name()), forward, both, *bw);
+            let floor = Floor {
+                gbps: *bw,
+                exps_per_s: None,
+            };
+            push(format!("{}-cubecl", backend.name()), forward, both, floor);
         }
         if !bench.gpu_only {
+            let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
+            push("ndarray-fused".to_string(), forward, both, all_cores);
+            if bench.name == "C2" {
+                let bytes = peak_heap_bytes(|| {
+                    bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), 1);
+                });
+                let unit = (s.bdl_len() * 4) as f64;
+                println!(
+                    "peak heap, C2 forward+backward through Autodiff<NdArray>: {:.1} MiB = {:.2} × B·D·L·4 bytes \
+                     (B·D·L·N·4 would be {:.1} MiB more per [B, D, L, N] tensor)",
+                    bytes as f64 / (1 << 20) as f64,
+                    bytes as f64 / unit,
+                    (s.bdl_len() * s.d_state * 4) as f64 / (1 << 20) as f64
+                );
+            }
+            // The tensor-op fallback takes minutes on the N = 16 shapes; C1 and C2 give the ratio.
+            if s.d_state == 1 {
+                let (forward, both) = bench_burn::<Autodiff<Flex>>(&p, &Default::default(), 1);
+                push("fallback".to_string(), forward, both, all_cores);
+            }
             let dy = SplitMix64::new(1).vec(s.bdl_len(), -1.0, 1.0);
             let forward = time_ms(1, || {
                 std::hint::black_box(reference::forward(&p));
@@ -305,11 +492,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let both = time_ms(1, || {
                 std::hint::black_box(reference::backward(&p, &dy));
             });
-            println!(
-                "{} reference: forward {forward:.2} ms, forward+backward {both:.2} ms",
-                bench.name
-            );
-            push("reference".to_string(), forward, both, triad);
+            push("reference".to_string(), forward, both, single_core);
         }
     }
 

@@ -4,6 +4,7 @@
 //! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
 //! - `test`: the README's test command (Vulkan check, workspace tests, parity).
 
+mod alloc;
 mod backends;
 mod bench;
 mod fixtures;

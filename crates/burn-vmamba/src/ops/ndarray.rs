@@ -1,62 +1,71 @@
 //! `NdArray`: the native fused CPU scan of `selective_scan::cpu` (rayon over rows and channel
-//! blocks, f32 state, no `[B, D, L, N]` tensor). Tensors are read as contiguous f32 and the
-//! results written back as new tensors; the backward recomputes the states (nothing is saved).
+//! blocks, f32 state, no `[B, D, L, N]` tensor). The kernels read the tensors' own contiguous
+//! f32 buffers in place and write new tensors; the backward recomputes the states (nothing is
+//! saved).
+
+use std::borrow::Cow;
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
+use selective_scan::ScanShape;
 use selective_scan::cpu::{self, ScanSlices};
 
 use super::{ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
 
-/// Reads a float primitive as contiguous row-major f32.
-pub(crate) fn read_f32<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
-    let data = burn::tensor::try_read_sync(B::float_into_data(t))
-        .expect("a CPU tensor can be read synchronously")
-        .unwrap_or_else(|e| panic!("selective_scan: reading a tensor failed: {e:?}"));
-    data.convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("selective_scan: tensor data is not f32: {e:?}"))
+/// The f32 values of an NdArray tensor in row-major order: borrowed when the buffer already is
+/// contiguous f32 (the common case: no copy), gathered otherwise. (Burn's generic `into_data`
+/// walks shared arrays element by element, ≈ 30 ms per million values here, which would cost
+/// more than the scan.)
+fn values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
+    match t {
+        NdArrayTensor::F32(storage) => {
+            let view = storage.view();
+            if view.is_standard_layout() {
+                Cow::Borrowed(view.to_slice().expect("standard layout is contiguous"))
+            } else {
+                Cow::Owned(view.iter().copied().collect())
+            }
+        }
+        NdArrayTensor::F64(storage) => {
+            Cow::Owned(storage.view().iter().map(|&x| x as f32).collect())
+        }
+        other => panic!(
+            "selective_scan: expected a float tensor, got {:?}",
+            other.dtype()
+        ),
+    }
 }
 
-/// A new f32 float primitive on `device`.
-pub(crate) fn write_f32<B: Backend>(
-    values: Vec<f32>,
-    shape: Vec<usize>,
-    device: &B::Device,
-) -> FloatTensor<B> {
-    B::float_from_data(TensorData::new(values, Shape::from(shape)), device)
+/// The inputs' values, in place where possible.
+struct HostInputs<'a> {
+    u: Cow<'a, [f32]>,
+    delta: Cow<'a, [f32]>,
+    a: Cow<'a, [f32]>,
+    b: Cow<'a, [f32]>,
+    c: Cow<'a, [f32]>,
+    d: Option<Cow<'a, [f32]>>,
+    delta_bias: Option<Cow<'a, [f32]>>,
 }
 
-/// The inputs as host vectors, in the order u, delta, A, B, C, D, delta_bias.
-struct HostInputs {
-    u: Vec<f32>,
-    delta: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    d: Option<Vec<f32>>,
-    delta_bias: Option<Vec<f32>>,
-}
-
-impl HostInputs {
-    fn read<B: Backend>(t: ScanTensors<B>) -> Self {
+impl<'a> HostInputs<'a> {
+    fn new<B: Backend<FloatTensorPrimitive = NdArrayTensor>>(t: &'a ScanTensors<B>) -> Self {
         Self {
-            u: read_f32::<B>(t.u),
-            delta: read_f32::<B>(t.delta),
-            a: read_f32::<B>(t.a),
-            b: read_f32::<B>(t.b),
-            c: read_f32::<B>(t.c),
-            d: t.d.map(read_f32::<B>),
-            delta_bias: t.delta_bias.map(read_f32::<B>),
+            u: values(&t.u),
+            delta: values(&t.delta),
+            a: values(&t.a),
+            b: values(&t.b),
+            c: values(&t.c),
+            d: t.d.as_ref().map(values),
+            delta_bias: t.delta_bias.as_ref().map(values),
         }
     }
 
-    fn slices(&self, shape: selective_scan::ScanShape, options: ScanOptions) -> ScanSlices<'_> {
+    fn slices(&self, shape: ScanShape, options: ScanOptions) -> ScanSlices<'_> {
         ScanSlices {
             shape,
             u: &self.u,
@@ -71,40 +80,9 @@ impl HostInputs {
     }
 }
 
-/// Forward on any backend whose tensors can be read on the host.
-pub(crate) fn host_forward<B: Backend>(
-    inputs: ScanTensors<B>,
-    options: ScanOptions,
-) -> FloatTensor<B> {
-    let shape = inputs.shape();
-    let device = B::float_device(&inputs.u);
-    let host = HostInputs::read(inputs);
-    let y = cpu::forward(&host.slices(shape, options)).unwrap_or_else(|e| panic!("{e}"));
-    write_f32::<B>(y, shape.bdl().to_vec(), &device)
-}
-
-/// Backward on any backend whose tensors can be read on the host.
-pub(crate) fn host_backward<B: Backend>(
-    inputs: ScanTensors<B>,
-    dy: FloatTensor<B>,
-    options: ScanOptions,
-) -> ScanGradients<B> {
-    let shape = inputs.shape();
-    let device = B::float_device(&inputs.u);
-    debug_assert_eq!(dy.shape().to_vec(), shape.bdl().to_vec());
-    let host = HostInputs::read(inputs);
-    let dy = read_f32::<B>(dy);
-    let g = cpu::backward(&host.slices(shape, options), &dy).unwrap_or_else(|e| panic!("{e}"));
-    let put = |v: Vec<f32>, s: &[usize]| write_f32::<B>(v, s.to_vec(), &device);
-    ScanGradients {
-        du: put(g.du, &shape.bdl()),
-        ddelta: put(g.ddelta, &shape.bdl()),
-        da: put(g.da, &shape.dn()),
-        db: put(g.db, &shape.bgnl()),
-        dc: put(g.dc, &shape.bgnl()),
-        dd: g.dd.map(|v| put(v, &[shape.channels])),
-        ddelta_bias: g.ddelta_bias.map(|v| put(v, &[shape.channels])),
-    }
+/// A new f32 tensor on `device`.
+fn tensor<B: Backend>(values: Vec<f32>, shape: &[usize], device: &B::Device) -> FloatTensor<B> {
+    B::float_from_data(TensorData::new(values, Shape::from(shape.to_vec())), device)
 }
 
 impl<E, I, Q> SelectiveScanBackend for NdArray<E, I, Q>
@@ -119,7 +97,11 @@ where
         inputs: ScanTensors<Self>,
         options: ScanOptions,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        (host_forward::<Self>(inputs, options), None)
+        let shape = inputs.shape();
+        let device = Self::float_device(&inputs.u);
+        let host = HostInputs::new(&inputs);
+        let y = cpu::forward(&host.slices(shape, options)).unwrap_or_else(|e| panic!("{e}"));
+        (tensor::<Self>(y, &shape.bdl(), &device), None)
     }
 
     fn selective_scan_backward(
@@ -128,6 +110,20 @@ where
         dy: FloatTensor<Self>,
         options: ScanOptions,
     ) -> ScanGradients<Self> {
-        host_backward::<Self>(inputs, dy, options)
+        let shape = inputs.shape();
+        let device = Self::float_device(&inputs.u);
+        let host = HostInputs::new(&inputs);
+        let dy = values(&dy);
+        let g = cpu::backward(&host.slices(shape, options), &dy).unwrap_or_else(|e| panic!("{e}"));
+        let put = |v: Vec<f32>, s: &[usize]| tensor::<Self>(v, s, &device);
+        ScanGradients {
+            du: put(g.du, &shape.bdl()),
+            ddelta: put(g.ddelta, &shape.bdl()),
+            da: put(g.da, &shape.dn()),
+            db: put(g.db, &shape.bgnl()),
+            dc: put(g.dc, &shape.bgnl()),
+            dd: g.dd.map(|v| put(v, &[shape.channels])),
+            ddelta_bias: g.ddelta_bias.map(|v| put(v, &[shape.channels])),
+        }
     }
 }
