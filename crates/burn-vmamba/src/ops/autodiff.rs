@@ -64,6 +64,21 @@ impl<B: SelectiveScanBackend, const N: usize> Backward<B, N> for ScanBackward {
     }
 }
 
+/// The inner backend's tensors, without their autodiff nodes.
+fn untracked<B: SelectiveScanBackend, C: CheckpointStrategy>(
+    inputs: ScanTensors<Autodiff<B, C>>,
+) -> ScanTensors<B> {
+    ScanTensors::<B> {
+        u: inputs.u.primitive,
+        delta: inputs.delta.primitive,
+        a: inputs.a.primitive,
+        b: inputs.b.primitive,
+        c: inputs.c.primitive,
+        d: inputs.d.map(|t| t.primitive),
+        delta_bias: inputs.delta_bias.map(|t| t.primitive),
+    }
+}
+
 fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
     inputs: ScanTensors<Autodiff<B, C>>,
     options: ScanOptions,
@@ -77,15 +92,7 @@ fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
     let nodes: [_; N] = nodes
         .try_into()
         .unwrap_or_else(|_| unreachable!("N is the number of present inputs"));
-    let inner = ScanTensors::<B> {
-        u: inputs.u.primitive,
-        delta: inputs.delta.primitive,
-        a: inputs.a.primitive,
-        b: inputs.b.primitive,
-        c: inputs.c.primitive,
-        d: inputs.d.map(|t| t.primitive),
-        delta_bias: inputs.delta_bias.map(|t| t.primitive),
-    };
+    let inner = untracked(inputs);
     let step = ScanBackward { options };
     match step.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
@@ -116,15 +123,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
         dy: FloatTensor<Self>,
         options: ScanOptions,
     ) -> ScanGradients<Self> {
-        let inner = ScanTensors::<B> {
-            u: inputs.u.primitive,
-            delta: inputs.delta.primitive,
-            a: inputs.a.primitive,
-            b: inputs.b.primitive,
-            c: inputs.c.primitive,
-            d: inputs.d.map(|t| t.primitive),
-            delta_bias: inputs.delta_bias.map(|t| t.primitive),
-        };
+        let inner = untracked(inputs);
         let g = B::selective_scan_backward(inner, None, dy.primitive, options);
         let lift = FloatTensor::<Self>::new;
         ScanGradients {
