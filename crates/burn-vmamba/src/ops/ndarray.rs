@@ -9,9 +9,9 @@ use burn::backend::NdArray;
 use burn::backend::ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray,
 };
+use burn::tensor::TensorMetadata;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{Shape, TensorData, TensorMetadata};
+use burn::tensor::ops::FloatTensor;
 use selective_scan::ScanShape;
 use selective_scan::cpu::{self, ScanSlices};
 
@@ -80,9 +80,11 @@ impl<'a> HostInputs<'a> {
     }
 }
 
-/// A new f32 tensor on `device`.
-fn tensor<B: Backend>(values: Vec<f32>, shape: &[usize], device: &B::Device) -> FloatTensor<B> {
-    B::float_from_data(TensorData::new(values, Shape::from(shape.to_vec())), device)
+/// A new f32 NdArray tensor that takes ownership of `values` (no copy).
+fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
+    let array = ndarray::ArcArray::from_shape_vec(ndarray::IxDyn(shape), values)
+        .expect("the scan returns exactly product(shape) values");
+    NdArrayTensor::from(array)
 }
 
 impl<E, I, Q> SelectiveScanBackend for NdArray<E, I, Q>
@@ -98,10 +100,9 @@ where
         options: ScanOptions,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         let shape = inputs.shape();
-        let device = Self::float_device(&inputs.u);
         let host = HostInputs::new(&inputs);
         let y = cpu::forward(&host.slices(shape, options)).unwrap_or_else(|e| panic!("{e}"));
-        (tensor::<Self>(y, &shape.bdl(), &device), None)
+        (tensor(y, &shape.bdl()), None)
     }
 
     fn selective_scan_backward(
@@ -111,11 +112,10 @@ where
         options: ScanOptions,
     ) -> ScanGradients<Self> {
         let shape = inputs.shape();
-        let device = Self::float_device(&inputs.u);
         let host = HostInputs::new(&inputs);
         let dy = values(&dy);
         let g = cpu::backward(&host.slices(shape, options), &dy).unwrap_or_else(|e| panic!("{e}"));
-        let put = |v: Vec<f32>, s: &[usize]| tensor::<Self>(v, s, &device);
+        let put = |v: Vec<f32>, s: &[usize]| tensor(v, s);
         ScanGradients {
             du: put(g.du, &shape.bdl()),
             ddelta: put(g.ddelta, &shape.bdl()),
