@@ -9,23 +9,12 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_fusion::Fusion;
+use burn_vmamba::ops::problem::{host as values, tensor};
 use burn_vmamba::{SelectiveScanBackend, selective_scan};
 use rstest::rstest;
 use selective_scan::{RandomSpec, ScanProblem, ScanShape, SplitMix64, reference};
 
 type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
-
-fn tensor<B: Backend, const D: usize>(
-    data: &[f32],
-    shape: Vec<usize>,
-    device: &B::Device,
-) -> Tensor<B, D> {
-    Tensor::from_data(TensorData::new(data.to_vec(), shape), device)
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
-}
 
 fn rel_err(actual: &[f32], expected: &[f64]) -> f64 {
     assert_eq!(actual.len(), expected.len());

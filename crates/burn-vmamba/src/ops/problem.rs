@@ -8,7 +8,8 @@ use selective_scan::{ScanGrads, ScanProblem};
 
 use super::{SelectiveScanBackend, selective_scan};
 
-fn tensor<B: Backend, const D: usize>(
+/// A tensor from row-major f32 values.
+pub fn tensor<B: Backend, const D: usize>(
     data: &[f32],
     shape: Vec<usize>,
     device: &B::Device,
@@ -16,7 +17,8 @@ fn tensor<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(data.to_vec(), shape), device)
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+/// The values of a tensor, row-major, as f32.
+pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
