@@ -222,16 +222,6 @@ impl DeviceTensor {
         contiguous_strides(&self.shape)
     }
 
-    /// A [`TensorRef`] view of this tensor.
-    pub fn view<'a>(&'a self, strides: &'a [usize]) -> TensorRef<'a> {
-        TensorRef {
-            handle: &self.handle,
-            shape: &self.shape,
-            strides,
-            dtype: ScanDtype::F32,
-        }
-    }
-
     fn arg<R: Runtime>(&self) -> TensorArg<R> {
         let strides = self.strides();
         // SAFETY: allocated above with exactly `product(shape)` f32 elements, contiguous.

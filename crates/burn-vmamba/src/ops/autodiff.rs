@@ -32,26 +32,9 @@ impl<B: SelectiveScanBackend, const N: usize> Backward<B, N> for ScanBackward {
     ) {
         let dy = grads.consume::<B>(&ops.node);
         let (inputs, saved, dtypes) = ops.state;
-        let ScanGradients {
-            du,
-            ddelta,
-            da,
-            db,
-            dc,
-            dd,
-            ddelta_bias,
-        } = B::selective_scan_backward(inputs, saved, dy, self.options);
-        let all = [
-            Some(du),
-            Some(ddelta),
-            Some(da),
-            Some(db),
-            Some(dc),
-            dd,
-            ddelta_bias,
-        ];
-        let present = all.into_iter().flatten();
-        for ((parent, grad), dtype) in ops.parents.into_iter().zip(present).zip(dtypes) {
+        let grads_in_order =
+            B::selective_scan_backward(inputs, saved, dy, self.options).into_present();
+        for ((parent, grad), dtype) in ops.parents.into_iter().zip(grads_in_order).zip(dtypes) {
             if let Some(node) = parent {
                 let grad = if grad.dtype() == dtype {
                     grad
@@ -83,12 +66,9 @@ fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
     inputs: ScanTensors<Autodiff<B, C>>,
     options: ScanOptions,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let optional = [inputs.d.as_ref(), inputs.delta_bias.as_ref()];
-    let tensors = [&inputs.u, &inputs.delta, &inputs.a, &inputs.b, &inputs.c]
-        .into_iter()
-        .chain(optional.into_iter().flatten());
-    let nodes: Vec<_> = tensors.clone().map(|t| t.node.clone()).collect();
-    let dtypes: Vec<DType> = tensors.map(|t| t.primitive.dtype()).collect();
+    let tensors = inputs.present();
+    let nodes: Vec<_> = tensors.iter().map(|t| t.node.clone()).collect();
+    let dtypes: Vec<DType> = tensors.iter().map(|t| t.primitive.dtype()).collect();
     let nodes: [_; N] = nodes
         .try_into()
         .unwrap_or_else(|_| unreachable!("N is the number of present inputs"));

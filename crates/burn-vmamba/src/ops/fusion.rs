@@ -77,27 +77,10 @@ impl<B: FusionBackend + SelectiveScanBackend> Operation<B::FusionRuntime> for Ba
         let dy = handles.get_float_tensor::<B>(&self.desc.inputs[n - 1]);
         let (_, saved) = B::selective_scan_forward(inputs.clone(), self.options);
         let g = B::selective_scan_backward(inputs, saved, dy, self.options);
-        let grads = [
-            Some(g.du),
-            Some(g.ddelta),
-            Some(g.da),
-            Some(g.db),
-            Some(g.dc),
-            g.dd,
-            g.ddelta_bias,
-        ];
-        for (out, grad) in self.desc.outputs.iter().zip(grads.into_iter().flatten()) {
+        for (out, grad) in self.desc.outputs.iter().zip(g.into_present()) {
             handles.register_float_tensor::<B>(&out.id, grad);
         }
     }
-}
-
-fn present<B: FusionBackend>(t: &ScanTensors<Fusion<B>>) -> Vec<&FusionTensor<B::FusionRuntime>> {
-    let optional = [t.d.as_ref(), t.delta_bias.as_ref()];
-    [&t.u, &t.delta, &t.a, &t.b, &t.c]
-        .into_iter()
-        .chain(optional.into_iter().flatten())
-        .collect()
 }
 
 impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B> {
@@ -109,7 +92,7 @@ impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B>
         Option<FusionTensor<B::FusionRuntime>>,
     ) {
         let shape = inputs.shape();
-        let tensors = present::<B>(&inputs);
+        let tensors = inputs.present();
         let client = inputs.u.client.clone();
         let streams = OperationStreams::with_inputs(tensors.iter().copied());
         let out = TensorIr::uninit(
@@ -137,7 +120,7 @@ impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B>
         options: ScanOptions,
     ) -> ScanGradients<Self> {
         let shape = inputs.shape();
-        let mut tensors = present::<B>(&inputs);
+        let mut tensors = inputs.present();
         tensors.push(&dy);
         let client = inputs.u.client.clone();
         let streams = OperationStreams::with_inputs(tensors.iter().copied());

@@ -60,6 +60,16 @@ impl<B: Backend> Clone for ScanTensors<B> {
 }
 
 impl<B: Backend> ScanTensors<B> {
+    /// The tensors that are present, in the order u, delta, A, B, C, D, delta_bias: the order
+    /// of the op's parents in autodiff and of its inputs in a fusion custom op.
+    pub fn present(&self) -> Vec<&FloatTensor<B>> {
+        let optional = [self.d.as_ref(), self.delta_bias.as_ref()];
+        [&self.u, &self.delta, &self.a, &self.b, &self.c]
+            .into_iter()
+            .chain(optional.into_iter().flatten())
+            .collect()
+    }
+
     /// The problem sizes, validated (panics with the argument, expected and actual shapes).
     pub fn shape(&self) -> ScanShape {
         let dims = |t: &FloatTensor<B>| t.shape().to_vec();
@@ -99,6 +109,24 @@ pub struct ScanGradients<B: Backend> {
     pub dc: FloatTensor<B>,
     pub dd: Option<FloatTensor<B>>,
     pub ddelta_bias: Option<FloatTensor<B>>,
+}
+
+impl<B: Backend> ScanGradients<B> {
+    /// The gradients that are present, in the order of [`ScanTensors::present`].
+    pub fn into_present(self) -> Vec<FloatTensor<B>> {
+        [
+            Some(self.du),
+            Some(self.ddelta),
+            Some(self.da),
+            Some(self.db),
+            Some(self.dc),
+            self.dd,
+            self.ddelta_bias,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
 
 /// Options of the scan.
