@@ -24,6 +24,7 @@
 //! See [`ops`] for which implementation runs on which backend.
 #![warn(missing_docs)]
 
+pub mod model;
 pub mod ops;
 
 pub use ops::{ScanOptions, SelectiveScanBackend, selective_scan};

@@ -1,0 +1,103 @@
+//! The VSS block (SPEC §2.3): `x + drop_path(SS2D(norm(x)))`, then
+//! `x + drop_path(MLP(norm2(x)))`; either branch can be off.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::{Distribution, Tensor, activation, backend::Backend};
+
+use super::config::{Layout, VssBlockConfig};
+use super::init;
+use super::ss2d::Ss2d;
+use crate::ops::SelectiveScanBackend;
+
+/// `fc1 → GELU (exact, erf) → fc2`, with biases (upstream `Mlp`; dropout 0).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden_dim] → [mlp_hidden]`.
+    pub fc1: Linear<B>,
+    /// `[mlp_hidden] → [hidden_dim]`.
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - `x`: `[..., hidden_dim]` → `[..., hidden_dim]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc2.forward(activation::gelu(self.fc1.forward(x)))
+    }
+}
+
+/// timm's `DropPath`: in training (an autodiff backend), zeroes whole samples with probability
+/// `rate` and scales the kept ones by `1 / (1 − rate)`; the identity otherwise.
+pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
+    if rate <= 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    let keep = 1.0 - rate;
+    let mut mask_shape = [1; D];
+    mask_shape[0] = x.dims()[0];
+    let mask = Tensor::<B, D>::random(mask_shape, Distribution::Bernoulli(keep), &x.device());
+    x * mask.div_scalar(keep)
+}
+
+/// One VSS block.
+#[derive(Module, Debug)]
+pub struct VssBlock<B: Backend> {
+    /// LayerNorm before SS2D (present with the SS2D branch).
+    pub norm: Option<LayerNorm<B>>,
+    /// The SS2D token mixer (upstream key `op`).
+    pub op: Option<Ss2d<B>>,
+    /// LayerNorm before the MLP (present with the MLP branch).
+    pub norm2: Option<LayerNorm<B>>,
+    /// The channel MLP.
+    pub mlp: Option<Mlp<B>>,
+    /// Stochastic depth rate of both branches.
+    #[module(skip)]
+    pub drop_path: f64,
+    /// Layout of `forward`'s input and output.
+    #[module(skip)]
+    pub layout: Layout,
+}
+
+impl VssBlockConfig {
+    /// Builds the block with upstream's initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> VssBlock<B> {
+        let norm = || LayerNormConfig::new(self.hidden_dim).init(device);
+        let ss2d = self.ss2d.as_ref().map(|c| c.clone().with_layout(Layout::ChannelLast));
+        VssBlock {
+            norm: ss2d.as_ref().map(|_| norm()),
+            op: ss2d.map(|c| c.init(device)),
+            norm2: self.mlp_hidden().map(|_| norm()),
+            mlp: self.mlp_hidden().map(|hidden| Mlp {
+                fc1: init::linear(self.hidden_dim, hidden, true, device),
+                fc2: init::linear(hidden, self.hidden_dim, true, device),
+            }),
+            drop_path: self.drop_path,
+            layout: self.layout,
+        }
+    }
+}
+
+impl<B: SelectiveScanBackend> VssBlock<B> {
+    /// # Shapes
+    /// - `x`: `[batch, height, width, hidden_dim]` (channel-last) or
+    ///   `[batch, hidden_dim, height, width]` (channel-first), as configured
+    /// - returns: the same shape
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = match self.layout {
+            Layout::ChannelLast => x,
+            Layout::ChannelFirst => x.permute([0, 2, 3, 1]),
+        };
+        let mut x = x;
+        if let (Some(norm), Some(op)) = (&self.norm, &self.op) {
+            x = x.clone() + drop_path(op.forward(norm.forward(x)), self.drop_path);
+        }
+        if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
+            x = x.clone() + drop_path(mlp.forward(norm2.forward(x)), self.drop_path);
+        }
+        match self.layout {
+            Layout::ChannelLast => x,
+            Layout::ChannelFirst => x.permute([0, 3, 1, 2]),
+        }
+    }
+}

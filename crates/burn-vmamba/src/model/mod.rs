@@ -1,0 +1,50 @@
+//! The VMamba model: cross-scan/merge, SS2D, the VSS block and the VSSM backbone, their
+//! configs and presets, upstream's initialisation, and checkpoint import.
+//!
+//! | file | contents |
+//! |---|---|
+//! | [`config`] | typed configs (`Ss2dConfig`, `VssBlockConfig`, `VssmConfig`), variant enums, presets |
+//! | [`upstream`] | upstream's `VSSM(...)` keywords and `forward_type` strings → configs |
+//! | [`cross_scan`] | the four scan directions and their adjoint (SPEC §2.6) |
+//! | [`ss2d`] | SS2D (SPEC §2.4–2.5): one `selective_scan` call with G = 4 groups |
+//! | [`block`] | `VssBlock`, `Mlp`, `drop_path` |
+//! | [`vssm`] | stem, downsamples, stages, classifier, `Vssm` |
+//! | [`init`] | upstream's initialisers |
+//! | [`checkpoint`] | `.pth` / `.safetensors` import with upstream names, strict errors, export |
+//! | `pth` (private) | a lenient reader of `torch.save` zip files (tensors only; no code runs) |
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_vmamba::model::VssmConfig;
+//!
+//! let device = Default::default();
+//! let config = VssmConfig::new().with_depths(vec![1, 1]).with_dims(vec![16, 32]).with_num_classes(10);
+//! let model = config.init::<NdArray>(&device);
+//! let images = Tensor::<NdArray, 4>::random([2, 3, 32, 48], Distribution::Default, &device);
+//! assert_eq!(model.forward(images).dims(), [2, 10]);
+//! ```
+
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod cross_scan;
+pub mod init;
+mod pth;
+pub mod ss2d;
+pub mod upstream;
+pub mod vssm;
+
+pub use block::{Mlp, VssBlock, drop_path};
+pub use checkpoint::{
+    LoadError, StateDict, StateTensor, expected_keys, load_record, load_state_dict, save_record,
+    state_dict,
+};
+pub use config::{
+    DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, Ss2dConfig, SsmInit,
+    VssBlockConfig, VssmConfig,
+};
+pub use cross_scan::{cross_merge, cross_scan};
+pub use ss2d::Ss2d;
+pub use upstream::ForwardType;
+pub use vssm::{Classifier, ConvDownsample, PatchEmbed, PatchMerging, Stage, Vssm};

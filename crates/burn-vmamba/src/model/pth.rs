@@ -1,0 +1,408 @@
+//! A small, lenient reader of PyTorch's zip checkpoints (`torch.save`, torch ≥ 1.6).
+//!
+//! Release checkpoints hold more than a state dict: optimizer state with integer keys, a yacs
+//! `CfgNode` (a `dict` subclass rebuilt with `NEWOBJ` + `SETITEMS` + `BUILD`), scalars. This
+//! pickle machine evaluates any such object into a generic value instead of failing, and only
+//! rebuilds tensors (`torch._utils._rebuild_tensor_v2`, `_rebuild_parameter`) from the zip's
+//! storages. No Python code is ever run.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+/// A tensor found in the pickle, before its storage is read.
+#[derive(Debug, Clone, PartialEq)]
+struct TensorRef {
+    storage: String,
+    dtype: String,
+    offset: usize,
+    size: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String, String),
+    Persistent(Box<Value>),
+    Tensor(TensorRef),
+    /// Any other object: its class, constructor args, dict items and state.
+    Object { class: Box<Value>, items: Vec<(Value, Value)> },
+    Mark,
+}
+
+/// Reads every tensor of a torch zip checkpoint: those of the top-level `model` entry when
+/// the file is a dict that has one, else those of the top-level dict. Values are f32.
+pub fn read(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+        format!("not a zip archive ({e}); legacy (torch < 1.6) pickles are not supported: re-save with a recent torch or convert to .safetensors")
+    })?;
+    let pkl_name = (0..archive.len())
+        .filter_map(|i| archive.name_for_index(i).map(str::to_string))
+        .find(|n| n.ends_with("data.pkl"))
+        .ok_or("the archive has no data.pkl: not a torch.save file")?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    let mut pickle = Vec::new();
+    archive
+        .by_name(&pkl_name)
+        .map_err(|e| e.to_string())?
+        .read_to_end(&mut pickle)
+        .map_err(|e| e.to_string())?;
+    let root = Machine::default().run(&pickle)?;
+    let state = match &root {
+        Value::Dict(items) => items
+            .iter()
+            .find(|(k, _)| *k == Value::Str("model".into()))
+            .map(|(_, v)| v.clone())
+            .unwrap_or(root.clone()),
+        _ => root.clone(),
+    };
+    let Value::Dict(items) = state else {
+        return Err("the file holds no dict of tensors (nor a dict with a `model` entry)".into());
+    };
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut out = Vec::new();
+    for (key, value) in items {
+        let (Value::Str(name), Value::Tensor(t)) = (key, value) else { continue };
+        if !storages.contains_key(&t.storage) {
+            let mut bytes = Vec::new();
+            archive
+                .by_name(&format!("{prefix}data/{}", t.storage))
+                .map_err(|e| format!("tensor {name}: storage {}: {e}", t.storage))?
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?;
+            storages.insert(t.storage.clone(), bytes);
+        }
+        let values = gather(&storages[&t.storage], &t).map_err(|e| format!("tensor {name}: {e}"))?;
+        out.push((name, t.size, values));
+    }
+    Ok(out)
+}
+
+fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
+    let (width, decode): (usize, fn(&[u8]) -> f32) = match t.dtype.as_str() {
+        "FloatStorage" => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        "DoubleStorage" => (8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
+        "HalfStorage" => (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        "BFloat16Storage" => (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        other => return Err(format!("storage type {other} is not a float type")),
+    };
+    let numel: usize = t.size.iter().product();
+    let mut values = Vec::with_capacity(numel);
+    let mut index = vec![0usize; t.size.len()];
+    for _ in 0..numel {
+        let element = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        let at = element * width;
+        let chunk = bytes.get(at..at + width).ok_or("storage too short for the tensor's size and strides")?;
+        values.push(decode(chunk));
+        for axis in (0..index.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < t.size[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Ok(values)
+}
+
+#[derive(Default)]
+struct Machine {
+    stack: Vec<Value>,
+    memo: HashMap<u32, Value>,
+}
+
+impl Machine {
+    fn pop(&mut self) -> Result<Value, String> {
+        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
+        let mark = self.stack.iter().rposition(|v| *v == Value::Mark).ok_or("pickle MARK missing")?;
+        let items = self.stack.split_off(mark + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn top(&mut self) -> Result<&mut Value, String> {
+        self.stack.last_mut().ok_or_else(|| "pickle stack empty".to_string())
+    }
+
+    fn set_items(&mut self, flat: Vec<Value>) -> Result<(), String> {
+        let mut pairs = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            pairs.push((k, v));
+        }
+        match self.top()? {
+            Value::Dict(items) | Value::Object { items, .. } => items.extend(pairs),
+            other => return Err(format!("SETITEMS on {}", kind(other))),
+        }
+        Ok(())
+    }
+
+    fn run(mut self, data: &[u8]) -> Result<Value, String> {
+        let mut r = Reader { data, at: 0 };
+        loop {
+            let op = r.u8()?;
+            match op {
+                0x80 => {
+                    r.u8()?; // PROTO
+                }
+                0x95 => {
+                    r.take(8)?; // FRAME
+                }
+                b'.' => return self.pop(),
+                b'(' => self.stack.push(Value::Mark),
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    let n = usize::from(op - 0x84);
+                    let at = self.stack.len().checked_sub(n).ok_or("pickle stack underflow")?;
+                    let items = self.stack.split_off(at);
+                    self.stack.push(Value::Tuple(items));
+                }
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'J' => self.stack.push(Value::Int(i64::from(i32::from_le_bytes(r.array()?)))),
+                b'K' => self.stack.push(Value::Int(i64::from(r.u8()?))),
+                b'M' => self.stack.push(Value::Int(i64::from(u16::from_le_bytes(r.array()?)))),
+                0x8a | 0x8b => {
+                    let n = if op == 0x8a { usize::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) as usize };
+                    let bytes = r.take(n)?;
+                    let mut v: i64 = 0;
+                    for (i, b) in bytes.iter().enumerate().take(8) {
+                        v |= i64::from(*b) << (8 * i);
+                    }
+                    if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
+                        v -= 1i64 << (8 * n);
+                    }
+                    self.stack.push(Value::Int(v));
+                }
+                b'G' => self.stack.push(Value::Float(f64::from_be_bytes(r.array()?))),
+                b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' | 0x8e => {
+                    let n = match op {
+                        0x8c | b'U' | b'C' => usize::from(r.u8()?),
+                        0x8d | 0x8e => u64::from_le_bytes(r.array()?) as usize,
+                        _ => u32::from_le_bytes(r.array()?) as usize,
+                    };
+                    let bytes = r.take(n)?.to_vec();
+                    self.stack.push(match op {
+                        b'X' | 0x8c | 0x8d | b'T' | b'U' => Value::Str(String::from_utf8_lossy(&bytes).into_owned()),
+                        _ => Value::Bytes(bytes),
+                    });
+                }
+                b'c' => {
+                    let module = r.line()?;
+                    let name = r.line()?;
+                    self.stack.push(Value::Global(module, name));
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                        _ => return Err("STACK_GLOBAL needs two strings".into()),
+                    }
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let value = reduce(callable, args)?;
+                    self.stack.push(value);
+                }
+                0x81 | 0x92 => {
+                    if op == 0x92 {
+                        self.pop()?; // kwargs of NEWOBJ_EX
+                    }
+                    let _args = self.pop()?;
+                    let class = self.pop()?;
+                    self.stack.push(Value::Object { class: Box::new(class), items: Vec::new() });
+                }
+                b'b' => {
+                    let _state = self.pop()?; // BUILD: object state is irrelevant to tensors
+                }
+                b'q' => {
+                    let i = u32::from(r.u8()?);
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'r' => {
+                    let i = u32::from_le_bytes(r.array()?);
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                0x94 => {
+                    let i = self.memo.len() as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(i, v);
+                }
+                b'h' | b'j' => {
+                    let i = if op == b'h' { u32::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) };
+                    let v = self.memo.get(&i).cloned().ok_or_else(|| format!("pickle memo {i} missing"))?;
+                    self.stack.push(v);
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    match self.top()? {
+                        Value::List(l) => l.push(v),
+                        Value::Object { .. } => {}
+                        other => return Err(format!("APPEND on {}", kind(other))),
+                    }
+                }
+                b'e' | 0x90 => {
+                    let items = self.pop_mark()?;
+                    match self.top()? {
+                        Value::List(l) => l.extend(items),
+                        Value::Object { .. } => {}
+                        other => return Err(format!("APPENDS on {}", kind(other))),
+                    }
+                }
+                0x91 => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::List(items));
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.set_items(vec![k, v])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    self.set_items(items)?;
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    self.stack.push(Value::Persistent(Box::new(pid)));
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let v = self.top()?.clone();
+                    self.stack.push(v);
+                }
+                other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", r.at - 1)),
+            }
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Dict(_) => "dict",
+        Value::List(_) => "list",
+        Value::Tuple(_) => "tuple",
+        Value::Object { .. } => "object",
+        _ => "scalar",
+    }
+}
+
+fn as_usizes(v: &Value) -> Option<Vec<usize>> {
+    match v {
+        Value::Tuple(items) | Value::List(items) => items
+            .iter()
+            .map(|x| match x {
+                Value::Int(i) if *i >= 0 => Some(*i as usize),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// `callable(*args)` for the few callables that matter; anything else becomes an object.
+fn reduce(callable: Value, args: Value) -> Result<Value, String> {
+    let Value::Global(module, name) = &callable else {
+        return Ok(Value::Object { class: Box::new(callable), items: Vec::new() });
+    };
+    let args = match args {
+        Value::Tuple(a) => a,
+        other => vec![other],
+    };
+    Ok(match (module.as_str(), name.as_str()) {
+        ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
+            let bad = || format!("{name}: unexpected arguments");
+            let Some(Value::Persistent(pid)) = args.first() else { return Err(bad()) };
+            let Value::Tuple(pid) = pid.as_ref() else { return Err(bad()) };
+            // ('storage', <storage class>, key, location, numel)
+            let (Some(Value::Global(_, dtype)), Some(Value::Str(key))) = (pid.get(1), pid.get(2)) else {
+                return Err(bad());
+            };
+            let offset = match args.get(1) {
+                Some(Value::Int(o)) => *o as usize,
+                _ => return Err(bad()),
+            };
+            let size = args.get(2).and_then(as_usizes).ok_or_else(bad)?;
+            let stride = args.get(3).and_then(as_usizes).ok_or_else(bad)?;
+            Value::Tensor(TensorRef { storage: key.clone(), dtype: dtype.clone(), offset, size, stride })
+        }
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
+            args.into_iter().next().ok_or("_rebuild_parameter without a tensor")?
+        }
+        ("collections", "OrderedDict") => {
+            let mut items = Vec::new();
+            if let Some(Value::List(pairs)) = args.first() {
+                for pair in pairs {
+                    if let Value::Tuple(kv) | Value::List(kv) = pair
+                        && kv.len() == 2
+                    {
+                        items.push((kv[0].clone(), kv[1].clone()));
+                    }
+                }
+            }
+            Value::Dict(items)
+        }
+        _ => Value::Object { class: Box::new(callable), items: Vec::new() },
+    })
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.data.len()).ok_or("pickle truncated")?;
+        let bytes = &self.data[self.at..end];
+        self.at = end;
+        Ok(bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let rest = &self.data[self.at..];
+        let end = rest.iter().position(|b| *b == b'\n').ok_or("pickle line not terminated")?;
+        self.at += end + 1;
+        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+    }
+}

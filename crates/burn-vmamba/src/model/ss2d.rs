@@ -1,0 +1,167 @@
+//! SS2D: VMamba's 2-D selective-scan token mixer (SPEC §2.5).
+//!
+//! `in_proj → (split gate z) → depthwise conv → SiLU → cross-scan → per-direction projections →
+//! selective_scan (G = 4 groups, one call) → cross-merge → out_norm → (GELU) → (· gate) →
+//! out_proj`. Parameter names and shapes are upstream's (`op.*` keys of a VSS block).
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::tensor::{Tensor, activation, backend::Backend};
+
+use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
+use super::cross_scan::{cross_merge, cross_scan};
+use super::init::{self, K};
+use crate::ops::{SelectiveScanBackend, selective_scan};
+
+/// SS2D with upstream's parameters.
+#[derive(Module, Debug)]
+pub struct Ss2d<B: Backend> {
+    /// `[d_model] → [d_inner]` (`[2·d_inner]` with a gate), no bias.
+    pub in_proj: Linear<B>,
+    /// Depthwise `d_conv × d_conv` conv, `[d_inner, 1, k, k]`; absent when `d_conv < 2`.
+    pub conv2d: Option<Conv2d<B>>,
+    /// Per-direction projection to `Δ` (R), `B` (N) and `C` (N): `[K, R + 2N, d_inner]`.
+    pub x_proj_weight: Param<Tensor<B, 3>>,
+    /// Per-direction `Δ` up-projection: `[K, d_inner, R]`.
+    pub dt_projs_weight: Param<Tensor<B, 3>>,
+    /// `Δ` bias, passed to the scan as `delta_bias`: `[K, d_inner]`.
+    pub dt_projs_bias: Param<Tensor<B, 2>>,
+    /// `A = −exp(a_logs)`: `[K·d_inner, N]` (upstream `A_logs`).
+    pub a_logs: Param<Tensor<B, 2>>,
+    /// Skip weights: `[K·d_inner]` (upstream `Ds`).
+    pub ds: Param<Tensor<B, 1>>,
+    /// LayerNorm over `d_inner`, unless the out norm is off.
+    pub out_norm: Option<LayerNorm<B>>,
+    /// `[d_inner] → [d_model]`, no bias.
+    pub out_proj: Linear<B>,
+    /// Gate branch.
+    #[module(skip)]
+    pub gate: Gate,
+    /// GELU after the out norm.
+    #[module(skip)]
+    pub out_act: bool,
+    /// Layout of `forward`'s input and output.
+    #[module(skip)]
+    pub layout: Layout,
+}
+
+impl Ss2dConfig {
+    /// Builds SS2D with upstream's initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Ss2d<B> {
+        let d_inner = self.d_inner();
+        let d_proj = if self.gate == Gate::None { d_inner } else { 2 * d_inner };
+        let conv2d = (self.d_conv > 1).then(|| {
+            let pad = (self.d_conv - 1) / 2;
+            Conv2dConfig::new([d_inner, d_inner], [self.d_conv, self.d_conv])
+                .with_groups(d_inner)
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .with_bias(self.conv_bias)
+                .init(device)
+        });
+        let params = init::scan_params::<B>(self, device);
+        Ss2d {
+            in_proj: init::linear(self.d_model, d_proj, false, device),
+            conv2d,
+            x_proj_weight: init::param(params.x_proj_weight),
+            dt_projs_weight: init::param(params.dt_projs_weight),
+            dt_projs_bias: init::param(params.dt_projs_bias),
+            a_logs: init::param(params.a_logs),
+            ds: init::param(params.ds),
+            out_norm: (self.out_norm == OutNorm::LayerNorm)
+                .then(|| LayerNormConfig::new(d_inner).init(device)),
+            out_proj: init::linear(d_inner, self.d_model, false, device),
+            gate: self.gate,
+            out_act: self.out_act,
+            layout: self.layout,
+        }
+    }
+}
+
+impl<B: SelectiveScanBackend> Ss2d<B> {
+    /// # Shapes
+    /// - `x`: `[batch, height, width, d_model]` (channel-last) or `[batch, d_model, height,
+    ///   width]` (channel-first), as configured
+    /// - returns: the same shape as `x`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = match self.layout {
+            Layout::ChannelLast => x,
+            Layout::ChannelFirst => x.permute([0, 2, 3, 1]),
+        };
+        let y = self.forward_channel_last(x);
+        match self.layout {
+            Layout::ChannelLast => y,
+            Layout::ChannelFirst => y.permute([0, 3, 1, 2]),
+        }
+    }
+
+    /// Inner width `d_inner`.
+    pub fn d_inner(&self) -> usize {
+        self.dt_projs_weight.dims()[1]
+    }
+
+    fn forward_channel_last(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, height, width, _] = x.dims();
+        let d_inner = self.d_inner();
+        let xz = self.in_proj.forward(x);
+        let (x, z) = match self.gate {
+            Gate::None => (xz, None),
+            Gate::Silu | Gate::Linear => {
+                let x = xz.clone().narrow(3, 0, d_inner);
+                let z = xz.narrow(3, d_inner, d_inner);
+                let z = if self.gate == Gate::Silu { activation::silu(z) } else { z };
+                (x, Some(z))
+            }
+        };
+        let x = x.permute([0, 3, 1, 2]); // [batch, d_inner, height, width]
+        let x = match &self.conv2d {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        let x = activation::silu(x);
+        let y = self.scan_2d(x, height, width); // [batch, d_inner, height, width]
+        let y = y.permute([0, 2, 3, 1]);
+        let y = match &self.out_norm {
+            Some(norm) => norm.forward(y),
+            None => y,
+        };
+        let y = if self.out_act { activation::gelu(y) } else { y };
+        let y = match z {
+            Some(z) => y * z,
+            None => y,
+        };
+        self.out_proj.forward(y)
+    }
+
+    /// Steps 3–7 of SPEC §2.5 on a channel-first map.
+    fn scan_2d(&self, x: Tensor<B, 4>, height: usize, width: usize) -> Tensor<B, 4> {
+        let [batch, d_inner, _, _] = x.dims();
+        let len = height * width;
+        let [_, rows, _] = self.x_proj_weight.dims();
+        let [_, _, rank] = self.dt_projs_weight.dims();
+        let d_state = self.a_logs.dims()[1];
+        let xs = cross_scan(x); // [batch, K, d_inner, len]
+        // einsum("b k d l, k c d -> b k c l")
+        let x_proj = self.x_proj_weight.val().unsqueeze_dim::<4>(0).expand([batch, K, rows, d_inner]);
+        let x_dbl = x_proj.matmul(xs.clone()); // [batch, K, R + 2N, len]
+        let dts = x_dbl.clone().narrow(2, 0, rank);
+        let bs = x_dbl.clone().narrow(2, rank, d_state); // [batch, K, N, len]
+        let cs = x_dbl.narrow(2, rank + d_state, d_state);
+        // einsum("b k r l, k d r -> b k d l"); no bias here: it enters the scan as delta_bias.
+        let dt_proj = self.dt_projs_weight.val().unsqueeze_dim::<4>(0).expand([batch, K, d_inner, rank]);
+        let dts = dt_proj.matmul(dts).reshape([batch, K * d_inner, len]);
+        let us = xs.reshape([batch, K * d_inner, len]);
+        let a = -self.a_logs.val().exp(); // [K·d_inner, N]
+        let ys = selective_scan(
+            us,
+            dts,
+            a,
+            bs,
+            cs,
+            Some(self.ds.val()),
+            Some(self.dt_projs_bias.val().reshape([K * d_inner])),
+            true,
+        ); // [batch, K·d_inner, len]
+        cross_merge(ys.reshape([batch, K, d_inner, len]), height, width)
+    }
+}

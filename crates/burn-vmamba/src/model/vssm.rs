@@ -1,0 +1,288 @@
+//! The VSSM classification backbone (SPEC §2.2): stem → 4 stages of (VSS blocks, downsample) →
+//! classifier. Runs channel-last internally; both upstream layouts compute this function.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::tensor::{Tensor, activation, backend::Backend};
+
+use super::block::VssBlock;
+use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
+use super::init;
+use crate::ops::SelectiveScanBackend;
+
+/// The stem. v1: `conv1` (k = s = patch) → `norm1`. v2: `conv1` (→ C/2, k = patch/2 + 1,
+/// s = patch/2, pad 1) → `norm1` → GELU → `conv2` (→ C, same) → `norm2`. Upstream keys
+/// `patch_embed.{0, 2, 5, 7}`.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    /// First conv (`patch_embed.0`).
+    pub conv1: Conv2d<B>,
+    /// First LayerNorm (`patch_embed.2`).
+    pub norm1: LayerNorm<B>,
+    /// Second conv, v2 only (`patch_embed.5`).
+    pub conv2: Option<Conv2d<B>>,
+    /// Second LayerNorm, v2 only (`patch_embed.7`).
+    pub norm2: Option<LayerNorm<B>>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    /// # Shapes
+    /// - `x`: `[batch, in_chans, height, width]` → `[batch, height / p, width / p, dim]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = self.norm1.forward(self.conv1.forward(x).permute([0, 2, 3, 1]));
+        match (&self.conv2, &self.norm2) {
+            (Some(conv2), Some(norm2)) => {
+                let x = activation::gelu(x.permute([0, 3, 1, 2]));
+                norm2.forward(conv2.forward(x).permute([0, 2, 3, 1]))
+            }
+            _ => x,
+        }
+    }
+}
+
+/// Swin patch merging (downsample v1): pad H and W to even, concatenate the 2×2 neighbours
+/// `x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]` → LN(4C) → Linear(4C → C').
+#[derive(Module, Debug)]
+pub struct PatchMerging<B: Backend> {
+    /// LayerNorm over `4C`.
+    pub norm: LayerNorm<B>,
+    /// `[4C] → [C']`, no bias.
+    pub reduction: Linear<B>,
+}
+
+impl<B: Backend> PatchMerging<B> {
+    /// # Shapes
+    /// - `x`: `[batch, height, width, C]` → `[batch, ⌈height/2⌉, ⌈width/2⌉, C']`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = pad_to_even(pad_to_even(x, 1), 2);
+        let [batch, height, width, channels] = x.dims();
+        let (h2, w2) = (height / 2, width / 2);
+        // x[b, 2i + r, 2j + s, c] → [b, i, j, s·2 + r, c]: row offset varies first.
+        let x = x
+            .reshape([batch, h2, 2, w2, 2, channels])
+            .permute([0, 1, 3, 4, 2, 5])
+            .reshape([batch, h2, w2, 4 * channels]);
+        self.reduction.forward(self.norm.forward(x))
+    }
+}
+
+fn pad_to_even<B: Backend>(x: Tensor<B, 4>, axis: usize) -> Tensor<B, 4> {
+    let mut dims = x.dims();
+    if dims[axis] % 2 == 0 {
+        return x;
+    }
+    dims[axis] = 1;
+    let zeros = Tensor::zeros(dims, &x.device());
+    Tensor::cat(vec![x, zeros], axis)
+}
+
+/// Conv downsample: v2 `Conv(C → C', k=2, s=2)` or v3 `Conv(C → C', k=3, s=2, pad 1)`, then
+/// LN(C'). Upstream keys `downsample.1` (conv) and `downsample.3` (norm).
+#[derive(Module, Debug)]
+pub struct ConvDownsample<B: Backend> {
+    /// The strided conv.
+    pub conv: Conv2d<B>,
+    /// LayerNorm over `C'`.
+    pub norm: LayerNorm<B>,
+}
+
+impl<B: Backend> ConvDownsample<B> {
+    /// # Shapes
+    /// - `x`: `[batch, height, width, C]` → `[batch, height', width', C']`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = self.conv.forward(x.permute([0, 3, 1, 2]));
+        self.norm.forward(x.permute([0, 2, 3, 1]))
+    }
+}
+
+/// One stage: its blocks, then (except the last) a downsample (upstream `layers.i`).
+#[derive(Module, Debug)]
+pub struct Stage<B: Backend> {
+    /// The VSS blocks (`layers.i.blocks.j`).
+    pub blocks: Vec<VssBlock<B>>,
+    /// Downsample v1 (`layers.i.downsample.{norm, reduction}`).
+    pub downsample: Option<PatchMerging<B>>,
+    /// Downsample v2/v3 (`layers.i.downsample.{1, 3}`).
+    pub downsample_conv: Option<ConvDownsample<B>>,
+}
+
+/// `LN → mean over space → Linear` (upstream `classifier.{norm, head}`).
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    /// LayerNorm over the last stage's channels.
+    pub norm: LayerNorm<B>,
+    /// `[dims[-1]] → [num_classes]`.
+    pub head: Linear<B>,
+}
+
+/// The VSSM backbone with its classifier.
+#[derive(Module, Debug)]
+pub struct Vssm<B: Backend> {
+    /// Stem.
+    pub patch_embed: PatchEmbed<B>,
+    /// The stages (`layers.i`).
+    pub layers: Vec<Stage<B>>,
+    /// Classifier head.
+    pub classifier: Classifier<B>,
+}
+
+impl VssmConfig {
+    /// Checks the config's internal consistency (lengths, sizes), naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if self.depths.is_empty() {
+            errors.push("depths: expected at least one stage, found []".to_string());
+        }
+        if self.dims.len() != self.depths.len() {
+            errors.push(format!(
+                "dims: expected {} entries (one per stage of depths), found {}",
+                self.depths.len(),
+                self.dims.len()
+            ));
+        }
+        if self.dims.contains(&0) {
+            errors.push(format!("dims: expected positive sizes, found {:?}", self.dims));
+        }
+        if self.patch_size == 0
+            || (self.patchembed_version == PatchEmbedVersion::V2 && self.patch_size < 2)
+        {
+            errors.push(format!(
+                "patch_size: expected ≥ 1 (≥ 2 for patch embed v2), found {}",
+                self.patch_size
+            ));
+        }
+        if self.patchembed_version == PatchEmbedVersion::V2 && self.dims.first().is_some_and(|d| d % 2 != 0) {
+            errors.push(format!("dims[0]: patch embed v2 needs an even width, found {}", self.dims[0]));
+        }
+        if self.downsample_version == DownsampleVersion::None
+            && self.dims.windows(2).any(|w| w[0] != w[1])
+        {
+            errors.push(format!(
+                "dims: without downsampling every stage must have the same width, found {:?}",
+                self.dims
+            ));
+        }
+        if self.ssm_ratio > 0.0 && self.ssm_d_state == 0 {
+            errors.push("ssm_d_state: expected ≥ 1, found 0".to_string());
+        }
+        if self.ssm_ratio > 0.0 && self.ssm_d_state > selective_scan::MAX_D_STATE {
+            errors.push(format!(
+                "ssm_d_state: expected ≤ {}, found {}",
+                selective_scan::MAX_D_STATE,
+                self.ssm_d_state
+            ));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            errors.push(format!("drop_path_rate: expected in [0, 1), found {}", self.drop_path_rate));
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+    }
+
+    /// Builds the model with upstream's initialisation.
+    ///
+    /// # Panics
+    /// If [`Self::validate`] fails (the message lists every problem).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Vssm<B> {
+        if let Err(e) = self.validate() {
+            panic!("invalid VssmConfig:\n{e}");
+        }
+        let ln = |d: usize| LayerNormConfig::new(d).init(device);
+        let (c, p) = (self.dims[0], self.patch_size);
+        let patch_embed = match self.patchembed_version {
+            PatchEmbedVersion::V1 => PatchEmbed {
+                conv1: Conv2dConfig::new([self.in_chans, c], [p, p]).with_stride([p, p]).init(device),
+                norm1: ln(c),
+                conv2: None,
+                norm2: None,
+            },
+            PatchEmbedVersion::V2 => {
+                let (stride, kernel) = (p / 2, p / 2 + 1);
+                let conv = |from: usize, to: usize| {
+                    Conv2dConfig::new([from, to], [kernel, kernel])
+                        .with_stride([stride, stride])
+                        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                        .init(device)
+                };
+                PatchEmbed {
+                    conv1: conv(self.in_chans, c / 2),
+                    norm1: ln(c / 2),
+                    conv2: Some(conv(c / 2, c)),
+                    norm2: Some(ln(c)),
+                }
+            }
+        };
+        let stages = self.depths.len();
+        let layers = (0..stages)
+            .map(|i| {
+                let blocks = self.blocks(i).iter().map(|b| b.init(device)).collect();
+                let (dim, next) = (self.dims[i], self.dims.get(i + 1).copied());
+                let conv = |kernel: usize, pad: usize, next: usize| ConvDownsample {
+                    conv: Conv2dConfig::new([dim, next], [kernel, kernel])
+                        .with_stride([2, 2])
+                        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                        .init(device),
+                    norm: ln(next),
+                };
+                let (downsample, downsample_conv) = match (self.downsample_version, next) {
+                    (_, None) | (DownsampleVersion::None, _) => (None, None),
+                    (DownsampleVersion::V1, Some(next)) => (
+                        Some(PatchMerging {
+                            norm: ln(4 * dim),
+                            reduction: init::linear(4 * dim, next, false, device),
+                        }),
+                        None,
+                    ),
+                    (DownsampleVersion::V2, Some(next)) => (None, Some(conv(2, 0, next))),
+                    (DownsampleVersion::V3, Some(next)) => (None, Some(conv(3, 1, next))),
+                };
+                Stage { blocks, downsample, downsample_conv }
+            })
+            .collect();
+        let features = self.dims[stages - 1];
+        Vssm {
+            patch_embed,
+            layers,
+            classifier: Classifier {
+                norm: ln(features),
+                head: init::linear(features, self.num_classes, true, device),
+            },
+        }
+    }
+}
+
+impl<B: SelectiveScanBackend> Vssm<B> {
+    /// Logits.
+    ///
+    /// # Shapes
+    /// - `images`: `[batch, in_chans, height, width]`
+    /// - returns: `[batch, num_classes]`
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        let features = self.forward_features(images);
+        let x = self.classifier.norm.forward(features);
+        let [batch, _, _, channels] = x.dims();
+        let pooled = x.mean_dim(1).mean_dim(2).reshape([batch, channels]);
+        self.classifier.head.forward(pooled)
+    }
+
+    /// The last stage's output, before the classifier.
+    ///
+    /// # Shapes
+    /// - `images`: `[batch, in_chans, height, width]`
+    /// - returns: `[batch, height', width', dims[-1]]` (channel-last)
+    pub fn forward_features(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut x = self.patch_embed.forward(images);
+        for stage in &self.layers {
+            for block in &stage.blocks {
+                x = block.forward(x);
+            }
+            if let Some(merge) = &stage.downsample {
+                x = merge.forward(x);
+            }
+            if let Some(down) = &stage.downsample_conv {
+                x = down.forward(x);
+            }
+        }
+        x
+    }
+}

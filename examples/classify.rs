@@ -1,0 +1,44 @@
+//! Classify images with VMamba on any backend. The README's main job:
+//!
+//! ```text
+//! cargo run --release --example classify -- [--backend ndarray|wgpu|cuda|rocm]
+//!     [--preset NAME | --config FILE.json] [--weights FILE] [--image FILE |
+//!     --input FILE.safetensors] [--output FILE.safetensors]
+//! ```
+//!
+//! With no arguments: VMamba-T (`tiny-s1`), random weights, a generated image, on NdArray.
+
+use vmamba::classify::{Args, class_name, run};
+
+fn main() {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    match run(&args) {
+        Ok(report) => {
+            println!("{}", report.setup);
+            let classes = report.shape[1];
+            for (i, top5) in report.top5.iter().enumerate() {
+                println!("image {i}: top-5");
+                for (class, p) in top5 {
+                    println!("  {p:>8.4}  {}", class_name(*class, classes));
+                }
+            }
+            println!(
+                "time: {:.1} ms per image ({} image(s); first call incl. setup {:.1} ms)",
+                report.ms_per_image, report.shape[0], report.first_ms
+            );
+            if let Some(path) = &args.output {
+                println!("logits {:?} written to {}", report.shape, path.display());
+            }
+        }
+        Err(message) => {
+            eprintln!("classify: {message}");
+            std::process::exit(1);
+        }
+    }
+}

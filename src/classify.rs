@@ -1,0 +1,291 @@
+//! The `classify` example's logic, as a library so that tests run exactly what users run:
+//! build or load a VSSM, read an image or a tensor, print the top-5 classes and the time per
+//! image, optionally write the logits.
+//!
+//! ```text
+//! cargo run --release --example classify -- [--backend ndarray|wgpu|cuda|rocm]
+//!     [--preset NAME | --config FILE.json] [--weights FILE.pth|FILE.safetensors]
+//!     [--image FILE | --input FILE.safetensors] [--output FILE.safetensors]
+//! ```
+//!
+//! `--config` takes upstream's `VSSM(...)` keyword arguments as JSON (what
+//! `scripts/make_model_fixtures.py` writes), or a [`VssmConfig`] saved by Burn. With no
+//! `--preset`/`--config`, the released VMamba-T (`tiny-s1`) is built; with no `--weights` its
+//! weights are upstream's random initialisation (the classes are then meaningless); with no
+//! `--image`/`--input`, a generated 224×224 test pattern is classified.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::config::Config;
+use burn::tensor::{Tensor, TensorData, activation};
+use burn_vmamba::SelectiveScanBackend;
+use burn_vmamba::model::{StateDict, StateTensor, Vssm, VssmConfig};
+
+/// The ImageNet-1k class names, in index order.
+pub const IMAGENET_CLASSES: &str = include_str!("../examples/imagenet_classes.txt");
+
+/// ImageNet mean and std (timm's `IMAGENET_DEFAULT_MEAN` / `_STD`), per RGB channel.
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// See [`MEAN`].
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Which Burn backend runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendName {
+    /// `burn::backend::NdArray` (CPU; the native fused scan).
+    NdArray,
+    /// `burn::backend::Wgpu` (Vulkan / Metal / DX12; the CubeCL kernels).
+    Wgpu,
+    /// `burn::backend::Cuda` (feature `cuda`).
+    Cuda,
+    /// `burn::backend::Rocm` (feature `rocm`).
+    Rocm,
+}
+
+/// Command-line arguments of `classify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    /// Backend.
+    pub backend: BackendName,
+    /// A preset name ([`VssmConfig::preset`]).
+    pub preset: Option<String>,
+    /// A config file (upstream keywords or a Burn `VssmConfig`).
+    pub config: Option<PathBuf>,
+    /// A checkpoint (`.pth` release file or `.safetensors`).
+    pub weights: Option<PathBuf>,
+    /// An image to classify.
+    pub image: Option<PathBuf>,
+    /// A safetensors file holding `x` `[batch, 3, height, width]`.
+    pub input: Option<PathBuf>,
+    /// Where to write the logits (tensor `logits`).
+    pub output: Option<PathBuf>,
+}
+
+/// Usage text.
+pub const USAGE: &str = "usage: classify [--backend ndarray|wgpu|cuda|rocm] \
+[--preset NAME | --config FILE.json] [--weights FILE.pth|FILE.safetensors] \
+[--image FILE | --input FILE.safetensors] [--output FILE.safetensors]";
+
+impl Args {
+    /// Parses the arguments after the program name.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
+        let mut parsed = Args {
+            backend: BackendName::NdArray,
+            preset: None,
+            config: None,
+            weights: None,
+            image: None,
+            input: None,
+            output: None,
+        };
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+            match flag.as_str() {
+                "--backend" => {
+                    parsed.backend = match value()?.as_str() {
+                        "ndarray" => BackendName::NdArray,
+                        "wgpu" => BackendName::Wgpu,
+                        "cuda" => BackendName::Cuda,
+                        "rocm" => BackendName::Rocm,
+                        other => {
+                            return Err(format!(
+                                "--backend: unknown backend {other:?}; expected ndarray, wgpu, cuda or rocm"
+                            ));
+                        }
+                    }
+                }
+                "--preset" => parsed.preset = Some(value()?),
+                "--config" => parsed.config = Some(value()?.into()),
+                "--weights" => parsed.weights = Some(value()?.into()),
+                "--image" => parsed.image = Some(value()?.into()),
+                "--input" => parsed.input = Some(value()?.into()),
+                "--output" => parsed.output = Some(value()?.into()),
+                "-h" | "--help" => return Err(USAGE.to_string()),
+                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            }
+        }
+        if parsed.preset.is_some() && parsed.config.is_some() {
+            return Err("--preset and --config are exclusive: give one".into());
+        }
+        if parsed.image.is_some() && parsed.input.is_some() {
+            return Err("--image and --input are exclusive: give one".into());
+        }
+        Ok(parsed)
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Backend and model, in words.
+    pub setup: String,
+    /// Logits `[batch, num_classes]`, row-major.
+    pub logits: Vec<f32>,
+    /// `[batch, num_classes]`.
+    pub shape: [usize; 2],
+    /// Per image: the 5 most probable `(class, probability)`.
+    pub top5: Vec<Vec<(usize, f32)>>,
+    /// Milliseconds of the first forward (includes kernel compilation on GPU backends).
+    pub first_ms: f64,
+    /// Milliseconds per image of a second, timed forward.
+    pub ms_per_image: f64,
+}
+
+/// The class name of an index, when the model has the 1000 ImageNet classes.
+pub fn class_name(index: usize, num_classes: usize) -> String {
+    match (num_classes, IMAGENET_CLASSES.lines().nth(index)) {
+        (1000, Some(name)) => name.to_string(),
+        _ => format!("class {index}"),
+    }
+}
+
+/// Reads `--config`: upstream keywords first, then a Burn-saved [`VssmConfig`].
+pub fn read_config(path: &std::path::Path) -> Result<VssmConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("--config {}: not JSON: {e}", path.display()))?;
+    match VssmConfig::from_upstream(&json) {
+        Ok(config) => Ok(config),
+        Err(upstream) => VssmConfig::load_binary(text.as_bytes()).map_err(|burn| {
+            format!(
+                "--config {}: neither upstream VSSM keywords:\n{upstream}\nnor a burn-vmamba \
+                 VssmConfig ({burn})",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// An image file → `[1, 3, 224, 224]`, upstream's evaluation transform: resize the shorter
+/// side to 256 (bicubic), centre crop 224, scale to [0, 1], normalise by [`MEAN`]/[`STD`].
+pub fn preprocess(path: &std::path::Path) -> Result<StateTensor, String> {
+    let image = image::open(path).map_err(|e| format!("--image {}: {e}", path.display()))?.to_rgb8();
+    let (w, h) = image.dimensions();
+    let scale = 256.0 / w.min(h) as f64;
+    let (rw, rh) = (((w as f64 * scale).round() as u32).max(224), ((h as f64 * scale).round() as u32).max(224));
+    let resized = image::imageops::resize(&image, rw, rh, image::imageops::FilterType::CatmullRom);
+    let (left, top) = ((rw - 224) / 2, (rh - 224) / 2);
+    let mut values = vec![0.0f32; 3 * 224 * 224];
+    for y in 0..224 {
+        for x in 0..224 {
+            let pixel = resized.get_pixel(left + x, top + y);
+            for c in 0..3 {
+                values[(c * 224 + y as usize) * 224 + x as usize] =
+                    (f32::from(pixel[c]) / 255.0 - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    Ok(StateTensor { shape: vec![1, 3, 224, 224], values })
+}
+
+/// A generated, already normalised 224×224 test pattern (smooth colour gradients and rings).
+pub fn test_pattern() -> StateTensor {
+    let mut values = vec![0.0f32; 3 * 224 * 224];
+    for y in 0..224 {
+        for x in 0..224 {
+            let (u, v) = (x as f32 / 223.0, y as f32 / 223.0);
+            let r = ((u - 0.5).powi(2) + (v - 0.5).powi(2)).sqrt();
+            let rgb = [u, v, 0.5 + 0.5 * (r * 40.0).sin()];
+            for c in 0..3 {
+                values[(c * 224 + y) * 224 + x] = (rgb[c] - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    StateTensor { shape: vec![1, 3, 224, 224], values }
+}
+
+/// Runs `classify` with parsed arguments.
+pub fn run(args: &Args) -> Result<Report, String> {
+    match args.backend {
+        BackendName::NdArray => run_on::<burn::backend::NdArray>(args, &Default::default(), "NdArray (CPU)"),
+        #[cfg(feature = "wgpu")]
+        BackendName::Wgpu => run_on::<burn::backend::Wgpu>(args, &Default::default(), "Wgpu"),
+        #[cfg(feature = "cuda")]
+        BackendName::Cuda => run_on::<burn::backend::Cuda>(args, &Default::default(), "Cuda"),
+        #[cfg(feature = "rocm")]
+        BackendName::Rocm => run_on::<burn::backend::Rocm>(args, &Default::default(), "Rocm"),
+        #[allow(unreachable_patterns)]
+        other => Err(format!(
+            "--backend {other:?} is not compiled in: rebuild with `--features {}`",
+            format!("{other:?}").to_lowercase()
+        )),
+    }
+}
+
+fn run_on<B: SelectiveScanBackend>(args: &Args, device: &B::Device, backend: &str) -> Result<Report, String> {
+    let (config, name) = match (&args.preset, &args.config) {
+        (_, Some(path)) => (read_config(path)?, path.display().to_string()),
+        (Some(preset), None) => (VssmConfig::preset(preset).map_err(|e| format!("--preset: {e}"))?, preset.clone()),
+        (None, None) => (VssmConfig::preset("tiny-s1")?, "tiny-s1".to_string()),
+    };
+    config.validate().map_err(|e| format!("config {name}:\n{e}"))?;
+    let model: Vssm<B> = config.init(device);
+    let (model, weights) = match &args.weights {
+        Some(path) => (model.load_checkpoint(path).map_err(|e| e.to_string())?, path.display().to_string()),
+        None => (model, "random initialisation (no --weights)".to_string()),
+    };
+    let x = match (&args.image, &args.input) {
+        (Some(path), _) => preprocess(path)?,
+        (None, Some(path)) => {
+            let mut dict = StateDict::from_file(path).map_err(|e| e.to_string())?;
+            let x = dict.tensors.remove("x").ok_or_else(|| {
+                format!("--input {}: no tensor `x` (found {:?})", path.display(), dict.tensors.keys().collect::<Vec<_>>())
+            })?;
+            if x.shape.len() != 4 || x.shape[1] != config.in_chans {
+                return Err(format!(
+                    "--input {}: `x` must be [batch, {}, height, width], found {:?}",
+                    path.display(),
+                    config.in_chans,
+                    x.shape
+                ));
+            }
+            x
+        }
+        (None, None) => test_pattern(),
+    };
+    let batch = x.shape[0];
+    let images = || Tensor::<B, 4>::from_data(TensorData::new(x.values.clone(), x.shape.clone()), device);
+
+    let start = Instant::now();
+    let logits = model.forward(images());
+    let logits_values = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let first_ms = start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let probabilities = activation::softmax(model.forward(images()), 1);
+    let probabilities = probabilities.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let ms_per_image = start.elapsed().as_secs_f64() * 1e3 / batch as f64;
+
+    let classes = config.num_classes;
+    let top5 = probabilities
+        .chunks(classes)
+        .map(|row| {
+            let mut ranked: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            ranked.truncate(5);
+            ranked
+        })
+        .collect();
+    if let Some(path) = &args.output {
+        let dict = StateDict {
+            tensors: [("logits".to_string(), StateTensor { shape: vec![batch, classes], values: logits_values.clone() })]
+                .into(),
+        };
+        dict.save_safetensors(path).map_err(|e| format!("--output {}: {e}", path.display()))?;
+    }
+    let model_text = config.to_string().replace(['\n', ' '], "");
+    Ok(Report {
+        setup: format!("backend {backend}; model {name} ({} parameters); weights: {weights}; config {model_text}", num_params(&model)),
+        logits: logits_values,
+        shape: [batch, classes],
+        top5,
+        first_ms,
+        ms_per_image,
+    })
+}
+
+fn num_params<B: SelectiveScanBackend>(model: &Vssm<B>) -> usize {
+    use burn::module::Module;
+    model.num_params()
+}
