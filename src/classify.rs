@@ -81,7 +81,10 @@ impl Args {
         };
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
-            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+            let mut value = || {
+                args.next()
+                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+            };
             match flag.as_str() {
                 "--backend" => {
                     parsed.backend = match value()?.as_str() {
@@ -143,9 +146,10 @@ pub fn class_name(index: usize, num_classes: usize) -> String {
 
 /// Reads `--config`: upstream keywords first, then a Burn-saved [`VssmConfig`].
 pub fn read_config(path: &std::path::Path) -> Result<VssmConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("--config {}: not JSON: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("--config {}: not JSON: {e}", path.display()))?;
     match VssmConfig::from_upstream(&json) {
         Ok(config) => Ok(config),
         Err(upstream) => VssmConfig::load_binary(text.as_bytes()).map_err(|burn| {
@@ -161,10 +165,15 @@ pub fn read_config(path: &std::path::Path) -> Result<VssmConfig, String> {
 /// An image file → `[1, 3, 224, 224]`, upstream's evaluation transform: resize the shorter
 /// side to 256 (bicubic), centre crop 224, scale to [0, 1], normalise by [`MEAN`]/[`STD`].
 pub fn preprocess(path: &std::path::Path) -> Result<StateTensor, String> {
-    let image = image::open(path).map_err(|e| format!("--image {}: {e}", path.display()))?.to_rgb8();
+    let image = image::open(path)
+        .map_err(|e| format!("--image {}: {e}", path.display()))?
+        .to_rgb8();
     let (w, h) = image.dimensions();
     let scale = 256.0 / w.min(h) as f64;
-    let (rw, rh) = (((w as f64 * scale).round() as u32).max(224), ((h as f64 * scale).round() as u32).max(224));
+    let (rw, rh) = (
+        ((w as f64 * scale).round() as u32).max(224),
+        ((h as f64 * scale).round() as u32).max(224),
+    );
     let resized = image::imageops::resize(&image, rw, rh, image::imageops::FilterType::CatmullRom);
     let (left, top) = ((rw - 224) / 2, (rh - 224) / 2);
     let mut values = vec![0.0f32; 3 * 224 * 224];
@@ -177,7 +186,10 @@ pub fn preprocess(path: &std::path::Path) -> Result<StateTensor, String> {
             }
         }
     }
-    Ok(StateTensor { shape: vec![1, 3, 224, 224], values })
+    Ok(StateTensor {
+        shape: vec![1, 3, 224, 224],
+        values,
+    })
 }
 
 /// A generated, already normalised 224×224 test pattern (smooth colour gradients and rings).
@@ -193,13 +205,18 @@ pub fn test_pattern() -> StateTensor {
             }
         }
     }
-    StateTensor { shape: vec![1, 3, 224, 224], values }
+    StateTensor {
+        shape: vec![1, 3, 224, 224],
+        values,
+    }
 }
 
 /// Runs `classify` with parsed arguments.
 pub fn run(args: &Args) -> Result<Report, String> {
     match args.backend {
-        BackendName::NdArray => run_on::<burn::backend::NdArray>(args, &Default::default(), "NdArray (CPU)"),
+        BackendName::NdArray => {
+            run_on::<burn::backend::NdArray>(args, &Default::default(), "NdArray (CPU)")
+        }
         #[cfg(feature = "wgpu")]
         BackendName::Wgpu => run_on::<burn::backend::Wgpu>(args, &Default::default(), "Wgpu"),
         #[cfg(feature = "cuda")]
@@ -214,16 +231,28 @@ pub fn run(args: &Args) -> Result<Report, String> {
     }
 }
 
-fn run_on<B: SelectiveScanBackend>(args: &Args, device: &B::Device, backend: &str) -> Result<Report, String> {
+fn run_on<B: SelectiveScanBackend>(
+    args: &Args,
+    device: &B::Device,
+    backend: &str,
+) -> Result<Report, String> {
     let (config, name) = match (&args.preset, &args.config) {
         (_, Some(path)) => (read_config(path)?, path.display().to_string()),
-        (Some(preset), None) => (VssmConfig::preset(preset).map_err(|e| format!("--preset: {e}"))?, preset.clone()),
+        (Some(preset), None) => (
+            VssmConfig::preset(preset).map_err(|e| format!("--preset: {e}"))?,
+            preset.clone(),
+        ),
         (None, None) => (VssmConfig::preset("tiny-s1")?, "tiny-s1".to_string()),
     };
-    config.validate().map_err(|e| format!("config {name}:\n{e}"))?;
+    config
+        .validate()
+        .map_err(|e| format!("config {name}:\n{e}"))?;
     let model: Vssm<B> = config.init(device);
     let (model, weights) = match &args.weights {
-        Some(path) => (model.load_checkpoint(path).map_err(|e| e.to_string())?, path.display().to_string()),
+        Some(path) => (
+            model.load_checkpoint(path).map_err(|e| e.to_string())?,
+            path.display().to_string(),
+        ),
         None => (model, "random initialisation (no --weights)".to_string()),
     };
     let x = match (&args.image, &args.input) {
@@ -231,7 +260,11 @@ fn run_on<B: SelectiveScanBackend>(args: &Args, device: &B::Device, backend: &st
         (None, Some(path)) => {
             let mut dict = StateDict::from_file(path).map_err(|e| e.to_string())?;
             let x = dict.tensors.remove("x").ok_or_else(|| {
-                format!("--input {}: no tensor `x` (found {:?})", path.display(), dict.tensors.keys().collect::<Vec<_>>())
+                format!(
+                    "--input {}: no tensor `x` (found {:?})",
+                    path.display(),
+                    dict.tensors.keys().collect::<Vec<_>>()
+                )
             })?;
             if x.shape.len() != 4 || x.shape[1] != config.in_chans {
                 return Err(format!(
@@ -246,15 +279,24 @@ fn run_on<B: SelectiveScanBackend>(args: &Args, device: &B::Device, backend: &st
         (None, None) => test_pattern(),
     };
     let batch = x.shape[0];
-    let images = || Tensor::<B, 4>::from_data(TensorData::new(x.values.clone(), x.shape.clone()), device);
+    let images =
+        || Tensor::<B, 4>::from_data(TensorData::new(x.values.clone(), x.shape.clone()), device);
 
     let start = Instant::now();
     let logits = model.forward(images());
-    let logits_values = logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let logits_values = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
     let first_ms = start.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
     let probabilities = activation::softmax(model.forward(images()), 1);
-    let probabilities = probabilities.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let probabilities = probabilities
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
     let ms_per_image = start.elapsed().as_secs_f64() * 1e3 / batch as f64;
 
     let classes = config.num_classes;
@@ -269,14 +311,24 @@ fn run_on<B: SelectiveScanBackend>(args: &Args, device: &B::Device, backend: &st
         .collect();
     if let Some(path) = &args.output {
         let dict = StateDict {
-            tensors: [("logits".to_string(), StateTensor { shape: vec![batch, classes], values: logits_values.clone() })]
-                .into(),
+            tensors: [(
+                "logits".to_string(),
+                StateTensor {
+                    shape: vec![batch, classes],
+                    values: logits_values.clone(),
+                },
+            )]
+            .into(),
         };
-        dict.save_safetensors(path).map_err(|e| format!("--output {}: {e}", path.display()))?;
+        dict.save_safetensors(path)
+            .map_err(|e| format!("--output {}: {e}", path.display()))?;
     }
     let model_text = config.to_string().replace(['\n', ' '], "");
     Ok(Report {
-        setup: format!("backend {backend}; model {name} ({} parameters); weights: {weights}; config {model_text}", num_params(&model)),
+        setup: format!(
+            "backend {backend}; model {name} ({} parameters); weights: {weights}\nconfig: {model_text}",
+            num_params(&model)
+        ),
         logits: logits_values,
         shape: [batch, classes],
         top5,

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the README's test command. Checks that a Vulkan driver is present (the
 //! WGPU tests run the real kernels on it; on a machine without a GPU that is Mesa's llvmpipe),
-//! runs the whole workspace's tests (and the Burn op's again with burn's `fusion` feature), then
+//! runs the whole workspace's tests (and the Burn crate's Wgpu tests again with burn's `fusion`
+//! feature), then
 //! parity on the built-in cases and on the committed fixtures made by
 //! `scripts/make_scan_fixtures.py`, for every path.
 
@@ -28,10 +29,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     run_command(&cargo, &["test", "--workspace"])?;
     // Burn's `fusion` feature turns `burn::backend::Wgpu` into `Fusion<CubeBackend<..>>`: the op
-    // must work with the alias as users get it either way.
+    // and the model must work with the alias as users get it either way. Only the tests that
+    // run a Wgpu backend change with the feature, so only they run again (name filters).
     run_command(
         &cargo,
-        &["test", "-p", "burn-vmamba", "--features", "fusion"],
+        &[
+            "test",
+            "-p",
+            "burn-vmamba",
+            "--features",
+            "fusion",
+            "--",
+            "Wgpu",
+            "wgpu",
+        ],
     )?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fixtures = root.join("tests/fixtures/scan");

@@ -1,7 +1,8 @@
 //! # burn-vmamba
 //!
-//! VMamba for [Burn](burn): the exact selective scan as a differentiable op on every backend.
-//! Model modules (cross-scan, SS2D, VSS block, VSSM) build on [`selective_scan`].
+//! VMamba for [Burn](burn): the exact selective scan as a differentiable op on every backend
+//! ([`ops`]), and the model built on it ([`model`]: cross-scan, SS2D, VSS block, VSSM, configs,
+//! presets, upstream's initialisation and checkpoint import).
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};

@@ -23,7 +23,9 @@ fn fixtures() -> PathBuf {
 /// max |a − e| / max |e|; NaN is never a pass.
 fn rel_err(actual: &[f32], expected: &[f32]) -> f64 {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
-    let scale = expected.iter().fold(0.0f64, |m, x| m.max(f64::from(x.abs())));
+    let scale = expected
+        .iter()
+        .fold(0.0f64, |m, x| m.max(f64::from(x.abs())));
     let err = actual.iter().zip(expected).fold(0.0f64, |m, (a, e)| {
         let d = f64::from(a - e).abs();
         if d.is_nan() { f64::INFINITY } else { m.max(d) }
@@ -32,14 +34,21 @@ fn rel_err(actual: &[f32], expected: &[f32]) -> f64 {
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
 }
 
 fn tensor<B: Backend, const D: usize>(t: &StateTensor, device: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(t.values.clone(), t.shape.clone()), device)
 }
 
-fn seeded<B: Backend, const D: usize>(shape: [usize; D], seed: u64, device: &B::Device) -> Tensor<B, D> {
+fn seeded<B: Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, D> {
     let mut state = seed;
     let n: usize = shape.iter().product();
     let data: Vec<f32> = (0..n)
@@ -59,7 +68,10 @@ fn seeded<B: Backend, const D: usize>(shape: [usize; D], seed: u64, device: &B::
 #[test]
 fn cross_scan_matches_the_worked_example_of_spec_2_6() {
     let device = Default::default();
-    let x = Tensor::<NdArray, 4>::from_data(TensorData::new((0..6).map(|v| v as f32).collect(), [1, 1, 2, 3]), &device);
+    let x = Tensor::<NdArray, 4>::from_data(
+        TensorData::new((0..6).map(|v| v as f32).collect(), [1, 1, 2, 3]),
+        &device,
+    );
     let xs = values(cross_scan(x.clone()));
     let expected = [
         [0., 1., 2., 3., 4., 5.],
@@ -78,14 +90,20 @@ fn cross_scan_matches_the_worked_example_of_spec_2_6() {
 #[case(5, 3)]
 #[case(4, 7)]
 #[case(7, 1)]
-fn cross_merge_is_the_adjoint_of_cross_scan_on_non_square_maps(#[case] height: usize, #[case] width: usize) {
+fn cross_merge_is_the_adjoint_of_cross_scan_on_non_square_maps(
+    #[case] height: usize,
+    #[case] width: usize,
+) {
     let device = Default::default();
     let (batch, channels) = (2, 3);
     let x = seeded::<NdArray, 4>([batch, channels, height, width], 1, &device);
     let y = seeded::<NdArray, 4>([batch, 4, channels, height * width], 2, &device);
     let lhs: f32 = values((cross_scan(x.clone()) * y.clone()).sum())[0];
     let rhs: f32 = values((x * cross_merge(y, height, width)).sum())[0];
-    assert!((lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0), "<scan x, y> = {lhs}, <x, merge y> = {rhs}");
+    assert!(
+        (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
+        "<scan x, y> = {lhs}, <x, merge y> = {rhs}"
+    );
 }
 
 #[test]
@@ -102,7 +120,9 @@ fn gradients_flow_through_cross_scan_and_cross_merge() {
     let y = y.require_grad();
     let x = x.inner();
     let x = Tensor::<B, 4>::from_inner(x);
-    let grads = (cross_merge(y.clone(), height, width) * x.clone()).sum().backward();
+    let grads = (cross_merge(y.clone(), height, width) * x.clone())
+        .sum()
+        .backward();
     let dy = values(y.grad(&grads).expect("y is tracked"));
     assert_eq!(dy, values(cross_scan(x.inner())));
 }
@@ -133,7 +153,10 @@ fn preset_names_of_upstream_are_accepted_and_unknown_ones_listed() {
     let by_ckpt = VssmConfig::preset("vssm1_tiny_0230s").unwrap();
     assert_eq!(by_factory.depths, by_ckpt.depths);
     let err = VssmConfig::preset("tiny").unwrap_err();
-    assert!(err.contains("\"tiny\"") && err.contains("tiny-s1") && err.contains("vanilla-base"), "{err}");
+    assert!(
+        err.contains("\"tiny\"") && err.contains("tiny-s1") && err.contains("vanilla-base"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -159,7 +182,18 @@ fn upstream_keywords_with_unsupported_values_name_key_value_and_choices() {
         "dims": [8, 16], "depths": [1, 1, 1]
     });
     let err = VssmConfig::from_upstream(&kwargs).unwrap_err();
-    for needle in ["forward_type \"v052d\"", "v05", "_noz", "norm_layer", "\"bn\"", "ln2d", "downsample_version", "\"v9\"", "typo_key", "dims: expected 3 entries"] {
+    for needle in [
+        "forward_type \"v052d\"",
+        "v05",
+        "_noz",
+        "norm_layer",
+        "\"bn\"",
+        "ln2d",
+        "downsample_version",
+        "\"v9\"",
+        "typo_key",
+        "dims: expected 3 entries",
+    ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
 }
@@ -168,19 +202,30 @@ fn upstream_keywords_with_unsupported_values_name_key_value_and_choices() {
 fn forward_type_suffixes_are_parsed_in_upstream_order() {
     use burn_vmamba::model::{Gate, OutNorm};
     let ft = ForwardType::parse("v05_noz").unwrap();
-    assert_eq!((ft.gate, ft.out_norm, ft.out_act), (Gate::None, OutNorm::LayerNorm, false));
+    assert_eq!(
+        (ft.gate, ft.out_norm, ft.out_act),
+        (Gate::None, OutNorm::LayerNorm, false)
+    );
     let ft = ForwardType::parse("v3_nozact").unwrap();
     assert_eq!(ft.gate, Gate::Linear);
     let ft = ForwardType::parse("v2_onnone_oact").unwrap();
-    assert_eq!((ft.gate, ft.out_norm, ft.out_act), (Gate::Silu, OutNorm::None, true));
-    assert!(ForwardType::parse("v05_noz_onnone").is_err(), "upstream leaves v05_noz unparsed here");
+    assert_eq!(
+        (ft.gate, ft.out_norm, ft.out_act),
+        (Gate::Silu, OutNorm::None, true)
+    );
+    assert!(
+        ForwardType::parse("v05_noz_onnone").is_err(),
+        "upstream leaves v05_noz unparsed here"
+    );
     assert!(ForwardType::parse("xv1a").is_err());
 }
 
 #[test]
 fn configs_round_trip_through_json() {
     use burn::config::Config;
-    let config = VssmConfig::preset("vanilla-tiny").unwrap().with_ssm_dt_rank(DtRank::Fixed(5));
+    let config = VssmConfig::preset("vanilla-tiny")
+        .unwrap()
+        .with_ssm_dt_rank(DtRank::Fixed(5));
     let path = std::env::temp_dir().join(format!("vmamba-config-{}.json", std::process::id()));
     config.save(&path).unwrap();
     let back = VssmConfig::load(&path).unwrap();
@@ -251,9 +296,17 @@ fn check_ss2d<B: AutodiffBackend + SelectiveScanBackend>(name: &str, device: &B:
     let loss = (y.clone() * tensor::<B, 4>(&dout, device)).sum();
     let grads = loss.backward();
     let mut checks = vec![("y".to_string(), values(y), y_ref.values.clone())];
-    checks.push(("x".into(), values(x.grad(&grads).unwrap()), grads_ref.tensors["x"].values.clone()));
+    checks.push((
+        "x".into(),
+        values(x.grad(&grads).unwrap()),
+        grads_ref.tensors["x"].values.clone(),
+    ));
     let param_grads = state_dict(&module.map(&mut ToGrads::<B> { grads: &grads }));
-    assert_eq!(param_grads.tensors.len() + 1, grads_ref.tensors.len(), "{name}: parameter sets differ");
+    assert_eq!(
+        param_grads.tensors.len() + 1,
+        grads_ref.tensors.len(),
+        "{name}: parameter sets differ"
+    );
     for (key, got) in param_grads.tensors {
         let want = &grads_ref.tensors[&key];
         assert_eq!(got.shape, want.shape, "{name}: grad {key}");
@@ -263,13 +316,21 @@ fn check_ss2d<B: AutodiffBackend + SelectiveScanBackend>(name: &str, device: &B:
         let err = rel_err(&got, &want);
         println!("{name}: {what} {err:.2e}");
         // f32 on both sides, different summation orders (grouped matmuls, the scan).
-        assert!(err <= 1e-4, "{name}: {what} differs from upstream by {err:.3e}");
+        assert!(
+            err <= 1e-4,
+            "{name}: {what} differs from upstream by {err:.3e}"
+        );
     }
 }
 
 #[rstest]
 fn ss2d_output_and_every_gradient_equal_upstream(
-    #[values("ss2d_v05_noz_channel_first", "ss2d_v0_gate", "ss2d_v3_gate_channel_last")] name: &str,
+    #[values(
+        "ss2d_v05_noz_channel_first",
+        "ss2d_v0_gate",
+        "ss2d_v3_gate_channel_last"
+    )]
+    name: &str,
     #[values("ndarray", "wgpu")] backend: &str,
 ) {
     match backend {
@@ -297,20 +358,31 @@ fn ss2d_layouts_compute_the_same_function() {
 
 // ---------------------------------------------------------------- whole models vs upstream
 
-fn upstream_model<B: SelectiveScanBackend>(case: &str, weights: &str, device: &B::Device) -> burn_vmamba::model::Vssm<B> {
+fn upstream_model<B: SelectiveScanBackend>(
+    case: &str,
+    weights: &str,
+    device: &B::Device,
+) -> burn_vmamba::model::Vssm<B> {
     let json = std::fs::read_to_string(fixtures().join(format!("{case}.json"))).unwrap();
     let config = VssmConfig::from_upstream(&serde_json::from_str(&json).unwrap()).unwrap();
-    config.init::<B>(device).load_checkpoint(fixtures().join(weights)).unwrap_or_else(|e| panic!("{e}"))
+    config
+        .init::<B>(device)
+        .load_checkpoint(fixtures().join(weights))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check_logits<B: SelectiveScanBackend>(case: &str, weights: &str, device: &B::Device) {
     let model = upstream_model::<B>(case, weights, device);
     let input = StateDict::from_file(fixtures().join(format!("{case}.input.safetensors"))).unwrap();
-    let expected = StateDict::from_file(fixtures().join(format!("{case}.logits.safetensors"))).unwrap();
+    let expected =
+        StateDict::from_file(fixtures().join(format!("{case}.logits.safetensors"))).unwrap();
     let logits = model.forward(tensor::<B, 4>(&input.tensors["x"], device));
     let err = rel_err(&values(logits), &expected.tensors["logits"].values);
     println!("{case} ({weights}): logits {err:.2e}");
-    assert!(err <= 1e-4, "{case}: logits differ from upstream by {err:.3e}");
+    assert!(
+        err <= 1e-4,
+        "{case}: logits differ from upstream by {err:.3e}"
+    );
 }
 
 #[rstest]
@@ -327,7 +399,11 @@ fn model_logits_equal_upstream(
 
 #[test]
 fn safetensors_checkpoint_loads_like_the_pth() {
-    check_logits::<NdArray>("vssm_s1_like", "vssm_s1_like.safetensors", &Default::default());
+    check_logits::<NdArray>(
+        "vssm_s1_like",
+        "vssm_s1_like.safetensors",
+        &Default::default(),
+    );
 }
 
 // ---------------------------------------------------------------- checkpoint import rules
@@ -347,14 +423,37 @@ fn a_bad_checkpoint_is_refused_with_every_bad_key_listed() {
     dict.tensors.remove("layers.0.blocks.0.op.A_logs");
     let ds = dict.tensors.get_mut("layers.1.blocks.0.op.Ds").unwrap();
     ds.shape = vec![ds.values.len() / 2, 2];
-    dict.tensors.insert("layers.0.blocks.0.op.x_proj_bias".into(), StateTensor { shape: vec![3], values: vec![0.0; 3] });
+    dict.tensors.insert(
+        "layers.0.blocks.0.op.x_proj_bias".into(),
+        StateTensor {
+            shape: vec![3],
+            values: vec![0.0; 3],
+        },
+    );
     let err = small_model().load_state_dict(dict).unwrap_err();
     let text = err.to_string();
     println!("{text}");
-    assert_eq!(err.missing, vec![("layers.0.blocks.0.op.A_logs".to_string(), vec![4 * 16, 16])]);
-    assert_eq!(err.unexpected, vec![("layers.0.blocks.0.op.x_proj_bias".to_string(), vec![3])]);
-    assert_eq!(err.mismatched, vec![("layers.1.blocks.0.op.Ds".to_string(), vec![128], vec![64, 2])]);
-    for needle in ["wrong shape: layers.1.blocks.0.op.Ds: expected [128], found [64, 2]", "missing: layers.0.blocks.0.op.A_logs", "unexpected: layers.0.blocks.0.op.x_proj_bias"] {
+    assert_eq!(
+        err.missing,
+        vec![("layers.0.blocks.0.op.A_logs".to_string(), vec![4 * 16, 16])]
+    );
+    assert_eq!(
+        err.unexpected,
+        vec![("layers.0.blocks.0.op.x_proj_bias".to_string(), vec![3])]
+    );
+    assert_eq!(
+        err.mismatched,
+        vec![(
+            "layers.1.blocks.0.op.Ds".to_string(),
+            vec![128],
+            vec![64, 2]
+        )]
+    );
+    for needle in [
+        "wrong shape: layers.1.blocks.0.op.Ds: expected [128], found [64, 2]",
+        "missing: layers.0.blocks.0.op.A_logs",
+        "unexpected: layers.0.blocks.0.op.x_proj_bias",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
@@ -393,7 +492,9 @@ fn other_spellings_of_upstream_keys_load_to_the_same_weights() {
         };
         renamed.tensors.insert(key, t);
     }
-    let loaded = small_model_like(&model).load_state_dict(renamed).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = small_model_like(&model)
+        .load_state_dict(renamed)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.state_dict(), canonical);
 }
 
@@ -413,7 +514,8 @@ fn two_spellings_of_one_parameter_are_refused() {
     let model = small_model();
     let mut dict = model.state_dict();
     let t = dict.tensors["layers.0.blocks.0.op.x_proj_weight"].clone();
-    dict.tensors.insert("layers.0.blocks.0.op.x_proj.weight".into(), t);
+    dict.tensors
+        .insert("layers.0.blocks.0.op.x_proj.weight".into(), t);
     let err = small_model().load_state_dict(dict).unwrap_err();
     assert_eq!(err.duplicated.len(), 1, "{err}");
 }
@@ -423,11 +525,17 @@ fn safetensors_export_and_burn_records_round_trip() {
     let model = small_model();
     let dir = std::env::temp_dir().join(format!("vmamba-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    model.state_dict().save_safetensors(dir.join("m.safetensors")).unwrap();
-    let from_st = small_model().load_checkpoint(dir.join("m.safetensors")).unwrap();
+    model
+        .state_dict()
+        .save_safetensors(dir.join("m.safetensors"))
+        .unwrap();
+    let from_st = small_model()
+        .load_checkpoint(dir.join("m.safetensors"))
+        .unwrap();
     assert_eq!(from_st.state_dict(), model.state_dict());
     burn_vmamba::model::save_record(model.clone(), dir.join("m")).unwrap();
-    let from_record = burn_vmamba::model::load_record(small_model(), dir.join("m"), &Default::default()).unwrap();
+    let from_record =
+        burn_vmamba::model::load_record(small_model(), dir.join("m"), &Default::default()).unwrap();
     assert_eq!(from_record.state_dict(), model.state_dict());
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -438,7 +546,10 @@ fn a_file_that_is_not_a_checkpoint_is_a_read_error() {
     std::fs::write(&path, b"not a zip").unwrap();
     let err = small_model().load_checkpoint(&path).unwrap_err();
     std::fs::remove_file(&path).ok();
-    assert!(err.read.is_some() && err.to_string().contains("could not be read"), "{err}");
+    assert!(
+        err.read.is_some() && err.to_string().contains("could not be read"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- drop path
@@ -452,13 +563,65 @@ fn drop_path_keeps_or_drops_whole_samples_in_training_only() {
     let y = values(drop_path(x.clone(), 0.5));
     let mut kept = 0;
     for sample in y.chunks(24) {
-        assert!(sample.iter().all(|v| *v == sample[0]), "a sample is dropped or kept whole");
-        assert!(sample[0] == 0.0 || sample[0] == 2.0, "kept samples are scaled by 1/keep");
+        assert!(
+            sample.iter().all(|v| *v == sample[0]),
+            "a sample is dropped or kept whole"
+        );
+        assert!(
+            sample[0] == 0.0 || sample[0] == 2.0,
+            "kept samples are scaled by 1/keep"
+        );
         kept += usize::from(sample[0] == 2.0);
     }
     assert!((10..=54).contains(&kept), "kept {kept} of 64 at rate 0.5");
-    let inference = values(drop_path(Tensor::<NdArray, 4>::ones([4, 1, 1, 1], &device), 0.5));
+    let inference = values(drop_path(
+        Tensor::<NdArray, 4>::ones([4, 1, 1, 1], &device),
+        0.5,
+    ));
     assert_eq!(inference, vec![1.0; 4]);
     let _ = Distribution::Default;
 }
 
+// ---------------------------------------------------------------- initialisation
+
+#[test]
+fn ss2d_initialisation_follows_upstream() {
+    type B = NdArray;
+    let device = Default::default();
+    let config = Ss2dConfig::new(96).with_d_state(4).with_ssm_ratio(2.0);
+    let (d_inner, rank) = (config.d_inner(), config.dt_rank());
+    assert_eq!((d_inner, rank), (192, 6));
+    let m = config.init::<B>(&device);
+    let a_logs = values(m.a_logs.val());
+    for row in a_logs.chunks(4) {
+        let want: Vec<f32> = (1..=4).map(|n| (n as f32).ln()).collect();
+        assert_eq!(row, &want[..], "A = -[1..N] in every row (S4D-real)");
+    }
+    assert!(values(m.ds.val()).iter().all(|d| *d == 1.0));
+    // softplus(bias) = dt ∈ [1e-3, 1e-1] (up to f32 rounding).
+    for b in values(m.dt_projs_bias.val()) {
+        let dt = f64::from(b).exp().ln_1p();
+        assert!((0.999e-3..=1.001e-1).contains(&dt), "dt {dt}");
+    }
+    let bound = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let x_proj = values(m.x_proj_weight.val());
+    assert!(bound(&x_proj) <= 1.0 / (d_inner as f32).sqrt());
+    assert!(
+        bound(&x_proj) > 0.9 / (d_inner as f32).sqrt(),
+        "uniform over the whole range"
+    );
+    assert!(bound(&values(m.dt_projs_weight.val())) <= (rank as f32).powf(-0.5));
+    let conv = values(m.conv2d.as_ref().unwrap().weight.val());
+    assert!(
+        bound(&conv) <= 1.0 / 3.0,
+        "kaiming-uniform(a=√5) on fan_in 9"
+    );
+    let w = values(m.in_proj.weight.val());
+    let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+    assert!(
+        (0.019..0.021).contains(&std),
+        "in_proj ~ N(0, 0.02²), measured std {std}"
+    );
+    let norm = m.out_norm.as_ref().unwrap();
+    assert!(values(norm.gamma.val()).iter().all(|g| *g == 1.0));
+}

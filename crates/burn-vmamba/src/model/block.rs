@@ -63,7 +63,10 @@ impl VssBlockConfig {
     /// Builds the block with upstream's initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> VssBlock<B> {
         let norm = || LayerNormConfig::new(self.hidden_dim).init(device);
-        let ss2d = self.ss2d.as_ref().map(|c| c.clone().with_layout(Layout::ChannelLast));
+        let ss2d = self
+            .ss2d
+            .as_ref()
+            .map(|c| c.clone().with_layout(Layout::ChannelLast));
         VssBlock {
             norm: ss2d.as_ref().map(|_| norm()),
             op: ss2d.map(|c| c.init(device)),

@@ -19,6 +19,9 @@
 //! Burn module paths map to upstream keys by a fixed table ([`upstream_name`]); linear weights
 //! are transposed (Burn stores `[in, out]`).
 
+// A load error lists every bad key and is returned once per file: its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -64,7 +67,11 @@ pub struct LoadError {
 
 impl LoadError {
     fn read(path: &Path, message: impl fmt::Display) -> Self {
-        Self { path: Some(path.to_path_buf()), read: Some(message.to_string()), ..Self::default() }
+        Self {
+            path: Some(path.to_path_buf()),
+            read: Some(message.to_string()),
+            ..Self::default()
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -87,7 +94,10 @@ impl fmt::Display for LoadError {
         }
         writeln!(f, "does not fit the model (nothing was loaded):")?;
         for (key, expected, found) in &self.mismatched {
-            writeln!(f, "  wrong shape: {key}: expected {expected:?}, found {found:?}")?;
+            writeln!(
+                f,
+                "  wrong shape: {key}: expected {expected:?}, found {found:?}"
+            )?;
         }
         for (key, expected) in &self.missing {
             writeln!(f, "  missing: {key} (expected shape {expected:?})")?;
@@ -116,25 +126,38 @@ impl StateDict {
     /// checkpoint's `model` entry when it has one, else the whole file as a state dict.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, LoadError> {
         let path = path.as_ref();
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_lowercase();
         match ext.as_str() {
             "safetensors" => Self::read_safetensors(path),
             "pth" | "pt" | "bin" | "ckpt" => Self::read_pytorch(path),
             _ => Err(LoadError::read(
                 path,
-                format!("unknown extension {ext:?}: expected .safetensors, .pth, .pt, .bin or .ckpt"),
+                format!(
+                    "unknown extension {ext:?}: expected .safetensors, .pth, .pt, .bin or .ckpt"
+                ),
             )),
         }
     }
 
     fn read_safetensors(path: &Path) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path).map_err(|e| LoadError::read(path, e))?;
-        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoadError::read(path, e))?;
+        let file =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoadError::read(path, e))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
             let values = decode(view.dtype(), view.data())
                 .map_err(|e| LoadError::read(path, format!("tensor {name}: {e}")))?;
-            tensors.insert(name, StateTensor { shape: view.shape().to_vec(), values });
+            tensors.insert(
+                name,
+                StateTensor {
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            );
         }
         Ok(Self { tensors })
     }
@@ -156,8 +179,12 @@ impl StateDict {
             .iter()
             .map(|(k, t)| {
                 let bytes: &[u8] = bytemuck::cast_slice(&t.values);
-                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
-                    .map_err(std::io::Error::other)?;
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    t.shape.clone(),
+                    bytes,
+                )
+                .map_err(std::io::Error::other)?;
                 Ok((k.clone(), view))
             })
             .collect::<std::io::Result<_>>()?;
@@ -169,13 +196,23 @@ fn decode(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
     use safetensors::Dtype;
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F32 => chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         Dtype::F64 => chunks(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
             .collect(),
-        Dtype::F16 => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(format!("dtype {other:?} is not a float type (expected F32, F64, F16 or BF16)")),
+        Dtype::F16 => chunks(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => chunks(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a float type (expected F32, F64, F16 or BF16)"
+            ));
+        }
     })
 }
 
@@ -275,7 +312,9 @@ impl<B: Backend> ModuleVisitor<B> for Exporter {
             (tensor.dims().to_vec(), tensor.into_data())
         };
         let values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
-        self.dict.tensors.insert(self.path.key(), StateTensor { shape, values });
+        self.dict
+            .tensors
+            .insert(self.path.key(), StateTensor { shape, values });
     }
 }
 
@@ -314,12 +353,17 @@ impl<B: Backend> ModuleMapper<B> for Loader {
 fn canonical_candidates(key: &str) -> Vec<(String, bool)> {
     let mut k = key.to_string();
     // Vanilla (v0) names, always unambiguous.
-    for (from, to) in [("patch_embed.proj.", "patch_embed.0."), ("patch_embed.norm.", "patch_embed.2.")] {
+    for (from, to) in [
+        ("patch_embed.proj.", "patch_embed.0."),
+        ("patch_embed.norm.", "patch_embed.2."),
+    ] {
         if let Some(rest) = k.strip_prefix(from) {
             k = format!("{to}{rest}");
         }
     }
-    k = k.replace(".ln_1.", ".norm.").replace(".self_attention.", ".op.");
+    k = k
+        .replace(".ln_1.", ".norm.")
+        .replace(".self_attention.", ".op.");
     for (from, to) in [("norm.", "classifier.norm."), ("head.", "classifier.head.")] {
         if let Some(rest) = k.strip_prefix(from) {
             k = format!("{to}{rest}");
@@ -327,7 +371,10 @@ fn canonical_candidates(key: &str) -> Vec<(String, bool)> {
     }
     let mut out = vec![(k.clone(), false)];
     // One-file vmamba.py: patch merging as Sequential(PatchMerge, LayerNorm, Linear).
-    for (from, to) in [(".downsample.1.", ".downsample.norm."), (".downsample.2.", ".downsample.reduction.")] {
+    for (from, to) in [
+        (".downsample.1.", ".downsample.norm."),
+        (".downsample.2.", ".downsample.reduction."),
+    ] {
         if k.contains(from) {
             out.push((k.replace(from, to), false));
         }
@@ -347,32 +394,48 @@ fn canonical_candidates(key: &str) -> Vec<(String, bool)> {
 
 /// Every parameter's upstream key and shape (PyTorch layout), in module order.
 pub fn expected_keys<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>)> {
-    let mut visitor = Expected { path: PathTracker::default(), params: Vec::new() };
+    let mut visitor = Expected {
+        path: PathTracker::default(),
+        params: Vec::new(),
+    };
     module.visit(&mut visitor);
     visitor.params.into_iter().map(|(k, s, _)| (k, s)).collect()
 }
 
 /// A module's parameters under upstream's names and layouts.
 pub fn state_dict<B: Backend, M: Module<B>>(module: &M) -> StateDict {
-    let mut exporter = Exporter { path: PathTracker::default(), dict: StateDict::default() };
+    let mut exporter = Exporter {
+        path: PathTracker::default(),
+        dict: StateDict::default(),
+    };
     module.visit(&mut exporter);
     exporter.dict
 }
 
 /// Loads upstream-named weights into any module of this crate (strict: the module is
 /// returned only if every key fits; nothing is changed otherwise).
-pub fn load_state_dict<B: Backend, M: Module<B>>(module: M, dict: StateDict) -> Result<M, LoadError> {
-    let mut visitor = Expected { path: PathTracker::default(), params: Vec::new() };
+pub fn load_state_dict<B: Backend, M: Module<B>>(
+    module: M,
+    dict: StateDict,
+) -> Result<M, LoadError> {
+    let mut visitor = Expected {
+        path: PathTracker::default(),
+        params: Vec::new(),
+    };
     module.visit(&mut visitor);
-    let expected: HashMap<String, (Vec<usize>, bool)> =
-        visitor.params.iter().map(|(k, s, l)| (k.clone(), (s.clone(), *l))).collect();
+    let expected: HashMap<String, (Vec<usize>, bool)> = visitor
+        .params
+        .iter()
+        .map(|(k, s, l)| (k.clone(), (s.clone(), *l)))
+        .collect();
 
     let mut error = LoadError::default();
     let mut found: HashMap<String, Vec<(String, StateTensor)>> = HashMap::new();
     let mut mis_shaped = Vec::new();
     for (key, tensor) in dict.tensors {
         let candidates = canonical_candidates(&key);
-        let Some((canonical, reshape_ok)) = candidates.iter().find(|(c, _)| expected.contains_key(c))
+        let Some((canonical, reshape_ok)) =
+            candidates.iter().find(|(c, _)| expected.contains_key(c))
         else {
             error.unexpected.push((key, tensor.shape));
             continue;
@@ -384,8 +447,14 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(module: M, dict: StateDict) -> 
             && tensor.shape[2..] == [1, 1]
             && tensor.shape[..2] == want[..];
         if tensor.shape == *want || ((*reshape_ok || one_by_one) && tensor.values.len() == numel) {
-            let fitted = StateTensor { shape: want.clone(), values: tensor.values };
-            found.entry(canonical.clone()).or_default().push((key, fitted));
+            let fitted = StateTensor {
+                shape: want.clone(),
+                values: tensor.values,
+            };
+            found
+                .entry(canonical.clone())
+                .or_default()
+                .push((key, fitted));
         } else {
             mis_shaped.push(canonical.clone());
             error.mismatched.push((key, want.clone(), tensor.shape));
@@ -407,7 +476,10 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(module: M, dict: StateDict) -> 
     if !error.is_empty() {
         return Err(error);
     }
-    let mut loader = Loader { path: PathTracker::default(), values };
+    let mut loader = Loader {
+        path: PathTracker::default(),
+        values,
+    };
     Ok(module.map(&mut loader))
 }
 
@@ -431,14 +503,23 @@ impl<B: Backend> Vssm<B> {
     pub fn load_checkpoint(self, path: impl AsRef<Path>) -> Result<Self, LoadError> {
         let path = path.as_ref();
         let dict = StateDict::from_file(path)?;
-        self.load_state_dict(dict).map_err(|e| LoadError { path: Some(path.to_path_buf()), ..e })
+        self.load_state_dict(dict).map_err(|e| LoadError {
+            path: Some(path.to_path_buf()),
+            ..e
+        })
     }
 }
 
 /// Saves any module in Burn's named MessagePack record format, full precision
 /// (`path` gets the `.mpk` extension).
-pub fn save_record<B: Backend, M: Module<B>>(module: M, path: impl Into<PathBuf>) -> Result<(), RecorderError> {
-    module.save_file(path.into(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new())
+pub fn save_record<B: Backend, M: Module<B>>(
+    module: M,
+    path: impl Into<PathBuf>,
+) -> Result<(), RecorderError> {
+    module.save_file(
+        path.into(),
+        &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+    )
 }
 
 /// Loads a record written by [`save_record`] into a module of the same structure.
@@ -447,5 +528,9 @@ pub fn load_record<B: Backend, M: Module<B>>(
     path: impl Into<PathBuf>,
     device: &B::Device,
 ) -> Result<M, RecorderError> {
-    module.load_file(path.into(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
+    module.load_file(
+        path.into(),
+        &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+        device,
+    )
 }

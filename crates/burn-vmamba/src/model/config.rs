@@ -167,7 +167,7 @@ pub struct VssBlockConfig {
 impl VssBlockConfig {
     /// MLP hidden width, or `None` when the branch is off.
     pub fn mlp_hidden(&self) -> Option<usize> {
-        (self.mlp_ratio > 0.0).then(|| (self.hidden_dim as f64 * self.mlp_ratio) as usize)
+        (self.mlp_ratio > 0.0).then_some((self.hidden_dim as f64 * self.mlp_ratio) as usize)
     }
 }
 
@@ -289,7 +289,10 @@ impl VssmConfig {
             .find(|p| p.names.contains(&name))
             .ok_or_else(|| {
                 let known: Vec<_> = PRESETS.iter().map(|p| p.names[0]).collect();
-                format!("unknown preset {name:?}; expected one of {}", known.join(", "))
+                format!(
+                    "unknown preset {name:?}; expected one of {}",
+                    known.join(", ")
+                )
             })?;
         Ok(preset.config())
     }

@@ -48,7 +48,13 @@ pub fn cross_merge<B: Backend>(ys: Tensor<B, 4>, height: usize, width: usize) ->
     let forward = ys.clone().narrow(1, 0, 2);
     let backward = ys.narrow(1, 2, 2).flip([3]);
     let both = forward + backward; // [batch, 2, channels, len]: k0+k2 row-major, k1+k3 column-major
-    let rows = both.clone().narrow(1, 0, 1).reshape([batch, channels, height, width]);
-    let cols = both.narrow(1, 1, 1).reshape([batch, channels, width, height]).swap_dims(2, 3);
+    let rows = both
+        .clone()
+        .narrow(1, 0, 1)
+        .reshape([batch, channels, height, width]);
+    let cols = both
+        .narrow(1, 1, 1)
+        .reshape([batch, channels, width, height])
+        .swap_dims(2, 3);
     rows + cols
 }

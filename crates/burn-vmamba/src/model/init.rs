@@ -21,7 +21,10 @@ pub const K: usize = 4;
 pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
     let mut linear = LinearConfig::new(d_in, d_out)
         .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        })
         .init(device);
     linear.bias = linear.bias.map(|b| b.map(|t| t.zeros_like()));
     linear
@@ -77,18 +80,32 @@ pub fn scan_params<B: Backend>(config: &Ss2dConfig, device: &B::Device) -> ScanP
             let a_logs = Tensor::<B, 1>::from_data(TensorData::new(row, [n]), device)
                 .reshape([1, n])
                 .repeat_dim(0, channels);
-            ScanParams { x_proj_weight, dt_projs_weight, dt_projs_bias, a_logs, ds }
+            ScanParams {
+                x_proj_weight,
+                dt_projs_weight,
+                dt_projs_bias,
+                a_logs,
+                ds,
+            }
         }
         SsmInit::V1 => ScanParams {
             x_proj_weight,
-            dt_projs_weight: Tensor::random([K, d_inner, rank], Distribution::Normal(0.0, 0.1), device),
+            dt_projs_weight: Tensor::random(
+                [K, d_inner, rank],
+                Distribution::Normal(0.0, 0.1),
+                device,
+            ),
             dt_projs_bias: Tensor::random([K, d_inner], Distribution::Normal(0.0, 0.1), device),
             a_logs: Tensor::random([channels, n], Distribution::Normal(0.0, 1.0), device),
             ds,
         },
         SsmInit::V2 => ScanParams {
             x_proj_weight,
-            dt_projs_weight: Tensor::random([K, d_inner, rank], Distribution::Uniform(0.0, 0.1), device),
+            dt_projs_weight: Tensor::random(
+                [K, d_inner, rank],
+                Distribution::Uniform(0.0, 0.1),
+                device,
+            ),
             dt_projs_bias: Tensor::random([K, d_inner], Distribution::Uniform(0.0, 0.1), device),
             a_logs: Tensor::zeros([channels, n], device),
             ds,

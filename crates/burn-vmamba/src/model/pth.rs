@@ -35,13 +35,19 @@ enum Value {
     Persistent(Box<Value>),
     Tensor(TensorRef),
     /// Any other object: its class, constructor args, dict items and state.
-    Object { class: Box<Value>, items: Vec<(Value, Value)> },
+    Object {
+        class: Box<Value>,
+        items: Vec<(Value, Value)>,
+    },
     Mark,
 }
 
+/// A tensor read from a file: name, shape, row-major f32 values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Reads every tensor of a torch zip checkpoint: those of the top-level `model` entry when
 /// the file is a dict that has one, else those of the top-level dict. Values are f32.
-pub fn read(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+pub fn read(path: &Path) -> Result<Vec<NamedTensor>, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         format!("not a zip archive ({e}); legacy (torch < 1.6) pickles are not supported: re-save with a recent torch or convert to .safetensors")
@@ -72,7 +78,9 @@ pub fn read(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> 
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = Vec::new();
     for (key, value) in items {
-        let (Value::Str(name), Value::Tensor(t)) = (key, value) else { continue };
+        let (Value::Str(name), Value::Tensor(t)) = (key, value) else {
+            continue;
+        };
         if !storages.contains_key(&t.storage) {
             let mut bytes = Vec::new();
             archive
@@ -82,7 +90,8 @@ pub fn read(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> 
                 .map_err(|e| e.to_string())?;
             storages.insert(t.storage.clone(), bytes);
         }
-        let values = gather(&storages[&t.storage], &t).map_err(|e| format!("tensor {name}: {e}"))?;
+        let values =
+            gather(&storages[&t.storage], &t).map_err(|e| format!("tensor {name}: {e}"))?;
         out.push((name, t.size, values));
     }
     Ok(out)
@@ -91,7 +100,9 @@ pub fn read(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> 
 fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
     let (width, decode): (usize, fn(&[u8]) -> f32) = match t.dtype.as_str() {
         "FloatStorage" => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        "DoubleStorage" => (8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
+        "DoubleStorage" => (8, |b| {
+            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+        }),
         "HalfStorage" => (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
         "BFloat16Storage" => (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         other => return Err(format!("storage type {other} is not a float type")),
@@ -100,9 +111,16 @@ fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
     let mut values = Vec::with_capacity(numel);
     let mut index = vec![0usize; t.size.len()];
     for _ in 0..numel {
-        let element = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        let element = t.offset
+            + index
+                .iter()
+                .zip(&t.stride)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
         let at = element * width;
-        let chunk = bytes.get(at..at + width).ok_or("storage too short for the tensor's size and strides")?;
+        let chunk = bytes
+            .get(at..at + width)
+            .ok_or("storage too short for the tensor's size and strides")?;
         values.push(decode(chunk));
         for axis in (0..index.len()).rev() {
             index[axis] += 1;
@@ -123,18 +141,26 @@ struct Machine {
 
 impl Machine {
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let mark = self.stack.iter().rposition(|v| *v == Value::Mark).ok_or("pickle MARK missing")?;
+        let mark = self
+            .stack
+            .iter()
+            .rposition(|v| *v == Value::Mark)
+            .ok_or("pickle MARK missing")?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
     }
 
     fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack.last_mut().ok_or_else(|| "pickle stack empty".to_string())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "pickle stack empty".to_string())
     }
 
     fn set_items(&mut self, flat: Vec<Value>) -> Result<(), String> {
@@ -173,18 +199,30 @@ impl Machine {
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
-                    let at = self.stack.len().checked_sub(n).ok_or("pickle stack underflow")?;
+                    let at = self
+                        .stack
+                        .len()
+                        .checked_sub(n)
+                        .ok_or("pickle stack underflow")?;
                     let items = self.stack.split_off(at);
                     self.stack.push(Value::Tuple(items));
                 }
                 b'N' => self.stack.push(Value::None),
                 0x88 => self.stack.push(Value::Bool(true)),
                 0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => self.stack.push(Value::Int(i64::from(i32::from_le_bytes(r.array()?)))),
+                b'J' => self
+                    .stack
+                    .push(Value::Int(i64::from(i32::from_le_bytes(r.array()?)))),
                 b'K' => self.stack.push(Value::Int(i64::from(r.u8()?))),
-                b'M' => self.stack.push(Value::Int(i64::from(u16::from_le_bytes(r.array()?)))),
+                b'M' => self
+                    .stack
+                    .push(Value::Int(i64::from(u16::from_le_bytes(r.array()?)))),
                 0x8a | 0x8b => {
-                    let n = if op == 0x8a { usize::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) as usize };
+                    let n = if op == 0x8a {
+                        usize::from(r.u8()?)
+                    } else {
+                        u32::from_le_bytes(r.array()?) as usize
+                    };
                     let bytes = r.take(n)?;
                     let mut v: i64 = 0;
                     for (i, b) in bytes.iter().enumerate().take(8) {
@@ -195,7 +233,9 @@ impl Machine {
                     }
                     self.stack.push(Value::Int(v));
                 }
-                b'G' => self.stack.push(Value::Float(f64::from_be_bytes(r.array()?))),
+                b'G' => self
+                    .stack
+                    .push(Value::Float(f64::from_be_bytes(r.array()?))),
                 b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' | 0x8e => {
                     let n = match op {
                         0x8c | b'U' | b'C' => usize::from(r.u8()?),
@@ -204,7 +244,9 @@ impl Machine {
                     };
                     let bytes = r.take(n)?.to_vec();
                     self.stack.push(match op {
-                        b'X' | 0x8c | 0x8d | b'T' | b'U' => Value::Str(String::from_utf8_lossy(&bytes).into_owned()),
+                        b'X' | 0x8c | 0x8d | b'T' | b'U' => {
+                            Value::Str(String::from_utf8_lossy(&bytes).into_owned())
+                        }
                         _ => Value::Bytes(bytes),
                     });
                 }
@@ -233,7 +275,10 @@ impl Machine {
                     }
                     let _args = self.pop()?;
                     let class = self.pop()?;
-                    self.stack.push(Value::Object { class: Box::new(class), items: Vec::new() });
+                    self.stack.push(Value::Object {
+                        class: Box::new(class),
+                        items: Vec::new(),
+                    });
                 }
                 b'b' => {
                     let _state = self.pop()?; // BUILD: object state is irrelevant to tensors
@@ -254,8 +299,16 @@ impl Machine {
                     self.memo.insert(i, v);
                 }
                 b'h' | b'j' => {
-                    let i = if op == b'h' { u32::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) };
-                    let v = self.memo.get(&i).cloned().ok_or_else(|| format!("pickle memo {i} missing"))?;
+                    let i = if op == b'h' {
+                        u32::from(r.u8()?)
+                    } else {
+                        u32::from_le_bytes(r.array()?)
+                    };
+                    let v = self
+                        .memo
+                        .get(&i)
+                        .cloned()
+                        .ok_or_else(|| format!("pickle memo {i} missing"))?;
                     self.stack.push(v);
                 }
                 b'a' => {
@@ -301,7 +354,12 @@ impl Machine {
                     let v = self.top()?.clone();
                     self.stack.push(v);
                 }
-                other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", r.at - 1)),
+                other => {
+                    return Err(format!(
+                        "unsupported pickle opcode 0x{other:02x} at byte {}",
+                        r.at - 1
+                    ));
+                }
             }
         }
     }
@@ -333,7 +391,10 @@ fn as_usizes(v: &Value) -> Option<Vec<usize>> {
 /// `callable(*args)` for the few callables that matter; anything else becomes an object.
 fn reduce(callable: Value, args: Value) -> Result<Value, String> {
     let Value::Global(module, name) = &callable else {
-        return Ok(Value::Object { class: Box::new(callable), items: Vec::new() });
+        return Ok(Value::Object {
+            class: Box::new(callable),
+            items: Vec::new(),
+        });
     };
     let args = match args {
         Value::Tuple(a) => a,
@@ -342,10 +403,15 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
     Ok(match (module.as_str(), name.as_str()) {
         ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
             let bad = || format!("{name}: unexpected arguments");
-            let Some(Value::Persistent(pid)) = args.first() else { return Err(bad()) };
-            let Value::Tuple(pid) = pid.as_ref() else { return Err(bad()) };
+            let Some(Value::Persistent(pid)) = args.first() else {
+                return Err(bad());
+            };
+            let Value::Tuple(pid) = pid.as_ref() else {
+                return Err(bad());
+            };
             // ('storage', <storage class>, key, location, numel)
-            let (Some(Value::Global(_, dtype)), Some(Value::Str(key))) = (pid.get(1), pid.get(2)) else {
+            let (Some(Value::Global(_, dtype)), Some(Value::Str(key))) = (pid.get(1), pid.get(2))
+            else {
                 return Err(bad());
             };
             let offset = match args.get(1) {
@@ -354,11 +420,19 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
             };
             let size = args.get(2).and_then(as_usizes).ok_or_else(bad)?;
             let stride = args.get(3).and_then(as_usizes).ok_or_else(bad)?;
-            Value::Tensor(TensorRef { storage: key.clone(), dtype: dtype.clone(), offset, size, stride })
+            Value::Tensor(TensorRef {
+                storage: key.clone(),
+                dtype: dtype.clone(),
+                offset,
+                size,
+                stride,
+            })
         }
-        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
-            args.into_iter().next().ok_or("_rebuild_parameter without a tensor")?
-        }
+        ("torch._utils", "_rebuild_parameter")
+        | ("torch._utils", "_rebuild_parameter_with_state") => args
+            .into_iter()
+            .next()
+            .ok_or("_rebuild_parameter without a tensor")?,
         ("collections", "OrderedDict") => {
             let mut items = Vec::new();
             if let Some(Value::List(pairs)) = args.first() {
@@ -372,7 +446,10 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
             }
             Value::Dict(items)
         }
-        _ => Value::Object { class: Box::new(callable), items: Vec::new() },
+        _ => Value::Object {
+            class: Box::new(callable),
+            items: Vec::new(),
+        },
     })
 }
 
@@ -383,7 +460,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(n).filter(|e| *e <= self.data.len()).ok_or("pickle truncated")?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.data.len())
+            .ok_or("pickle truncated")?;
         let bytes = &self.data[self.at..end];
         self.at = end;
         Ok(bytes)
@@ -401,7 +482,10 @@ impl<'a> Reader<'a> {
 
     fn line(&mut self) -> Result<String, String> {
         let rest = &self.data[self.at..];
-        let end = rest.iter().position(|b| *b == b'\n').ok_or("pickle line not terminated")?;
+        let end = rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or("pickle line not terminated")?;
         self.at += end + 1;
         Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
     }

@@ -50,7 +50,11 @@ impl Ss2dConfig {
     /// Builds SS2D with upstream's initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Ss2d<B> {
         let d_inner = self.d_inner();
-        let d_proj = if self.gate == Gate::None { d_inner } else { 2 * d_inner };
+        let d_proj = if self.gate == Gate::None {
+            d_inner
+        } else {
+            2 * d_inner
+        };
         let conv2d = (self.d_conv > 1).then(|| {
             let pad = (self.d_conv - 1) / 2;
             Conv2dConfig::new([d_inner, d_inner], [self.d_conv, self.d_conv])
@@ -109,7 +113,11 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             Gate::Silu | Gate::Linear => {
                 let x = xz.clone().narrow(3, 0, d_inner);
                 let z = xz.narrow(3, d_inner, d_inner);
-                let z = if self.gate == Gate::Silu { activation::silu(z) } else { z };
+                let z = if self.gate == Gate::Silu {
+                    activation::silu(z)
+                } else {
+                    z
+                };
                 (x, Some(z))
             }
         };
@@ -142,13 +150,21 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let d_state = self.a_logs.dims()[1];
         let xs = cross_scan(x); // [batch, K, d_inner, len]
         // einsum("b k d l, k c d -> b k c l")
-        let x_proj = self.x_proj_weight.val().unsqueeze_dim::<4>(0).expand([batch, K, rows, d_inner]);
+        let x_proj = self
+            .x_proj_weight
+            .val()
+            .unsqueeze_dim::<4>(0)
+            .expand([batch, K, rows, d_inner]);
         let x_dbl = x_proj.matmul(xs.clone()); // [batch, K, R + 2N, len]
         let dts = x_dbl.clone().narrow(2, 0, rank);
         let bs = x_dbl.clone().narrow(2, rank, d_state); // [batch, K, N, len]
         let cs = x_dbl.narrow(2, rank + d_state, d_state);
         // einsum("b k r l, k d r -> b k d l"); no bias here: it enters the scan as delta_bias.
-        let dt_proj = self.dt_projs_weight.val().unsqueeze_dim::<4>(0).expand([batch, K, d_inner, rank]);
+        let dt_proj = self
+            .dt_projs_weight
+            .val()
+            .unsqueeze_dim::<4>(0)
+            .expand([batch, K, d_inner, rank]);
         let dts = dt_proj.matmul(dts).reshape([batch, K * d_inner, len]);
         let us = xs.reshape([batch, K * d_inner, len]);
         let a = -self.a_logs.val().exp(); // [K·d_inner, N]

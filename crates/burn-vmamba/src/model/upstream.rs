@@ -75,8 +75,17 @@ impl ForwardType {
             (false, true) => Gate::Linear,
             (false, false) => Gate::Silu,
         };
-        let out_norm = if onnone { OutNorm::None } else { OutNorm::LayerNorm };
-        Ok(Self { gate, out_norm, out_act, vanilla })
+        let out_norm = if onnone {
+            OutNorm::None
+        } else {
+            OutNorm::LayerNorm
+        };
+        Ok(Self {
+            gate,
+            out_norm,
+            out_act,
+            vanilla,
+        })
     }
 }
 
@@ -120,9 +129,15 @@ impl VssmConfig {
         let map = kwargs
             .as_object()
             .ok_or_else(|| format!("VSSM keywords: expected a JSON object, found {kwargs}"))?;
-        let mut p = Parser { map, errors: Vec::new() };
-        let unknown: Vec<_> =
-            map.keys().filter(|k| !UPSTREAM_KEYS.contains(&k.as_str())).cloned().collect();
+        let mut p = Parser {
+            map,
+            errors: Vec::new(),
+        };
+        let unknown: Vec<_> = map
+            .keys()
+            .filter(|k| !UPSTREAM_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
         if !unknown.is_empty() {
             p.errors.push(format!(
                 "unknown keys {unknown:?}; VSSM keywords are {}",
@@ -138,7 +153,9 @@ impl VssmConfig {
             None => {}
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(c) => config.dims = (0..stages).map(|i| (c as usize) << i).collect(),
-                None => p.errors.push(format!("dims: expected an integer or a list, found {n}")),
+                None => p
+                    .errors
+                    .push(format!("dims: expected an integer or a list, found {n}")),
             },
             Some(_) => {
                 if let Some(dims) = p.usize_list("dims") {
@@ -175,9 +192,17 @@ impl VssmConfig {
         p.choice("mlp_act_layer", &["gelu"]);
         p.zero("ssm_drop_rate");
         p.zero("mlp_drop_rate");
-        p.literal("gmlp", Value::Bool(false), "false (gMLP is not implemented)");
+        p.literal(
+            "gmlp",
+            Value::Bool(false),
+            "false (gMLP is not implemented)",
+        );
         p.literal("patch_norm", Value::Bool(true), "true");
-        p.literal("posembed", Value::Bool(false), "false (no release uses a position embedding)");
+        p.literal(
+            "posembed",
+            Value::Bool(false),
+            "false (no release uses a position embedding)",
+        );
         if let Some(v) = p.choice("ssm_init", &["v0", "v1", "v2"]) {
             config.ssm_init = match v.as_str() {
                 "v1" => SsmInit::V1,
@@ -186,8 +211,11 @@ impl VssmConfig {
             };
         }
         if let Some(v) = p.choice_ci("norm_layer", &["ln", "ln2d"]) {
-            config.norm_layer =
-                if v == "ln2d" { Layout::ChannelFirst } else { Layout::ChannelLast };
+            config.norm_layer = if v == "ln2d" {
+                Layout::ChannelFirst
+            } else {
+                Layout::ChannelLast
+            };
         }
         if let Some(v) = p.choice("downsample_version", &["v1", "v2", "v3", "none"]) {
             config.downsample_version = match v.as_str() {
@@ -198,14 +226,18 @@ impl VssmConfig {
             };
         }
         if let Some(v) = p.choice("patchembed_version", &["v1", "v2"]) {
-            config.patchembed_version =
-                if v == "v2" { PatchEmbedVersion::V2 } else { PatchEmbedVersion::V1 };
+            config.patchembed_version = if v == "v2" {
+                PatchEmbedVersion::V2
+            } else {
+                PatchEmbedVersion::V1
+            };
         }
         let forward_type = match map.get("forward_type") {
             None => Some("v2".to_string()),
             Some(Value::String(s)) => Some(s.clone()),
             Some(v) => {
-                p.errors.push(format!("forward_type: expected a string, found {v}"));
+                p.errors
+                    .push(format!("forward_type: expected a string, found {v}"));
                 None
             }
         };
@@ -231,7 +263,11 @@ impl VssmConfig {
                 Err(e) => p.errors.push(e),
             }
         }
-        if p.errors.is_empty() { Ok(config) } else { Err(p.errors.join("\n")) }
+        if p.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(p.errors.join("\n"))
+        }
     }
 }
 
@@ -245,7 +281,9 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_u64() {
                 Some(n) => *out = n as usize,
-                None => self.errors.push(format!("{key}: expected an integer, found {v}")),
+                None => self
+                    .errors
+                    .push(format!("{key}: expected an integer, found {v}")),
             }
         }
     }
@@ -253,10 +291,13 @@ impl Parser<'_> {
     fn usize_list(&mut self, key: &str) -> Option<Vec<usize>> {
         let v = self.map.get(key)?;
         let list = v.as_array().and_then(|a| {
-            a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>()
+            a.iter()
+                .map(|x| x.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<_>>>()
         });
         if list.is_none() {
-            self.errors.push(format!("{key}: expected a list of integers, found {v}"));
+            self.errors
+                .push(format!("{key}: expected a list of integers, found {v}"));
         }
         list
     }
@@ -265,7 +306,9 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_f64() {
                 Some(x) => *out = x,
-                None => self.errors.push(format!("{key}: expected a number, found {v}")),
+                None => self
+                    .errors
+                    .push(format!("{key}: expected a number, found {v}")),
             }
         }
     }
@@ -274,7 +317,9 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_bool() {
                 Some(b) => *out = b,
-                None => self.errors.push(format!("{key}: expected true or false, found {v}")),
+                None => self
+                    .errors
+                    .push(format!("{key}: expected true or false, found {v}")),
             }
         }
     }
@@ -283,7 +328,9 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key)
             && v.as_f64() != Some(0.0)
         {
-            self.errors.push(format!("{key}: only 0.0 is supported (no release uses dropout), found {v}"));
+            self.errors.push(format!(
+                "{key}: only 0.0 is supported (no release uses dropout), found {v}"
+            ));
         }
     }
 
@@ -291,13 +338,20 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key)
             && *v != expected
         {
-            self.errors.push(format!("{key}: only {what} is supported, found {v}"));
+            self.errors
+                .push(format!("{key}: only {what} is supported, found {v}"));
         }
     }
 
     fn choice_impl(&mut self, key: &str, supported: &[&str], fold_case: bool) -> Option<String> {
         let v = self.map.get(key)?;
-        let s = v.as_str().map(|s| if fold_case { s.to_lowercase() } else { s.to_string() });
+        let s = v.as_str().map(|s| {
+            if fold_case {
+                s.to_lowercase()
+            } else {
+                s.to_string()
+            }
+        });
         match s {
             Some(s) if supported.contains(&s.as_str()) => Some(s),
             _ => {

@@ -30,7 +30,9 @@ impl<B: Backend> PatchEmbed<B> {
     /// # Shapes
     /// - `x`: `[batch, in_chans, height, width]` → `[batch, height / p, width / p, dim]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.norm1.forward(self.conv1.forward(x).permute([0, 2, 3, 1]));
+        let x = self
+            .norm1
+            .forward(self.conv1.forward(x).permute([0, 2, 3, 1]));
         match (&self.conv2, &self.norm2) {
             (Some(conv2), Some(norm2)) => {
                 let x = activation::gelu(x.permute([0, 3, 1, 2]));
@@ -69,7 +71,7 @@ impl<B: Backend> PatchMerging<B> {
 
 fn pad_to_even<B: Backend>(x: Tensor<B, 4>, axis: usize) -> Tensor<B, 4> {
     let mut dims = x.dims();
-    if dims[axis] % 2 == 0 {
+    if dims[axis].is_multiple_of(2) {
         return x;
     }
     dims[axis] = 1;
@@ -142,7 +144,10 @@ impl VssmConfig {
             ));
         }
         if self.dims.contains(&0) {
-            errors.push(format!("dims: expected positive sizes, found {:?}", self.dims));
+            errors.push(format!(
+                "dims: expected positive sizes, found {:?}",
+                self.dims
+            ));
         }
         if self.patch_size == 0
             || (self.patchembed_version == PatchEmbedVersion::V2 && self.patch_size < 2)
@@ -152,8 +157,13 @@ impl VssmConfig {
                 self.patch_size
             ));
         }
-        if self.patchembed_version == PatchEmbedVersion::V2 && self.dims.first().is_some_and(|d| d % 2 != 0) {
-            errors.push(format!("dims[0]: patch embed v2 needs an even width, found {}", self.dims[0]));
+        if self.patchembed_version == PatchEmbedVersion::V2
+            && self.dims.first().is_some_and(|d| d % 2 != 0)
+        {
+            errors.push(format!(
+                "dims[0]: patch embed v2 needs an even width, found {}",
+                self.dims[0]
+            ));
         }
         if self.downsample_version == DownsampleVersion::None
             && self.dims.windows(2).any(|w| w[0] != w[1])
@@ -174,9 +184,16 @@ impl VssmConfig {
             ));
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
-            errors.push(format!("drop_path_rate: expected in [0, 1), found {}", self.drop_path_rate));
+            errors.push(format!(
+                "drop_path_rate: expected in [0, 1), found {}",
+                self.drop_path_rate
+            ));
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
     }
 
     /// Builds the model with upstream's initialisation.
@@ -191,7 +208,9 @@ impl VssmConfig {
         let (c, p) = (self.dims[0], self.patch_size);
         let patch_embed = match self.patchembed_version {
             PatchEmbedVersion::V1 => PatchEmbed {
-                conv1: Conv2dConfig::new([self.in_chans, c], [p, p]).with_stride([p, p]).init(device),
+                conv1: Conv2dConfig::new([self.in_chans, c], [p, p])
+                    .with_stride([p, p])
+                    .init(device),
                 norm1: ln(c),
                 conv2: None,
                 norm2: None,
@@ -236,7 +255,11 @@ impl VssmConfig {
                     (DownsampleVersion::V2, Some(next)) => (None, Some(conv(2, 0, next))),
                     (DownsampleVersion::V3, Some(next)) => (None, Some(conv(3, 1, next))),
                 };
-                Stage { blocks, downsample, downsample_conv }
+                Stage {
+                    blocks,
+                    downsample,
+                    downsample_conv,
+                }
             })
             .collect();
         let features = self.dims[stages - 1];
