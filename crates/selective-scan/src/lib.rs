@@ -53,6 +53,7 @@
 
 pub mod cpu;
 mod error;
+pub mod fastmath;
 pub mod host;
 pub mod kernel;
 pub mod launch;
