@@ -87,20 +87,13 @@ impl<B: SelectiveScanBackend> VssBlock<B> {
     ///   `[batch, hidden_dim, height, width]` (channel-first), as configured
     /// - returns: the same shape
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = match self.layout {
-            Layout::ChannelLast => x,
-            Layout::ChannelFirst => x.permute([0, 2, 3, 1]),
-        };
-        let mut x = x;
+        let mut x = self.layout.to_channel_last(x);
         if let (Some(norm), Some(op)) = (&self.norm, &self.op) {
             x = x.clone() + drop_path(op.forward(norm.forward(x)), self.drop_path);
         }
         if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
             x = x.clone() + drop_path(mlp.forward(norm2.forward(x)), self.drop_path);
         }
-        match self.layout {
-            Layout::ChannelLast => x,
-            Layout::ChannelFirst => x.permute([0, 3, 1, 2]),
-        }
+        self.layout.from_channel_last(x)
     }
 }

@@ -5,6 +5,7 @@
 //! once, at the edge, by [`crate::model::upstream`].
 
 use burn::config::Config;
+use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 /// `dt_rank`: upstream's `"auto"` is `ceil(d_model / 16)` (from `d_model`, not `d_inner`).
@@ -36,6 +37,24 @@ pub enum Layout {
     ChannelLast,
     /// `[batch, channels, height, width]` (`norm_layer = "ln2d"`).
     ChannelFirst,
+}
+
+impl Layout {
+    /// A 4-D activation in this layout → channel-last `[batch, height, width, channels]`.
+    pub fn to_channel_last<B: Backend>(self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Layout::ChannelLast => x,
+            Layout::ChannelFirst => x.permute([0, 2, 3, 1]),
+        }
+    }
+
+    /// A channel-last activation → this layout.
+    pub fn from_channel_last<B: Backend>(self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Layout::ChannelLast => x,
+            Layout::ChannelFirst => x.permute([0, 3, 1, 2]),
+        }
+    }
 }
 
 /// The gate branch of SS2D (from the `forward_type` suffixes).
@@ -344,78 +363,36 @@ impl Preset {
     }
 }
 
-/// Upstream's factory functions in `classification/models/vmamba.py` (SPEC §2.1).
+/// A row of [`PRESETS`].
+const fn preset(
+    names: &'static [&'static str],
+    dim: usize,
+    depths: [usize; 4],
+    vanilla: bool,
+    ssm_ratio: f64,
+    drop_path_rate: f64,
+) -> Preset {
+    Preset {
+        names,
+        dim,
+        depths,
+        vanilla,
+        ssm_ratio,
+        drop_path_rate,
+    }
+}
+
+/// Upstream's factory functions in `classification/models/vmamba.py` (SPEC §2.1):
+/// names, dims[0], depths, vanilla (v0) or v2 family, ssm_ratio, drop_path_rate.
+#[rustfmt::skip]
 const PRESETS: &[Preset] = &[
-    Preset {
-        names: &["vanilla-tiny", "vanilla_vmamba_tiny", "vssmtiny_dp01"],
-        dim: 96,
-        depths: [2, 2, 9, 2],
-        vanilla: true,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.2,
-    },
-    Preset {
-        names: &["vanilla-small", "vanilla_vmamba_small", "vssmsmall_dp03"],
-        dim: 96,
-        depths: [2, 2, 27, 2],
-        vanilla: true,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.3,
-    },
-    Preset {
-        names: &["vanilla-base", "vanilla_vmamba_base", "vssmbase_dp06"],
-        dim: 128,
-        depths: [2, 2, 27, 2],
-        vanilla: true,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.6,
-    },
-    Preset {
-        names: &["tiny-s2", "vmamba_tiny_s2l5", "vssm_tiny_0230"],
-        dim: 96,
-        depths: [2, 2, 5, 2],
-        vanilla: false,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.2,
-    },
-    Preset {
-        names: &["small-s2", "vmamba_small_s2l15", "vssm_small_0229"],
-        dim: 96,
-        depths: [2, 2, 15, 2],
-        vanilla: false,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.3,
-    },
-    Preset {
-        names: &["base-s2", "vmamba_base_s2l15", "vssm_base_0229"],
-        dim: 128,
-        depths: [2, 2, 15, 2],
-        vanilla: false,
-        ssm_ratio: 2.0,
-        drop_path_rate: 0.6,
-    },
-    Preset {
-        names: &["tiny-s1", "vmamba_tiny_s1l8", "vssm1_tiny_0230s"],
-        dim: 96,
-        depths: [2, 2, 8, 2],
-        vanilla: false,
-        ssm_ratio: 1.0,
-        drop_path_rate: 0.2,
-    },
-    Preset {
-        names: &["small-s1", "vmamba_small_s1l20", "vssm1_small_0229s"],
-        dim: 96,
-        depths: [2, 2, 20, 2],
-        vanilla: false,
-        ssm_ratio: 1.0,
-        drop_path_rate: 0.3,
-    },
-    Preset {
-        names: &["base-s1", "vmamba_base_s1l20", "vssm1_base_0229s"],
-        dim: 128,
-        depths: [2, 2, 20, 2],
-        vanilla: false,
-        ssm_ratio: 1.0,
-        drop_path_rate: 0.5,
-    },
+    preset(&["vanilla-tiny", "vanilla_vmamba_tiny", "vssmtiny_dp01"], 96, [2, 2, 9, 2], true, 2.0, 0.2),
+    preset(&["vanilla-small", "vanilla_vmamba_small", "vssmsmall_dp03"], 96, [2, 2, 27, 2], true, 2.0, 0.3),
+    preset(&["vanilla-base", "vanilla_vmamba_base", "vssmbase_dp06"], 128, [2, 2, 27, 2], true, 2.0, 0.6),
+    preset(&["tiny-s2", "vmamba_tiny_s2l5", "vssm_tiny_0230"], 96, [2, 2, 5, 2], false, 2.0, 0.2),
+    preset(&["small-s2", "vmamba_small_s2l15", "vssm_small_0229"], 96, [2, 2, 15, 2], false, 2.0, 0.3),
+    preset(&["base-s2", "vmamba_base_s2l15", "vssm_base_0229"], 128, [2, 2, 15, 2], false, 2.0, 0.6),
+    preset(&["tiny-s1", "vmamba_tiny_s1l8", "vssm1_tiny_0230s"], 96, [2, 2, 8, 2], false, 1.0, 0.2),
+    preset(&["small-s1", "vmamba_small_s1l20", "vssm1_small_0229s"], 96, [2, 2, 20, 2], false, 1.0, 0.3),
+    preset(&["base-s1", "vmamba_base_s1l20", "vssm1_base_0229s"], 128, [2, 2, 20, 2], false, 1.0, 0.5),
 ];

@@ -88,15 +88,8 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
     ///   width]` (channel-first), as configured
     /// - returns: the same shape as `x`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = match self.layout {
-            Layout::ChannelLast => x,
-            Layout::ChannelFirst => x.permute([0, 2, 3, 1]),
-        };
-        let y = self.forward_channel_last(x);
-        match self.layout {
-            Layout::ChannelLast => y,
-            Layout::ChannelFirst => y.permute([0, 3, 1, 2]),
-        }
+        let y = self.forward_channel_last(self.layout.to_channel_last(x));
+        self.layout.from_channel_last(y)
     }
 
     /// Inner width `d_inner`.
