@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::config::Config;
+use burn::module::Module;
 use burn::tensor::{Tensor, TensorData, activation};
 use burn_vmamba::SelectiveScanBackend;
 use burn_vmamba::model::{StateDict, StateTensor, Vssm, VssmConfig};
@@ -152,7 +153,7 @@ pub fn read_config(path: &std::path::Path) -> Result<VssmConfig, String> {
         .map_err(|e| format!("--config {}: not JSON: {e}", path.display()))?;
     match VssmConfig::from_upstream(&json) {
         Ok(config) => Ok(config),
-        Err(upstream) => VssmConfig::load_binary(text.as_bytes()).map_err(|burn| {
+        Err(upstream) => burn_config(&text, &json).map_err(|burn| {
             format!(
                 "--config {}: neither upstream VSSM keywords:\n{upstream}\nnor a burn-vmamba \
                  VssmConfig ({burn})",
@@ -160,6 +161,18 @@ pub fn read_config(path: &std::path::Path) -> Result<VssmConfig, String> {
             )
         }),
     }
+}
+
+/// A Burn-saved [`VssmConfig`], refusing fields it does not have (serde would ignore them and
+/// fall back to defaults, silently).
+fn burn_config(text: &str, json: &serde_json::Value) -> Result<VssmConfig, String> {
+    let config = VssmConfig::load_binary(text.as_bytes()).map_err(|e| e.to_string())?;
+    let fields = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+    let unknown: Vec<&String> = match (json.as_object(), fields.as_object()) {
+        (Some(given), Some(fields)) => given.keys().filter(|k| !fields.contains_key(*k)).collect(),
+        _ => return Err("expected a JSON object".into()),
+    };
+    if unknown.is_empty() { Ok(config) } else { Err(format!("unknown fields {unknown:?}")) }
 }
 
 /// An image file → `[1, 3, 224, 224]`, upstream's evaluation transform: resize the shorter
@@ -327,7 +340,7 @@ fn run_on<B: SelectiveScanBackend>(
     Ok(Report {
         setup: format!(
             "backend {backend}; model {name} ({} parameters); weights: {weights}\nconfig: {model_text}",
-            num_params(&model)
+            model.num_params()
         ),
         logits: logits_values,
         shape: [batch, classes],
@@ -335,9 +348,4 @@ fn run_on<B: SelectiveScanBackend>(
         first_ms,
         ms_per_image,
     })
-}
-
-fn num_params<B: SelectiveScanBackend>(model: &Vssm<B>) -> usize {
-    use burn::module::Module;
-    model.num_params()
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use burn_vmamba::model::StateDict;
 use rstest::rstest;
-use vmamba::classify::{Args, BackendName, run};
+use burn::config::Config;
+use burn_vmamba::model::VssmConfig;
+use vmamba::classify::{Args, BackendName, read_config, run};
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -109,4 +111,19 @@ fn a_checkpoint_with_a_wrong_shape_is_refused_naming_the_key() {
         "{err}"
     );
     assert!(err.contains("nothing was loaded"));
+}
+
+#[test]
+fn config_files_may_be_upstream_keywords_or_a_burn_config() {
+    let upstream = read_config(std::path::Path::new(&fixture("vssm_v2_gate.json"))).unwrap();
+    assert_eq!((upstream.dims.clone(), upstream.num_classes), (vec![16, 32], 7));
+    let preset = VssmConfig::preset("vanilla-small").unwrap();
+    let path = std::env::temp_dir().join(format!("vmamba-burn-config-{}.json", std::process::id()));
+    preset.save(&path).unwrap();
+    let read = read_config(&path).unwrap();
+    std::fs::write(&path, "{\"forward_type\": \"v9\"}").unwrap();
+    let err = read_config(&path).unwrap_err();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(read.to_string(), preset.to_string());
+    assert!(err.contains("forward_type \"v9\"") && err.contains("nor a burn-vmamba VssmConfig"), "{err}");
 }
