@@ -172,7 +172,11 @@ fn burn_config(text: &str, json: &serde_json::Value) -> Result<VssmConfig, Strin
         (Some(given), Some(fields)) => given.keys().filter(|k| !fields.contains_key(*k)).collect(),
         _ => return Err("expected a JSON object".into()),
     };
-    if unknown.is_empty() { Ok(config) } else { Err(format!("unknown fields {unknown:?}")) }
+    if unknown.is_empty() {
+        Ok(config)
+    } else {
+        Err(format!("unknown fields {unknown:?}"))
+    }
 }
 
 /// An image file → `[1, 3, 224, 224]`, upstream's evaluation transform: resize the shorter

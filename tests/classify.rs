@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use burn_vmamba::model::StateDict;
-use rstest::rstest;
 use burn::config::Config;
+use burn_vmamba::model::StateDict;
 use burn_vmamba::model::VssmConfig;
+use rstest::rstest;
 use vmamba::classify::{Args, BackendName, read_config, run};
 
 fn fixture(name: &str) -> String {
@@ -116,7 +116,10 @@ fn a_checkpoint_with_a_wrong_shape_is_refused_naming_the_key() {
 #[test]
 fn config_files_may_be_upstream_keywords_or_a_burn_config() {
     let upstream = read_config(std::path::Path::new(&fixture("vssm_v2_gate.json"))).unwrap();
-    assert_eq!((upstream.dims.clone(), upstream.num_classes), (vec![16, 32], 7));
+    assert_eq!(
+        (upstream.dims.clone(), upstream.num_classes),
+        (vec![16, 32], 7)
+    );
     let preset = VssmConfig::preset("vanilla-small").unwrap();
     let path = std::env::temp_dir().join(format!("vmamba-burn-config-{}.json", std::process::id()));
     preset.save(&path).unwrap();
@@ -125,5 +128,8 @@ fn config_files_may_be_upstream_keywords_or_a_burn_config() {
     let err = read_config(&path).unwrap_err();
     std::fs::remove_file(&path).ok();
     assert_eq!(read.to_string(), preset.to_string());
-    assert!(err.contains("forward_type \"v9\"") && err.contains("nor a burn-vmamba VssmConfig"), "{err}");
+    assert!(
+        err.contains("forward_type \"v9\"") && err.contains("nor a burn-vmamba VssmConfig"),
+        "{err}"
+    );
 }
