@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use burn_vmamba::SelectiveScanBackend;
 use burn_vmamba::model::{
     DtRank, ForwardType, Layout, Ss2dConfig, StateDict, StateTensor, VssmConfig, cross_merge,
@@ -461,13 +461,7 @@ fn a_bad_checkpoint_is_refused_with_every_bad_key_listed() {
 #[test]
 fn other_spellings_of_upstream_keys_load_to_the_same_weights() {
     // Vanilla names, one-file vmamba.py names, grouped projections and 1×1-conv linear weights.
-    let model = VssmConfig::new()
-        .with_depths(vec![1, 1])
-        .with_dims(vec![8, 16])
-        .with_mlp_ratio(2.0)
-        .with_downsample_version(burn_vmamba::model::DownsampleVersion::V1)
-        .with_num_classes(5)
-        .init::<NdArray>(&Default::default());
+    let model = small_patch_merging_model();
     let canonical = model.state_dict();
     let mut renamed = StateDict::default();
     for (key, mut t) in canonical.tensors.clone() {
@@ -492,14 +486,14 @@ fn other_spellings_of_upstream_keys_load_to_the_same_weights() {
         };
         renamed.tensors.insert(key, t);
     }
-    let loaded = small_model_like(&model)
+    let loaded = small_patch_merging_model()
         .load_state_dict(renamed)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.state_dict(), canonical);
 }
 
-/// Same structure, fresh random weights.
-fn small_model_like(_: &burn_vmamba::model::Vssm<NdArray>) -> burn_vmamba::model::Vssm<NdArray> {
+/// A small model with an MLP and patch merging (downsample v1), fresh random weights.
+fn small_patch_merging_model() -> burn_vmamba::model::Vssm<NdArray> {
     VssmConfig::new()
         .with_depths(vec![1, 1])
         .with_dims(vec![8, 16])
@@ -579,7 +573,6 @@ fn drop_path_keeps_or_drops_whole_samples_in_training_only() {
         0.5,
     ));
     assert_eq!(inference, vec![1.0; 4]);
-    let _ = Distribution::Default;
 }
 
 // ---------------------------------------------------------------- initialisation
