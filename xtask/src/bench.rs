@@ -392,7 +392,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if what != "scan" {
         return Err(format!("unknown bench `{what}` (available: scan)"));
     }
-    let flags = parse_flags(rest, &["--backend", "--repeats", "--shapes"])?;
+    let flags = parse_flags(
+        rest,
+        &["--backend", "--repeats", "--shapes", "--implementations"],
+    )?;
     let flag = |name: &str| {
         flags
             .iter()
@@ -407,7 +410,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let only: Option<Vec<String>> =
         flag("--shapes").map(|s| s.split(',').map(str::to_string).collect());
-    let backends = Backend::select(flag("--backend").as_deref())?;
+    let known = ["cubecl", "ndarray-fused", "fallback", "reference"];
+    let implementations: Vec<String> = match flag("--implementations") {
+        Some(list) => list.split(',').map(str::to_string).collect(),
+        None => known.iter().map(|s| s.to_string()).collect(),
+    };
+    if let Some(bad) = implementations
+        .iter()
+        .find(|i| !known.contains(&i.as_str()))
+    {
+        return Err(format!(
+            "--implementations: unknown `{bad}` (expected a comma-separated subset of {})",
+            known.join(",")
+        ));
+    }
+    let wanted = |name: &str| implementations.iter().any(|i| i == name);
+    let backends = if wanted("cubecl") {
+        Backend::select(flag("--backend").as_deref())?
+    } else {
+        vec![]
+    };
     let has_real_gpu = backends.iter().any(|b| *b != Backend::Wgpu);
 
     let triad_1 = cpu_triad_gbps(false);
@@ -492,7 +514,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             };
             push(format!("{}-cubecl", backend.name()), forward, both, floor);
         }
-        if !bench.gpu_only {
+        if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
             push("ndarray-fused".to_string(), forward, both, all_cores);
             if bench.name == "C2" {
@@ -508,11 +530,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     (s.bdl_len() * s.d_state * 4) as f64 / (1 << 20) as f64
                 );
             }
+        }
+        if !bench.gpu_only && wanted("fallback") {
             // The tensor-op fallback takes minutes on the N = 16 shapes; C1 and C2 give the ratio.
             if s.d_state == 1 {
                 let (forward, both) = bench_burn::<Autodiff<Flex>>(&p, &Default::default(), 1);
                 push("fallback".to_string(), forward, both, all_cores);
             }
+        }
+        if !bench.gpu_only && wanted("reference") {
             let dy = SplitMix64::new(1).vec(s.bdl_len(), -1.0, 1.0);
             let forward = time_ms(1, || {
                 std::hint::black_box(reference::forward(&p));

@@ -30,9 +30,10 @@ commands:
       with --fixtures it reads DIR/*.safetensors (DESIGN.md §6) and compares with
       the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
       Exits non-zero when any error exceeds the tolerance (default 2e-4).
-  bench scan [--backend NAME] [--repeats N]
+  bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
       Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
-      stdout, JSON records at target/bench/scan.json.
+      stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
+      of cubecl,ndarray-fused,fallback,reference (default: all).
 ";
 
 fn main() -> ExitCode {

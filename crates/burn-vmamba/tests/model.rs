@@ -5,16 +5,29 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::backend::wgpu::WgpuRuntime;
+use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_fusion::Fusion;
 use burn_vmamba::SelectiveScanBackend;
 use burn_vmamba::model::{
     DtRank, ForwardType, Layout, Ss2dConfig, StateDict, StateTensor, VssmConfig, cross_merge,
     cross_scan, drop_path, load_state_dict, state_dict,
 };
 use rstest::rstest;
+
+/// `burn::backend::Wgpu` as users get it without and with burn's `fusion` feature (Burn 0.21's
+/// definitions), both tested in one build.
+type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+type WgpuFusion = Fusion<Wgpu>;
+// The alias is one of the two, by the feature (a type error here if Burn changes it).
+#[cfg(feature = "fusion")]
+const _: fn(burn::backend::Wgpu) -> WgpuFusion = |x| x;
+#[cfg(not(feature = "fusion"))]
+const _: fn(burn::backend::Wgpu) -> Wgpu = |x| x;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model")
@@ -331,11 +344,12 @@ fn ss2d_output_and_every_gradient_equal_upstream(
         "ss2d_v3_gate_channel_last"
     )]
     name: &str,
-    #[values("ndarray", "wgpu")] backend: &str,
+    #[values("ndarray", "wgpu", "wgpu-fusion")] backend: &str,
 ) {
     match backend {
         "ndarray" => check_ss2d::<Autodiff<NdArray>>(name, &Default::default()),
-        _ => check_ss2d::<Autodiff<Wgpu>>(name, &Default::default()),
+        "wgpu" => check_ss2d::<Autodiff<Wgpu>>(name, &Default::default()),
+        _ => check_ss2d::<Autodiff<WgpuFusion>>(name, &Default::default()),
     }
 }
 
@@ -388,12 +402,13 @@ fn check_logits<B: SelectiveScanBackend>(case: &str, weights: &str, device: &B::
 #[rstest]
 fn model_logits_equal_upstream(
     #[values("vssm_s1_like", "vssm_s2_like", "vssm_vanilla_like", "vssm_v2_gate")] case: &str,
-    #[values("ndarray", "wgpu")] backend: &str,
+    #[values("ndarray", "wgpu", "wgpu-fusion")] backend: &str,
 ) {
     let weights = format!("{case}.pth");
     match backend {
         "ndarray" => check_logits::<NdArray>(case, &weights, &Default::default()),
-        _ => check_logits::<Wgpu>(case, &weights, &Default::default()),
+        "wgpu" => check_logits::<Wgpu>(case, &weights, &Default::default()),
+        _ => check_logits::<WgpuFusion>(case, &weights, &Default::default()),
     }
 }
 

@@ -206,7 +206,9 @@ impl<B: SelectiveScanBackend> ScanParams<B> {
 
 /// A few AdamW steps through the op fit the parameters of a teacher scan: the loss falls.
 #[rstest]
-fn adamw_steps_through_the_op_lower_the_loss(#[values(Path::NdArray, Path::Wgpu)] path: Path) {
+fn adamw_steps_through_the_op_lower_the_loss(
+    #[values(Path::NdArray, Path::Cube, Path::FusionCube)] path: Path,
+) {
     fn train<B: AutodiffBackend + SelectiveScanBackend>(device: &B::Device) -> (f32, f32) {
         let s = ScanShape::new(2, 4, 64, 2, 2);
         let teacher = ScanProblem::random(s, &RandomSpec::default(), 1);
@@ -236,7 +238,8 @@ fn adamw_steps_through_the_op_lower_the_loss(#[values(Path::NdArray, Path::Wgpu)
     }
     let (first, last) = match path {
         Path::NdArray => train::<Autodiff<NdArray>>(&Default::default()),
-        Path::Wgpu => train::<Autodiff<burn::backend::Wgpu>>(&WgpuDevice::default()),
+        Path::Cube => train::<Autodiff<Cube>>(&WgpuDevice::default()),
+        Path::FusionCube => train::<Autodiff<Fusion<Cube>>>(&WgpuDevice::default()),
         _ => unreachable!(),
     };
     assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");

@@ -94,6 +94,17 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// `(softplus(x), sigmoid(x))` from one exponential, `z = e^{−|x|}`: softplus as above, and
+/// sigmoid `= 1/(1+z)` for `x ≥ 0`, `z/(1+z)` below (sigmoid is softplus' derivative, so the
+/// backward of a softplus gets both for the price of one).
+#[inline(always)]
+pub fn softplus_sigmoid(x: f32) -> (f32, f32) {
+    let z = exp(-x.abs());
+    let r = 1.0 / (1.0 + z);
+    let sig = if x >= 0.0 { r } else { z * r };
+    (x.max(0.0) + ln_1p_unit(z), sig)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +157,20 @@ mod tests {
             .fold(0.0, f64::max);
         println!("sigmoid: worst relative error {worst:.2e}");
         assert!(worst <= 3e-7, "sigmoid worst relative error {worst:.3e}");
+    }
+
+    #[test]
+    fn softplus_sigmoid_equals_both_functions_and_f64() {
+        let mut worst = 0.0f64;
+        for x in sweep(-80.0, 60.0, 1_000_003) {
+            let (sp, sig) = softplus_sigmoid(x);
+            assert_eq!(sp, softplus(x), "softplus at {x}");
+            worst = worst.max(rel(sig, 1.0 / (1.0 + (-f64::from(x)).exp())));
+        }
+        println!("softplus_sigmoid: sigmoid worst relative error {worst:.2e}");
+        assert!(worst <= 3e-7, "sigmoid worst relative error {worst:.3e}");
+        assert!(softplus_sigmoid(f32::NAN).1.is_nan());
+        assert_eq!(softplus_sigmoid(f32::INFINITY).1, 1.0);
+        assert_eq!(softplus_sigmoid(f32::NEG_INFINITY).1, 0.0);
     }
 }
