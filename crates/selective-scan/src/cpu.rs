@@ -349,7 +349,7 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
                         db[t] += adj_dt * u[t];
                         dc[t] += gy[t] * h_cur[t];
                     }
-                    out.da[k * n_state + n] = sum_lanes(&term);
+                    out.da[k * n_state + n] = sum_lanes(term);
                 }
                 let ddelta_row = &mut dd_task[k * l..(k + 1) * l];
                 if p.delta_softplus {
