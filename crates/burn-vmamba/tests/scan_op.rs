@@ -60,6 +60,10 @@ enum Path {
     Cube,
     FusionCube,
     Fallback,
+    #[cfg(feature = "cuda")]
+    Cuda,
+    #[cfg(feature = "rocm")]
+    Rocm,
 }
 
 fn run(path: Path, shape: ScanShape, spec: &RandomSpec) {
@@ -79,6 +83,14 @@ fn run(path: Path, shape: ScanShape, spec: &RandomSpec) {
         }
         Path::Fallback => {
             check_backend::<Autodiff<Flex>>("fallback", &Default::default(), shape, spec)
+        }
+        #[cfg(feature = "cuda")]
+        Path::Cuda => {
+            check_backend::<Autodiff<burn::backend::Cuda>>("cuda", &Default::default(), shape, spec)
+        }
+        #[cfg(feature = "rocm")]
+        Path::Rocm => {
+            check_backend::<Autodiff<burn::backend::Rocm>>("rocm", &Default::default(), shape, spec)
         }
     }
 }
@@ -101,6 +113,35 @@ fn scan_op_matches_reference_with_all_inputs(
     shape: ScanShape,
 ) {
     run(path, shape, &RandomSpec::default());
+}
+
+/// The op on CUDA / ROCm through `Autodiff` (built with the `cuda` / `rocm` features; these
+/// fail, never skip, without the GPU): the shapes above plus extreme Δ and A.
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+#[rstest]
+#[cfg_attr(feature = "cuda", case::cuda(Path::Cuda))]
+#[cfg_attr(feature = "rocm", case::rocm(Path::Rocm))]
+fn scan_op_matches_reference_on_gpu_runtimes(
+    #[case] path: Path,
+    #[values(
+        ScanShape::new(2, 8, 530, 2, 4),
+        ScanShape::new(1, 4, 1, 3, 2),
+        ScanShape::new(3, 6, 2100, 16, 3)
+    )]
+    shape: ScanShape,
+    #[values((0.001, 0.1, -1.0, 1.5), (60.0, 200.0, -1.0, 1.5), (-3.0, 1.0, -30.0, 20.0))] ranges: (
+        f32,
+        f32,
+        f32,
+        f32,
+    ),
+) {
+    let spec = RandomSpec {
+        delta_range: (ranges.0, ranges.1),
+        a_log_range: (ranges.2, ranges.3),
+        ..RandomSpec::default()
+    };
+    run(path, shape, &spec);
 }
 
 #[rstest]
