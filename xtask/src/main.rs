@@ -1,18 +1,15 @@
-//! `cargo xtask <command>`: project automation, one file per command.
+//! `cargo xtask <command>`: a thin driver with no dependencies, so that it builds in seconds.
 //!
-//! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures.
-//! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
-//! - `test`: the README's test command (Vulkan check, workspace tests, parity).
+//! - `test`: the README's test command: checks for a Vulkan driver ([`vulkan`]), then runs
+//!   `cargo test --workspace`, which includes parity on the built-in cases and the committed
+//!   fixtures for every path (tests of `xtask-runner`).
+//! - `parity`, `bench`: run `xtask-runner` (`xtask/runner/`, which holds the scan, Burn and
+//!   every backend) built in release: `cargo run --release -p xtask-runner -- <command> ...`.
+//!   With CUDA or ROCm, call that directly with `--features cuda` / `--features rocm`.
 
-mod alloc;
-mod backends;
-mod bench;
-mod fixtures;
-mod parity;
-mod test;
 mod vulkan;
 
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -20,29 +17,57 @@ usage: cargo xtask <command> [options]
 commands:
   test
       The README's test command: checks for a Vulkan driver (prints what to install
-      if there is none), runs `cargo test --workspace`, then parity on the built-in
-      cases and on tests/fixtures/scan.
+      if there is none), then runs `cargo test --workspace`: every unit and
+      integration test, and parity on the built-in cases and on tests/fixtures/scan
+      for every path (the WGPU ones on the real kernels).
   parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
-      Runs the selective scan (forward + backward) on every backend compiled in
-      (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
-      and prints the max relative error (max |x - ref| / max |ref|) per tensor.
-      Without --fixtures it uses built-in seeded cases and the f64 reference;
-      with --fixtures it reads DIR/*.safetensors (DESIGN.md §6) and compares with
-      the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
-      Exits non-zero when any error exceeds the tolerance (default 2e-4).
   bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
-      Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
-      stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
-      of cubecl,ndarray-fused,fallback,reference (default: all).
+      Run by xtask-runner built in release; `cargo xtask parity --help` prints
+      their options. For CUDA / ROCm:
+      cargo run --release -p xtask-runner --features cuda -- parity
 ";
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+/// Runs `command`, echoing it; an error names it and its exit status.
+fn run(mut command: Command) -> Result<(), String> {
+    let shown = format!("{command:?}").replace('"', "");
+    println!("$ {shown}");
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{shown}` failed ({status})"))
+    }
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    if !args.is_empty() {
+        return Err(format!("`test` takes no options, got {args:?}"));
+    }
+    vulkan::require_driver()?;
+    let mut command = cargo();
+    command.args(["test", "--workspace"]);
+    run(command)?;
+    println!("xtask test: every workspace test passed, parity included");
+    Ok(())
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    println!("$ cargo xtask {}", args.join(" "));
     let result = match args.first().map(String::as_str) {
-        Some("parity") => parity::run(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
-        Some("test") => test::run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("parity" | "bench") => {
+            let mut command = cargo();
+            command
+                .args(["run", "--release", "--package", "xtask-runner", "--"])
+                .args(&args);
+            run(command)
+        }
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -56,23 +81,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Parses `--flag value` pairs; `flags` lists the accepted names.
-pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
-    let mut out = vec![];
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        if !flags.contains(&flag.as_str()) {
-            return Err(format!(
-                "unknown option `{flag}` (expected one of {})",
-                flags.join(", ")
-            ));
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("option `{flag}` needs a value"))?;
-        out.push((flag.clone(), value.clone()));
-    }
-    Ok(out)
 }

@@ -573,7 +573,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             )
         })
         .collect();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("scan.json");
     std::fs::write(&path, format!("[\n{}\n]\n", json.join(",\n")))

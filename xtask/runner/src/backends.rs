@@ -60,7 +60,7 @@ fn select<T: Copy>(
                 let known: Vec<_> = all.iter().map(|b| name_of(*b)).collect();
                 format!(
                     "`{name}` is not compiled in (available: {}; cuda and rocm need \
-                     `cargo run --release -p xtask --features cuda|rocm -- ...`)",
+                     `cargo run --release -p xtask-runner --features cuda|rocm -- ...`)",
                     known.join(", ")
                 )
             }),

@@ -1,0 +1,107 @@
+//! `xtask-runner`: the heavy half of `cargo xtask` (the thin driver in `xtask/` runs it in
+//! release), one file per command.
+//!
+//! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures;
+//!   its built-in cases and the committed fixtures also run as tests here (`cargo test`).
+//! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
+
+mod alloc;
+mod backends;
+mod bench;
+mod fixtures;
+mod parity;
+/// The driver's Vulkan check, the same file (parity on WGPU needs the driver too).
+#[path = "../../src/vulkan.rs"]
+mod vulkan;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+   or: cargo run --release -p xtask-runner [--features cuda|rocm] -- <command> [options]
+
+commands:
+  parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
+      Runs the selective scan (forward + backward) on every backend compiled in
+      (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
+      and prints the max relative error (max |x - ref| / max |ref|) per tensor.
+      Without --fixtures it uses built-in seeded cases and the f64 reference;
+      with --fixtures it reads DIR/*.safetensors (DESIGN.md §6) and compares with
+      the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
+      Exits non-zero when any error exceeds the tolerance (default 2e-4).
+  bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
+      Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
+      stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
+      of cubecl,ndarray-fused,fallback,reference (default: all).
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("$ cargo xtask {}", args.join(" "));
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let result = match args.first().map(String::as_str) {
+        Some("parity") => parity::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("help") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `--flag value` pairs; `flags` lists the accepted names.
+pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut out = vec![];
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if !flags.contains(&flag.as_str()) {
+            return Err(format!(
+                "unknown option `{flag}` (expected one of {})",
+                flags.join(", ")
+            ));
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("option `{flag}` needs a value"))?;
+        out.push((flag.clone(), value.clone()));
+    }
+    Ok(out)
+}
+
+/// Parity as part of `cargo test --workspace` (the README's test command): the built-in seeded
+/// cases against the f64 reference and the committed fixtures, on every path compiled in.
+#[cfg(test)]
+mod parity_tests {
+    use std::path::PathBuf;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    #[test]
+    fn parity_on_the_built_in_cases() {
+        crate::parity::run(&[]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn parity_on_the_committed_fixtures() {
+        let args = [
+            "--fixtures".to_string(),
+            root().join("tests/fixtures/scan").display().to_string(),
+            "--out".to_string(),
+            root().join("target/parity").display().to_string(),
+        ];
+        crate::parity::run(&args).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
