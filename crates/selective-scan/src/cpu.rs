@@ -262,136 +262,142 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
             dd_rest = dd_next;
         }
     }
-    let outs: Vec<TaskOut> = tasks
-        .into_par_iter()
-        .map(|(task, du_task, dd_task)| {
-            let block = task % blocks;
-            let bg = task / blocks;
-            let (batch, group) = (bg / s.groups, bg % s.groups);
-            let first = group * cpg + block * CHANNELS_PER_TASK;
-            let count = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK);
-            let mut out = TaskOut {
-                db: vec![0.0; n_state * l],
-                dc: vec![0.0; n_state * l],
-                da: vec![0.0; count * n_state],
-                dd: vec![0.0; count],
-                dbias: vec![0.0; count],
-            };
-            // Per-row scratch, reused for every channel and state of the task. `h` holds
-            // h_0 = 0 and the L states after it, so `h[t]` is h_{t-1} and `h[t + 1]` is h_t.
-            let mut dt = vec![0.0f32; l];
-            let mut sig = vec![0.0f32; l];
-            let mut a_t = vec![0.0f32; l];
-            let mut h = vec![0.0f32; l + 1];
-            let mut adj = vec![0.0f32; l];
-            let mut ddt = vec![0.0f32; l];
-            let mut term = vec![0.0f32; l];
-            for k in 0..count {
-                let channel = first + k;
-                let row = batch * s.channels + channel;
-                p.steps_with_slope(row, channel, &mut dt, &mut sig);
-                let u = &p.u[row * l..(row + 1) * l];
-                let gy = &dy[row * l..(row + 1) * l];
-                let skip = p.d.map_or(0.0, |v| v[channel]);
-                let du_row = &mut du_task[k * l..(k + 1) * l];
-                // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t
-                for (d, g) in du_row.iter_mut().zip(gy) {
-                    *d = skip * g;
-                }
-                ddt.iter_mut().for_each(|x| *x = 0.0);
-                for n in 0..n_state {
-                    let a_n = p.a[channel * n_state + n];
-                    let base = ((batch * s.groups + group) * n_state + n) * l;
-                    let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
-                    // Vectorised: a_t = exp(Δ_t A), and Δ_t B_t u_t (in `adj` for now).
-                    for (((a, bu), d), (b, u)) in a_t
-                        .iter_mut()
-                        .zip(adj.iter_mut())
-                        .zip(dt.iter())
-                        .zip(b_row.iter().zip(u))
-                    {
-                        *a = exp(d * a_n);
-                        *bu = d * b * u;
-                    }
-                    // Sequential: h_t = a_t h_{t-1} + Δ_t B_t u_t.
-                    let mut state = 0.0f32;
-                    for ((h, a), bu) in h[1..].iter_mut().zip(a_t.iter()).zip(adj.iter()) {
-                        state = a * state + bu;
-                        *h = state;
-                    }
-                    // Sequential, backwards: ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t.
-                    let mut state = 0.0f32;
-                    let mut next_a = 0.0f32;
-                    for (((adj, a), g), c) in
-                        adj.iter_mut().zip(a_t.iter()).zip(gy).zip(c_row).rev()
-                    {
-                        state = next_a * state + g * c;
-                        next_a = *a;
-                        *adj = state;
-                    }
-                    // Vectorised: every gradient term of SPEC §3.3 at once.
-                    let (db, dc) = (
-                        &mut out.db[n * l..(n + 1) * l],
-                        &mut out.dc[n * l..(n + 1) * l],
-                    );
-                    // Every slice re-cut to exactly `l` so that the bounds checks fold away.
-                    let (h_prev, h_cur, adj, dt, a_t) =
-                        (&h[..l], &h[1..=l], &adj[..l], &dt[..l], &a_t[..l]);
-                    let (b_row, u, gy) = (&b_row[..l], &u[..l], &gy[..l]);
-                    let (du_row, ddt, term) = (&mut du_row[..l], &mut ddt[..l], &mut term[..l]);
-                    let (db, dc) = (&mut db[..l], &mut dc[..l]);
-                    for t in 0..l {
-                        let adj_dt = adj[t] * dt[t];
-                        let a_h = a_t[t] * h_prev[t];
-                        du_row[t] += adj_dt * b_row[t];
-                        ddt[t] += adj[t] * (b_row[t] * u[t] + a_n * a_h);
-                        term[t] = adj_dt * a_h;
-                        db[t] += adj_dt * u[t];
-                        dc[t] += gy[t] * h_cur[t];
-                    }
-                    out.da[k * n_state + n] = sum_lanes(term);
-                }
-                let ddelta_row = &mut dd_task[k * l..(k + 1) * l];
-                if p.delta_softplus {
-                    for ((g, d), s) in ddelta_row.iter_mut().zip(ddt.iter()).zip(sig.iter()) {
-                        *g = d * s;
-                    }
-                } else {
-                    ddelta_row.copy_from_slice(&ddt);
-                }
-                for ((t, g), u) in term.iter_mut().zip(gy).zip(u) {
-                    *t = g * u;
-                }
-                out.dd[k] = sum_lanes(&term);
-                out.dbias[k] = sum_lanes(ddelta_row);
+    let run_task = |(task, du_task, dd_task): &mut (usize, &mut [f32], &mut [f32])| {
+        let task = *task;
+        let block = task % blocks;
+        let bg = task / blocks;
+        let (batch, group) = (bg / s.groups, bg % s.groups);
+        let first = group * cpg + block * CHANNELS_PER_TASK;
+        let count = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK);
+        let mut out = TaskOut {
+            db: vec![0.0; n_state * l],
+            dc: vec![0.0; n_state * l],
+            da: vec![0.0; count * n_state],
+            dd: vec![0.0; count],
+            dbias: vec![0.0; count],
+        };
+        // Per-row scratch, reused for every channel and state of the task. `h` holds
+        // h_0 = 0 and the L states after it, so `h[t]` is h_{t-1} and `h[t + 1]` is h_t.
+        let mut dt = vec![0.0f32; l];
+        let mut sig = vec![0.0f32; l];
+        let mut a_t = vec![0.0f32; l];
+        let mut h = vec![0.0f32; l + 1];
+        let mut adj = vec![0.0f32; l];
+        let mut ddt = vec![0.0f32; l];
+        let mut term = vec![0.0f32; l];
+        for k in 0..count {
+            let channel = first + k;
+            let row = batch * s.channels + channel;
+            p.steps_with_slope(row, channel, &mut dt, &mut sig);
+            let u = &p.u[row * l..(row + 1) * l];
+            let gy = &dy[row * l..(row + 1) * l];
+            let skip = p.d.map_or(0.0, |v| v[channel]);
+            let du_row = &mut du_task[k * l..(k + 1) * l];
+            // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t
+            for (d, g) in du_row.iter_mut().zip(gy) {
+                *d = skip * g;
             }
-            out
-        })
-        .collect();
+            ddt.iter_mut().for_each(|x| *x = 0.0);
+            for n in 0..n_state {
+                let a_n = p.a[channel * n_state + n];
+                let base = ((batch * s.groups + group) * n_state + n) * l;
+                let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
+                // Vectorised: a_t = exp(Δ_t A), and Δ_t B_t u_t (in `adj` for now).
+                for (((a, bu), d), (b, u)) in a_t
+                    .iter_mut()
+                    .zip(adj.iter_mut())
+                    .zip(dt.iter())
+                    .zip(b_row.iter().zip(u))
+                {
+                    *a = exp(d * a_n);
+                    *bu = d * b * u;
+                }
+                // Sequential: h_t = a_t h_{t-1} + Δ_t B_t u_t.
+                let mut state = 0.0f32;
+                for ((h, a), bu) in h[1..].iter_mut().zip(a_t.iter()).zip(adj.iter()) {
+                    state = a * state + bu;
+                    *h = state;
+                }
+                // Sequential, backwards: ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t.
+                let mut state = 0.0f32;
+                let mut next_a = 0.0f32;
+                for (((adj, a), g), c) in adj.iter_mut().zip(a_t.iter()).zip(gy).zip(c_row).rev() {
+                    state = next_a * state + g * c;
+                    next_a = *a;
+                    *adj = state;
+                }
+                // Vectorised: every gradient term of SPEC §3.3 at once.
+                let (db, dc) = (
+                    &mut out.db[n * l..(n + 1) * l],
+                    &mut out.dc[n * l..(n + 1) * l],
+                );
+                // Every slice re-cut to exactly `l` so that the bounds checks fold away.
+                let (h_prev, h_cur, adj, dt, a_t) =
+                    (&h[..l], &h[1..=l], &adj[..l], &dt[..l], &a_t[..l]);
+                let (b_row, u, gy) = (&b_row[..l], &u[..l], &gy[..l]);
+                let (du_row, ddt, term) = (&mut du_row[..l], &mut ddt[..l], &mut term[..l]);
+                let (db, dc) = (&mut db[..l], &mut dc[..l]);
+                for t in 0..l {
+                    let adj_dt = adj[t] * dt[t];
+                    let a_h = a_t[t] * h_prev[t];
+                    du_row[t] += adj_dt * b_row[t];
+                    ddt[t] += adj[t] * (b_row[t] * u[t] + a_n * a_h);
+                    term[t] = adj_dt * a_h;
+                    db[t] += adj_dt * u[t];
+                    dc[t] += gy[t] * h_cur[t];
+                }
+                out.da[k * n_state + n] = sum_lanes(term);
+            }
+            let ddelta_row = &mut dd_task[k * l..(k + 1) * l];
+            if p.delta_softplus {
+                for ((g, d), s) in ddelta_row.iter_mut().zip(ddt.iter()).zip(sig.iter()) {
+                    *g = d * s;
+                }
+            } else {
+                ddelta_row.copy_from_slice(&ddt);
+            }
+            for ((t, g), u) in term.iter_mut().zip(gy).zip(u) {
+                *t = g * u;
+            }
+            out.dd[k] = sum_lanes(&term);
+            out.dbias[k] = sum_lanes(ddelta_row);
+        }
+        out
+    };
 
-    // Fixed-order reductions over blocks (dB, dC) and over the batch (dA, dD, ddelta_bias).
+    // Fixed-order reductions over blocks (dB, dC) and over the batch (dA, dD, ddelta_bias), in
+    // task order. The tasks run in waves and each wave's partials are folded before the next
+    // starts: one partial per task would be B·D·N·L/8 floats (twice `du` at N = 16); a wave's
+    // stay under a quarter of `du` (one wave, no barrier, when N is small). The order of the
+    // additions, hence every bit, does not depend on the wave size.
     let mut db = vec![0.0f32; s.bgnl_len()];
     let mut dc = vec![0.0f32; s.bgnl_len()];
     let mut da = vec![0.0f32; s.channels * n_state];
     let mut dd = vec![0.0f32; s.channels];
     let mut dbias = vec![0.0f32; s.channels];
-    for (task, out) in outs.iter().enumerate() {
-        let block = task % blocks;
-        let bg = task / blocks;
-        let group = bg % s.groups;
-        let span = bg * n_state * l..(bg + 1) * n_state * l;
-        for (acc, x) in db[span.clone()].iter_mut().zip(&out.db) {
-            *acc += x;
-        }
-        for (acc, x) in dc[span].iter_mut().zip(&out.dc) {
-            *acc += x;
-        }
-        let first = group * cpg + block * CHANNELS_PER_TASK;
-        for (k, (skip, bias)) in out.dd.iter().zip(&out.dbias).enumerate() {
-            dd[first + k] += skip;
-            dbias[first + k] += bias;
-            for n in 0..n_state {
-                da[(first + k) * n_state + n] += out.da[k * n_state + n];
+    let partial_len = 2 * n_state * l;
+    let wave = (s.bdl_len() / 4 / partial_len).max(4 * rayon::current_num_threads());
+    for chunk in tasks.chunks_mut(wave) {
+        let outs: Vec<TaskOut> = chunk.par_iter_mut().map(run_task).collect();
+        for (out, (task, _, _)) in outs.iter().zip(chunk.iter()) {
+            let task = *task;
+            let block = task % blocks;
+            let bg = task / blocks;
+            let group = bg % s.groups;
+            let span = bg * n_state * l..(bg + 1) * n_state * l;
+            for (acc, x) in db[span.clone()].iter_mut().zip(&out.db) {
+                *acc += x;
+            }
+            for (acc, x) in dc[span].iter_mut().zip(&out.dc) {
+                *acc += x;
+            }
+            let first = group * cpg + block * CHANNELS_PER_TASK;
+            for (k, (skip, bias)) in out.dd.iter().zip(&out.dbias).enumerate() {
+                dd[first + k] += skip;
+                dbias[first + k] += bias;
+                for n in 0..n_state {
+                    da[(first + k) * n_state + n] += out.da[k * n_state + n];
+                }
             }
         }
     }

@@ -49,3 +49,30 @@ fn native_cpu_scan_reproduces_the_golden_numbers() {
     let g = selective_scan::cpu::backward(&p.slices(), &[1.0; 3]).unwrap();
     assert_golden(&y, &g, 2e-6);
 }
+
+/// The backward's tasks run in waves sized by the thread count; the result must not depend on
+/// it. 40 tasks (5 batches × 4 groups × 2 blocks of channels) make two waves at 1 and 3
+/// threads (30 tasks each: a quarter of `du` over the 200 floats of a task's partials) and at 8
+/// threads (32).
+#[test]
+fn native_cpu_backward_is_identical_for_any_thread_count() {
+    let shape = selective_scan::ScanShape::new(5, 96, 50, 2, 4);
+    let p = ScanProblem::random(shape, &RandomSpec::default(), 11);
+    let dy = common::upstream(&shape, 3);
+    let with_threads = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| selective_scan::cpu::backward(&p.slices(), &dy).unwrap())
+    };
+    let one = with_threads(1);
+    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
+    let (y_ref, grads_ref) = reference::backward(&p, &dy);
+    for (name, err) in common::errors(&y, &one, &y_ref, &grads_ref) {
+        assert!(err <= common::TOLERANCE, "{name} off by {err:.3e}");
+    }
+    for threads in [3, 8] {
+        assert_eq!(one, with_threads(threads), "{threads} threads vs 1");
+    }
+}
