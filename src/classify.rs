@@ -44,6 +44,21 @@ pub enum BackendName {
     Rocm,
 }
 
+impl BackendName {
+    /// Parses `ndarray`, `wgpu`, `cuda` or `rocm`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "ndarray" => Ok(BackendName::NdArray),
+            "wgpu" => Ok(BackendName::Wgpu),
+            "cuda" => Ok(BackendName::Cuda),
+            "rocm" => Ok(BackendName::Rocm),
+            other => Err(format!(
+                "--backend: unknown backend {other:?}; expected ndarray, wgpu, cuda or rocm"
+            )),
+        }
+    }
+}
+
 /// Command-line arguments of `classify`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Args {
@@ -87,19 +102,7 @@ impl Args {
                     .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
             };
             match flag.as_str() {
-                "--backend" => {
-                    parsed.backend = match value()?.as_str() {
-                        "ndarray" => BackendName::NdArray,
-                        "wgpu" => BackendName::Wgpu,
-                        "cuda" => BackendName::Cuda,
-                        "rocm" => BackendName::Rocm,
-                        other => {
-                            return Err(format!(
-                                "--backend: unknown backend {other:?}; expected ndarray, wgpu, cuda or rocm"
-                            ));
-                        }
-                    }
-                }
+                "--backend" => parsed.backend = BackendName::parse(&value()?)?,
                 "--preset" => parsed.preset = Some(value()?),
                 "--config" => parsed.config = Some(value()?.into()),
                 "--weights" => parsed.weights = Some(value()?.into()),
@@ -185,28 +188,39 @@ pub fn preprocess(path: &std::path::Path) -> Result<StateTensor, String> {
     let image = image::open(path)
         .map_err(|e| format!("--image {}: {e}", path.display()))?
         .to_rgb8();
-    let (w, h) = image.dimensions();
-    let scale = 256.0 / w.min(h) as f64;
-    let (rw, rh) = (
-        ((w as f64 * scale).round() as u32).max(224),
-        ((h as f64 * scale).round() as u32).max(224),
-    );
-    let resized = image::imageops::resize(&image, rw, rh, image::imageops::FilterType::CatmullRom);
-    let (left, top) = ((rw - 224) / 2, (rh - 224) / 2);
-    let mut values = vec![0.0f32; 3 * 224 * 224];
-    for y in 0..224 {
-        for x in 0..224 {
-            let pixel = resized.get_pixel(left + x, top + y);
-            for c in 0..3 {
-                values[(c * 224 + y as usize) * 224 + x as usize] =
-                    (f32::from(pixel[c]) / 255.0 - MEAN[c]) / STD[c];
-            }
-        }
-    }
     Ok(StateTensor {
         shape: vec![1, 3, 224, 224],
-        values,
+        values: normalise(&resize_center_crop(&image, 224)),
     })
+}
+
+/// Upstream's evaluation resize and crop for inputs of side `size`: the shorter side to
+/// `size / 0.875` (256 for 224; bicubic), then the centred `size × size` square.
+pub fn resize_center_crop(image: &image::RgbImage, size: u32) -> image::RgbImage {
+    let (w, h) = image.dimensions();
+    let short = (f64::from(size) / 0.875).round();
+    let scale = short / f64::from(w.min(h));
+    let (rw, rh) = (
+        ((f64::from(w) * scale).round() as u32).max(size),
+        ((f64::from(h) * scale).round() as u32).max(size),
+    );
+    let resized = image::imageops::resize(image, rw, rh, image::imageops::FilterType::CatmullRom);
+    image::imageops::crop_imm(&resized, (rw - size) / 2, (rh - size) / 2, size, size).to_image()
+}
+
+/// An 8-bit RGB image → `[3, height, width]` values scaled to [0, 1] and normalised by
+/// [`MEAN`]/[`STD`].
+pub fn normalise(image: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = image.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut values = vec![0.0f32; 3 * w * h];
+    for (x, y, pixel) in image.enumerate_pixels() {
+        for c in 0..3 {
+            values[(c * h + y as usize) * w + x as usize] =
+                (f32::from(pixel[c]) / 255.0 - MEAN[c]) / STD[c];
+        }
+    }
+    values
 }
 
 /// A generated, already normalised 224×224 test pattern (smooth colour gradients and rings).

@@ -9,11 +9,15 @@
 //! - [`burn_vmamba`]: the Burn layer: `selective_scan` on any backend with autodiff, and the
 //!   VMamba model (`burn_vmamba::model`: SS2D, VSS block, VSSM, configs, presets, checkpoints).
 //! - [`classify`]: the logic of the `classify` example (the README's main job).
+//! - [`train`]: the logic of the `train` example: burn-train's `Learner` with upstream's
+//!   recipe, ImageFolder data or a synthetic long-range task, one or several devices.
 //!
 //! See the repository README for the backend matrix and the `cargo xtask` commands.
 #![warn(missing_docs)]
 
 pub mod classify;
+#[cfg(feature = "train")]
+pub mod train;
 
 pub use burn_vmamba;
 pub use selective_scan;

@@ -388,9 +388,12 @@ fn bench_cube<R: Runtime>(
 pub fn run(args: &[String]) -> Result<(), String> {
     let (what, rest) = args
         .split_first()
-        .ok_or("bench needs a target: `bench scan`")?;
+        .ok_or("bench needs a target: `bench scan` or `bench train`")?;
+    if what == "train" {
+        return crate::train_bench::run(rest);
+    }
     if what != "scan" {
-        return Err(format!("unknown bench `{what}` (available: scan)"));
+        return Err(format!("unknown bench `{what}` (available: scan, train)"));
     }
     let flags = parse_flags(
         rest,

@@ -3,13 +3,16 @@
 //!
 //! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures;
 //!   its built-in cases and the committed fixtures also run as tests here (`cargo test`).
-//! - `bench`: times the scan implementations and writes `target/bench/scan.json`.
+//! - `bench`: `bench scan` times the scan implementations (`target/bench/scan.json`);
+//!   `bench train` trains the default task with the exact scan and with the wrong shortcut as a
+//!   control, for the same budget (`target/bench/train.json`).
 
 mod alloc;
 mod backends;
 mod bench;
 mod fixtures;
 mod parity;
+mod train_bench;
 /// The driver's Vulkan check, the same file (parity on WGPU needs the driver too).
 #[path = "../../src/vulkan.rs"]
 mod vulkan;
@@ -33,6 +36,11 @@ commands:
       Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
       stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
       of cubecl,ndarray-fused,fallback,reference (default: all).
+  bench train [--minutes M] [--epochs N] [--only exact|shortcut]
+      Trains the `train` example's default task (synthetic corner matching, NdArray)
+      for M minutes (default 10) with the exact scan, then with the scan replaced by
+      the zero-state / last-position-C shortcut (a negative control); prints both
+      validation accuracies, JSON at target/bench/train.json.
 ";
 
 fn main() -> ExitCode {

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, RecorderError};
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
@@ -267,6 +267,7 @@ impl PathTracker {
 struct Expected {
     path: PathTracker,
     params: Vec<(String, Vec<usize>, bool)>,
+    ids: Vec<ParamId>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Expected {
@@ -285,6 +286,7 @@ impl<B: Backend> ModuleVisitor<B> for Expected {
             shape.reverse();
         }
         self.params.push((self.path.key(), shape, linear));
+        self.ids.push(param.id);
     }
 }
 
@@ -397,9 +399,38 @@ pub fn expected_keys<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<u
     let mut visitor = Expected {
         path: PathTracker::default(),
         params: Vec::new(),
+        ids: Vec::new(),
     };
     module.visit(&mut visitor);
     visitor.params.into_iter().map(|(k, s, _)| (k, s)).collect()
+}
+
+/// One parameter of a module: its Burn id, upstream key and upstream shape (PyTorch layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParameterKey {
+    /// The id Burn's optimisers and gradients use.
+    pub id: ParamId,
+    /// The upstream key (`layers.0.blocks.0.op.A_logs`).
+    pub key: String,
+    /// The upstream shape (linear weights `[out, in]`).
+    pub shape: Vec<usize>,
+}
+
+/// Every parameter's id, upstream key and upstream shape, in module order: what an optimiser
+/// needs to apply upstream's per-name rules (weight-decay groups, for example).
+pub fn parameter_keys<B: Backend, M: Module<B>>(module: &M) -> Vec<ParameterKey> {
+    let mut visitor = Expected {
+        path: PathTracker::default(),
+        params: Vec::new(),
+        ids: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor
+        .params
+        .into_iter()
+        .zip(visitor.ids)
+        .map(|((key, shape, _), id)| ParameterKey { id, key, shape })
+        .collect()
 }
 
 /// A module's parameters under upstream's names and layouts.
@@ -421,6 +452,7 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(
     let mut visitor = Expected {
         path: PathTracker::default(),
         params: Vec::new(),
+        ids: Vec::new(),
     };
     module.visit(&mut visitor);
     let expected: HashMap<String, (Vec<usize>, bool)> = visitor

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`config`] | typed configs (`Ss2dConfig`, `VssBlockConfig`, `VssmConfig`), variant enums, presets |
 //! | [`upstream`] | upstream's `VSSM(...)` keywords and `forward_type` strings → configs |
+//! | [`conv`] | the convolutions as tensor ops, for backends whose `conv2d` is slow (NdArray) |
 //! | [`cross_scan`] | the four scan directions and their adjoint (SPEC §2.6) |
 //! | [`ss2d`] | SS2D (SPEC §2.4–2.5): one `selective_scan` call with G = 4 groups |
 //! | [`block`] | `VssBlock`, `Mlp`, `drop_path` |
@@ -28,6 +29,7 @@
 pub mod block;
 pub mod checkpoint;
 pub mod config;
+pub mod conv;
 pub mod cross_scan;
 pub mod init;
 mod pth;
@@ -37,8 +39,8 @@ pub mod vssm;
 
 pub use block::{Mlp, VssBlock, drop_path};
 pub use checkpoint::{
-    LoadError, StateDict, StateTensor, expected_keys, load_record, load_state_dict, save_record,
-    state_dict,
+    LoadError, ParameterKey, StateDict, StateTensor, expected_keys, load_record, load_state_dict,
+    parameter_keys, save_record, state_dict,
 };
 pub use config::{
     DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, Ss2dConfig, SsmInit,

@@ -10,6 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, activation, backend::Backend};
 
 use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
+use super::conv::conv2d;
 use super::cross_scan::{cross_merge, cross_scan};
 use super::init::{self, K};
 use crate::ops::{SelectiveScanBackend, selective_scan};
@@ -116,7 +117,7 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         };
         let x = x.permute([0, 3, 1, 2]); // [batch, d_inner, height, width]
         let x = match &self.conv2d {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d::<B>(conv, x),
             None => x,
         };
         let x = activation::silu(x);

@@ -8,6 +8,7 @@ use burn::tensor::{Tensor, activation, backend::Backend};
 
 use super::block::VssBlock;
 use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
+use super::conv::conv2d;
 use super::init;
 use crate::ops::SelectiveScanBackend;
 
@@ -26,17 +27,17 @@ pub struct PatchEmbed<B: Backend> {
     pub norm2: Option<LayerNorm<B>>,
 }
 
-impl<B: Backend> PatchEmbed<B> {
+impl<B: SelectiveScanBackend> PatchEmbed<B> {
     /// # Shapes
     /// - `x`: `[batch, in_chans, height, width]` → `[batch, height / p, width / p, dim]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = self
             .norm1
-            .forward(self.conv1.forward(x).permute([0, 2, 3, 1]));
+            .forward(conv2d(&self.conv1, x).permute([0, 2, 3, 1]));
         match (&self.conv2, &self.norm2) {
             (Some(conv2), Some(norm2)) => {
                 let x = activation::gelu(x.permute([0, 3, 1, 2]));
-                norm2.forward(conv2.forward(x).permute([0, 2, 3, 1]))
+                norm2.forward(conv2d(conv2, x).permute([0, 2, 3, 1]))
             }
             _ => x,
         }
@@ -89,11 +90,11 @@ pub struct ConvDownsample<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-impl<B: Backend> ConvDownsample<B> {
+impl<B: SelectiveScanBackend> ConvDownsample<B> {
     /// # Shapes
     /// - `x`: `[batch, height, width, C]` → `[batch, height', width', C']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.conv.forward(x.permute([0, 3, 1, 2]));
+        let x = conv2d(&self.conv, x.permute([0, 3, 1, 2]));
         self.norm.forward(x.permute([0, 2, 3, 1]))
     }
 }

@@ -84,6 +84,8 @@ fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
 }
 
 impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Autodiff<B, C> {
+    const CONV2D_BY_TENSOR_OPS: bool = B::CONV2D_BY_TENSOR_OPS;
+
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,
         options: ScanOptions,

@@ -84,6 +84,8 @@ impl<B: FusionBackend + SelectiveScanBackend> Operation<B::FusionRuntime> for Ba
 }
 
 impl<B: FusionBackend + SelectiveScanBackend> SelectiveScanBackend for Fusion<B> {
+    const CONV2D_BY_TENSOR_OPS: bool = B::CONV2D_BY_TENSOR_OPS;
+
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,
         options: ScanOptions,

@@ -15,6 +15,8 @@ pub mod fallback;
 pub mod fusion;
 pub mod ndarray;
 pub mod problem;
+#[cfg(feature = "shortcut-control")]
+pub mod shortcut;
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
@@ -142,6 +144,12 @@ pub struct ScanOptions {
 /// (slow) scan with `impl SelectiveScanBackend for MyBackend {}`. CubeCL backends, `Fusion`,
 /// `NdArray` and `Autodiff` override them with fused implementations.
 pub trait SelectiveScanBackend: Backend {
+    /// Whether the model runs its convolutions as tensor ops ([`crate::model::conv`]: shifted
+    /// multiply-adds for depthwise, unfold + matmul otherwise) instead of the backend's
+    /// `conv2d`: on for NdArray, whose conv and conv backward are scalar loops (seconds per
+    /// training step of a small model).
+    const CONV2D_BY_TENSOR_OPS: bool = false;
+
     /// Forward: `y [batch, channels, seq_len]` (f32) and what the backward needs besides the
     /// inputs (for the CubeCL kernels: the state at every chunk end).
     fn selective_scan_forward(
@@ -199,6 +207,10 @@ pub fn selective_scan<B: SelectiveScanBackend>(
     delta_bias: Option<Tensor<B, 1>>,
     delta_softplus: bool,
 ) -> Tensor<B, 3> {
+    #[cfg(feature = "shortcut-control")]
+    if shortcut::enabled() {
+        return shortcut::forward(u, delta, b, c, d, delta_bias, delta_softplus);
+    }
     let wants_f64 = u.dtype() == DType::F64;
     let inputs = ScanTensors::<B> {
         u: float(u),

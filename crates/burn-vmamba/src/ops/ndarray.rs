@@ -95,6 +95,8 @@ where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
+    const CONV2D_BY_TENSOR_OPS: bool = true;
+
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,
         options: ScanOptions,
