@@ -157,18 +157,21 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The default task: [`SyntheticCorners`] (48×48, 8192 training and 1024 validation
-    /// images) with a one-stage VMamba of the s1 family (`v05_noz`, `d_state` 1, ln2d, patch
-    /// embed v2, patch 4, 12×12 tokens, width 48, 2 blocks). A one-stage model keeps the
-    /// control honest: without the scan, its convolutions see about ±3 tokens, the marks are 11
-    /// tokens apart.
+    /// The default task: [`SyntheticCorners`] (32×32 images, 4096 training and 1024
+    /// validation images per epoch) with a one-block VMamba of the s1 family (`v05_noz`,
+    /// `d_state` 1, `ssm_ratio` 1, MLP 4, ln2d) on a 4×4 stem (patch embed v1): 8×8 tokens,
+    /// width 48. Without the scan this model sees ±1 token (the non-overlapping stem and one 3×3
+    /// depthwise conv; the MLP is per token) and no token sees both marks: only the scan can
+    /// bring them together. (At 16×16 the marks are so close that the conv alone solves the
+    /// task, and so does the wrong shortcut: measured, 100 % for both.)
     ///
-    /// The schedule is upstream's scaled down to a 10-minute CPU budget: 10 epochs, 1 of
-    /// warm-up, batch 64, `base_lr` 8e-3 (1e-3 at batch 64), no drop path.
+    /// The schedule is upstream's scaled down to a few CPU minutes: 8 epochs, 1 of warm-up,
+    /// batch 64, `base_lr` 1.6e-2 (2e-3 at batch 64), no drop path. This recipe does not yet
+    /// learn the task: 50 % after 5 epochs (see the README).
     pub fn synthetic() -> Self {
         let model = VssmConfig::preset("tiny-s1")
             .expect("tiny-s1 is a preset")
-            .with_depths(vec![2])
+            .with_depths(vec![1])
             .with_dims(vec![48])
             .with_patchembed_version(PatchEmbedVersion::V1)
             .with_drop_path_rate(0.0)
@@ -182,7 +185,7 @@ impl TrainConfig {
             },
         )
         .with_batch_size(64)
-        .with_epochs(10)
+        .with_epochs(8)
         .with_warmup_epochs(1)
         .with_base_lr(1.6e-2)
         .with_warmup_lr(1.6e-5)

@@ -22,7 +22,7 @@ commands:
       for every path (the WGPU ones on the real kernels).
   parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
   bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
-  bench train [--minutes M] [--epochs N] [--only exact|shortcut]
+  bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
       Run by xtask-runner built in release; `cargo xtask parity --help` prints
       their options. For CUDA / ROCm:
       cargo run --release -p xtask-runner --features cuda -- parity

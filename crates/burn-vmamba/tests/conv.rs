@@ -44,8 +44,9 @@ fn conv_by_tensor_ops_matches_conv2d(
     #[case] stride: [usize; 2],
     #[case] padding: [usize; 4],
     #[case] bias: bool,
-    #[case] [batch, height, width]: [usize; 3],
+    #[case] input: [usize; 3],
 ) {
+    let [batch, height, width] = input;
     let device = Default::default();
     B::seed(&device, 5);
     let depthwise = c_in == c_out && stride == [1, 1];

@@ -36,7 +36,7 @@ commands:
       Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
       stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
       of cubecl,ndarray-fused,fallback,reference (default: all).
-  bench train [--minutes M] [--epochs N] [--only exact|shortcut]
+  bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
       Trains the `train` example's default task (synthetic corner matching, NdArray)
       for M minutes (default 10) with the exact scan, then with the scan replaced by
       the zero-state / last-position-C shortcut (a negative control); prints both
@@ -111,5 +111,19 @@ mod parity_tests {
             root().join("target/parity").display().to_string(),
         ];
         crate::parity::run(&args).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// `bench train` from the test build, for machines where a release build of the runner is too
+/// slow to wait for: `cargo test -p xtask-runner -- --ignored bench_train`.
+#[cfg(test)]
+mod train_bench_tests {
+    #[test]
+    #[ignore = "trains for minutes; `cargo xtask bench train` runs the same in release"]
+    fn bench_train() {
+        let args: Vec<String> = std::env::var("BENCH_TRAIN_ARGS")
+            .map(|a| a.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        crate::train_bench::run(&args).unwrap_or_else(|e| panic!("{e}"));
     }
 }

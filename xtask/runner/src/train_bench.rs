@@ -24,7 +24,7 @@ struct Record {
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["--minutes", "--epochs", "--only"])?;
+    let flags = parse_flags(args, &["--minutes", "--epochs", "--image-size", "--only"])?;
     let flag = |name: &str| {
         flags
             .iter()
@@ -56,8 +56,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--minutes".to_string(),
             minutes.to_string(),
         ];
-        if let Some(epochs) = flag("--epochs") {
-            argv.extend(["--epochs".to_string(), epochs]);
+        for name in ["--epochs", "--image-size"] {
+            if let Some(value) = flag(name) {
+                argv.extend([name.to_string(), value]);
+            }
         }
         let args = Args::parse(argv)?;
         let config = args.recipe()?;
