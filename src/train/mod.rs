@@ -425,7 +425,7 @@ impl Args {
                 "--epochs" => parsed.epochs = Some(number(&flag, &value()?)?),
                 "--minutes" => {
                     let minutes: f64 = number(&flag, &value()?)?;
-                    if !(minutes > 0.0) {
+                    if minutes.is_nan() || minutes <= 0.0 {
                         return Err(format!("--minutes: expected > 0, found {minutes}"));
                     }
                     parsed.minutes = Some(minutes);
@@ -664,17 +664,11 @@ pub fn run_with(config: &TrainConfig, args: &Args, progress: Progress) -> Result
     }
 }
 
+/// A dataset of labelled images.
+pub type ImageSet = Arc<dyn Dataset<LabeledImage>>;
+
 /// The training and validation datasets of a task.
-pub fn datasets(
-    task: &Task,
-    seed: u64,
-) -> Result<
-    (
-        Arc<dyn Dataset<LabeledImage>>,
-        Arc<dyn Dataset<LabeledImage>>,
-    ),
-    String,
-> {
+pub fn datasets(task: &Task, seed: u64) -> Result<(ImageSet, ImageSet), String> {
     Ok(match task {
         Task::Synthetic { train, val, size } => (
             Arc::new(SyntheticCorners {
@@ -685,7 +679,7 @@ pub fn datasets(
             Arc::new(SyntheticCorners {
                 len: *val,
                 size: *size,
-                seed: seed ^ 0x5EED_0F_7A1D,
+                seed: seed ^ 0x5E_ED0F_7A1D,
             }),
         ),
         Task::ImageFolder { root, classes, .. } => {
