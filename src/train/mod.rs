@@ -878,21 +878,13 @@ where
     let mut correct = 0usize;
     let mut sample = (Vec::new(), Vec::new(), Vec::new());
     let eval_device = model.devices()[0].clone();
-    let eval_batcher = ImageBatcher::new(
-        match config.task {
-            Task::Synthetic { .. } => Transform::Identity,
-            Task::ImageFolder { .. } => Transform::ResizeCenterCrop,
-        },
-        config.task.image_size(),
-        config.seed,
-    );
     let sample_len = val_len.min(64);
     for start in (0..val_len).step_by(config.batch_size) {
         let items: Vec<LabeledImage> = (start..(start + config.batch_size).min(val_len))
             .filter_map(|i| val_set.get(i))
             .collect();
         let batch: ImageBatch<B::InnerBackend> =
-            burn::data::dataloader::batcher::Batcher::batch(&eval_batcher, items, &eval_device);
+            burn::data::dataloader::batcher::Batcher::batch(&val_batcher, items, &eval_device);
         let labels = tensor_values(batch.targets.clone().float());
         let predicted = tensor_values(model.forward(batch.images.clone()).argmax(1).float());
         correct += labels

@@ -10,7 +10,7 @@
 //!   softplus' derivative (sigmoid) from one exponential; then for each state a vectorised pass
 //!   for `exp(Δ_t A_n)` and `Δ_t B_t u_t`, a sequential pass replaying the states into an
 //!   `L`-long buffer, a sequential backward pass for the adjoint `ĥ_t = a_{t+1} ĥ_{t+1} +
-//!   dy_t C_t`, and a vectorised pass accumulating every formula of `SPEC.md` §3.3 (the
+//!   dy_t C_t`, and a vectorised pass accumulating every backward formula of [`crate::reference`] (the
 //!   reductions over `t` in 8 fixed lanes). Only the two recurrences are sequential.
 //!   `dB`/`dC` are summed over the block's channels by the task itself and over blocks
 //!   afterwards, `dA`/`dD`/`ddelta_bias` over the batch afterwards, always in the same order.
@@ -326,7 +326,7 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
                     next_a = *a;
                     *adj = state;
                 }
-                // Vectorised: every gradient term of SPEC §3.3 at once.
+                // Vectorised: every gradient term of `reference`'s formulas at once.
                 let (db, dc) = (
                     &mut out.db[n * l..(n + 1) * l],
                     &mut out.dc[n * l..(n + 1) * l],

@@ -1,7 +1,20 @@
 //! The f64 sequential reference: the specification every fast path is tested against.
 //!
-//! A direct transcription of `SPEC.md` §3.2 (forward) and §3.3 (backward), one `(batch,
-//! channel, state)` at a time, in `f64`. It stores the states of one channel (`O(L·N)`), which
+//! A direct transcription of the math below, one `(batch, channel, state)` at a time, in `f64`.
+//!
+//! Forward, with `Δ_t = softplus(delta_t + delta_bias)` (threshold 20) or `delta_t +
+//! delta_bias`, and `a_t = exp(Δ_t A)`:
+//! `h_t = a_t h_{t-1} + Δ_t B_t u_t` (`h_0 = 0`), `y_t = C_t · h_t + D u_t`.
+//!
+//! Backward for an upstream gradient `dy`, with the adjoint state
+//! `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` (`ĥ_L = dy_L C_L`), per state `n`:
+//! - `dC_t = dy_t h_t`, `dB_t = ĥ_t Δ_t u_t`, `dA = Σ_t ĥ_t Δ_t a_t h_{t-1}`;
+//! - `du_t = D dy_t + Σ_n ĥ_t Δ_t B_t`, `dD = Σ_t dy_t u_t`;
+//! - `dΔ_t = Σ_n ĥ_t (A a_t h_{t-1} + B_t u_t)`, then `ddelta_t = dΔ_t · softplus'(·)` (1 without
+//!   softplus) and `ddelta_bias = Σ_{batch, t} ddelta_t`;
+//! - groups: `dB`, `dC` sum over the channels of their group.
+//!
+//! It stores the states of one channel (`O(L·N)`), which
 //! is fine for an oracle and is exactly what the kernels avoid.
 
 use crate::{ScanGrads, ScanProblem, ScanShape};
@@ -126,7 +139,7 @@ pub fn forward64(p: &Problem64) -> Vec<f64> {
 /// Backward: the output `y` and the gradients of `Σ dy ⊙ y` with respect to every input.
 ///
 /// `dy` has shape `[batch, channels, seq_len]`. Uses the adjoint recurrence
-/// `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` and the formulas of `SPEC.md` §3.3.
+/// `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` and the formulas of the module doc.
 pub fn backward(p: &ScanProblem, dy: &[f32]) -> (Vec<f64>, ScanGrads<f64>) {
     let dy: Vec<f64> = dy.iter().map(|&x| f64::from(x)).collect();
     backward64(&p.into(), &dy)

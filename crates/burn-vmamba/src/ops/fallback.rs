@@ -242,7 +242,7 @@ pub fn forward<B: Backend>(inputs: ScanTensors<B>, options: ScanOptions) -> Floa
     .tensor()
 }
 
-/// Fallback backward in tensor ops (`SPEC.md` §3.3), chunk by chunk from the last.
+/// Fallback backward in tensor ops (the formulas of `selective_scan::reference`), chunk by chunk from the last.
 ///
 /// Inside a chunk the adjoint `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` is
 /// `ĥ_t = Σ_{s ≥ t} e^{S_s − S_t} dy_s C_s + e^{S_last − S_t} κ`, the transposed forward weights,

@@ -10,7 +10,7 @@
 //!
 //! Per chunk (last to first) and state `n`: (1) replay the forward scan from the carry of the
 //! previous chunk to get `h_t` and `a_t`; (2) scan the reverse elements `(a_{t+1}, dy_t C_t)`,
-//! seeded with `a_{s'}·ĥ_{s'}` from the chunk after; (3) accumulate (`SPEC.md` §3.3)
+//! seeded with `a_{s'}·ĥ_{s'}` from the chunk after; (3) accumulate (the formulas of [`crate::reference`])
 //! `du += ĥ Δ B`, `dΔ += ĥ (B u + A a_t h_{t-1})`, `dA += ĥ Δ a_t h_{t-1}`, `dB += ĥ Δ u`,
 //! `dC += dy h`.
 
