@@ -27,8 +27,9 @@ pub struct LabeledImage {
 /// bottom-left corner?
 ///
 /// Each `size × size` image is noise around mid-grey with two square marks of side
-/// `size / 8`, one near the top-right and one near the bottom-left corner (each jittered by up
-/// to half its side), each one of [`Self::COLOURS`] colours. Label 1 ("match") when both marks
+/// `size / 4`, one near the top-right and one near the bottom-left corner (inside a 1-pixel
+/// border, each pushed inwards by up to `size / 16` pixels in x and y), each one of
+/// [`Self::COLOURS`] colours. Label 1 ("match") when both marks
 /// have the same colour, 0 ("differ") otherwise; even indices are "differ", odd indices
 /// "match", so every split is balanced. Each corner alone says nothing about the label: a model
 /// must carry one mark's colour across the whole image to the other. A 3×3 conv or a small
