@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Writes selective-scan parity fixtures in the format of DESIGN.md §6, independently of the
-Rust code: the forward is a NumPy transcription of mamba_ssm's `selective_scan_ref`
+"""Writes selective-scan parity fixtures (the format of xtask/runner/src/fixtures.rs),
+independently of the Rust code: the forward is a NumPy transcription of mamba_ssm's `selective_scan_ref`
 (materialised deltaA / deltaB_u, a Python loop over L), and every gradient comes from
 reverse-mode autodiff (HIPS `autograd`) of that forward, not from a hand-derived backward.
 

@@ -142,7 +142,7 @@ fn gradients_flow_through_cross_scan_and_cross_merge() {
 
 // ---------------------------------------------------------------- configs and presets
 
-/// SPEC §2.1 (hand count of every tensor; equal to `sum(p.numel())` of upstream's factories).
+/// Hand count of every tensor; equal to `sum(p.numel())` of upstream's factories.
 #[rstest]
 #[case("vanilla-tiny", 22_893_448)]
 #[case("vanilla-small", 44_417_416)]

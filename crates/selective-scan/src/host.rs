@@ -65,7 +65,7 @@ impl Uploaded {
             has_bias: p.delta_bias.is_some(),
         };
         for (name, shape, data) in p.named() {
-            // A, D and delta_bias stay f32 whatever the input dtype (SPEC §3.5).
+            // A, D and delta_bias stay f32 whatever the input dtype (as in mamba's kernels).
             let dt = if matches!(name, "A" | "D" | "delta_bias") {
                 ScanDtype::F32
             } else {

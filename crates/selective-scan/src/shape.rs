@@ -233,7 +233,8 @@ impl ScanShape {
         self.batch * self.groups * self.d_state * self.seq_len
     }
 
-    /// The `9·Bt·L·D·N` FLOP count of one forward scan (SPEC §3.6), plus `Bt·D·L` for the skip.
+    /// The `9·Bt·L·D·N` FLOP count of one forward scan (VMamba's convention, from
+    /// state-spaces/mamba#110), plus `Bt·D·L` for the skip.
     pub fn forward_flops(&self) -> f64 {
         9.0 * (self.bdl_len() * self.d_state) as f64 + self.bdl_len() as f64
     }

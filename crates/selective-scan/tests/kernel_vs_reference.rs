@@ -155,8 +155,8 @@ fn kernel_matches_reference_on_vmamba_stage_one_length_with_sixteen_states() {
 }
 
 /// An impulse `u = δ_{t,0}` must decay as `y_t = C_t · exp(A Σ_{r=1..t} Δ_r) · Δ_0 B_0`, a closed
-/// form computed here independently of the reference loop. The no-recurrence shortcut of
-/// SPEC §1 gives `y_t = 0` for every `t > 0` and fails this at once.
+/// form computed here independently of the reference loop. The no-recurrence shortcut
+/// (`burn_vmamba::ops::shortcut`) gives `y_t = 0` for every `t > 0` and fails this at once.
 #[test]
 fn impulse_response_follows_the_decay_across_chunks() {
     let l = 1500;
@@ -188,7 +188,7 @@ fn impulse_response_follows_the_decay_across_chunks() {
     );
 }
 
-/// SPEC §3.3's golden numbers, through the kernels.
+/// The golden numbers (`common::GOLDEN`), through the kernels.
 #[test]
 fn kernel_reproduces_the_golden_numbers_of_the_spec() {
     let (y, g) = host::forward_backward_host(

@@ -1,4 +1,5 @@
-//! The reference itself: the golden numbers of SPEC §3.3 and central finite differences.
+//! The reference itself: the hand-computed golden numbers
+//! (`common::GOLDEN`) and central finite differences.
 
 mod common;
 

@@ -1,4 +1,5 @@
-//! `cargo xtask bench scan`: times the scan implementations on the DESIGN.md §7 shapes.
+//! `cargo xtask bench scan`: times the scan implementations on the shapes of `shapes()`
+//! (C1–C4 CPU-sized, G2 and G4 GPU-only).
 //!
 //! Every time is the median of `--repeats` runs after one warm-up run. Alongside, the same run
 //! measures a bandwidth figure per kind of device: a STREAM-style triad on the CPU (for the

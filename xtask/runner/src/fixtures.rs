@@ -1,4 +1,5 @@
-//! Parity fixtures: one `.safetensors` per case (DESIGN.md §6), all f32.
+//! Parity fixtures: one `.safetensors` per case, all f32 (the format below; the README's
+//! xtask section and `scripts/make_scan_fixtures.py` write the same).
 //!
 //! Inputs `u, delta, A, B, C, dout` and optionally `D, delta_bias`; expected `y, du, ddelta, dA,
 //! dB, dC` and `dD, ddelta_bias` when those inputs are present; metadata key `delta_softplus` =

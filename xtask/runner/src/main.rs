@@ -29,11 +29,11 @@ commands:
       (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
       and prints the max relative error (max |x - ref| / max |ref|) per tensor.
       Without --fixtures it uses built-in seeded cases and the f64 reference;
-      with --fixtures it reads DIR/*.safetensors (DESIGN.md §6) and compares with
+      with --fixtures it reads DIR/*.safetensors (format: src/fixtures.rs) and compares with
       the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
       Exits non-zero when any error exceeds the tolerance (default 2e-4).
   bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
-      Times forward and forward+backward on the DESIGN.md §7 shapes; markdown on
+      Times forward and forward+backward on shapes C1-C4, G2, G4 (src/bench.rs); markdown on
       stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
       of cubecl,ndarray-fused,fallback,reference (default: all).
   bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]

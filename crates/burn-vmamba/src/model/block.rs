@@ -1,4 +1,4 @@
-//! The VSS block (SPEC §2.3): `x + drop_path(SS2D(norm(x)))`, then
+//! The VSS block: `x + drop_path(SS2D(norm(x)))`, then
 //! `x + drop_path(MLP(norm2(x)))`; either branch can be off.
 
 use burn::module::Module;

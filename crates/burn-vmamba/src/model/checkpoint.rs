@@ -1,4 +1,4 @@
-//! Checkpoint import and export with upstream's key names (SPEC §7).
+//! Checkpoint import and export with upstream's key names.
 //!
 //! - [`StateDict::from_file`] reads upstream's `.pth` release files (a `torch.save` dict whose
 //!   `model` entry is the state dict; the other entries — optimizer, config, … — are ignored),

@@ -382,7 +382,7 @@ const fn preset(
     }
 }
 
-/// Upstream's factory functions in `classification/models/vmamba.py` (SPEC §2.1):
+/// Upstream's factory functions in `classification/models/vmamba.py`:
 /// names, dims[0], depths, vanilla (v0) or v2 family, ssm_ratio, drop_path_rate.
 #[rustfmt::skip]
 const PRESETS: &[Preset] = &[

@@ -1,4 +1,4 @@
-//! Cross-scan and cross-merge (SPEC §2.6): the four directional flattenings of a feature map,
+//! Cross-scan and cross-merge: the four directional flattenings of a feature map,
 //! and their exact adjoint.
 //!
 //! For `x[h, w]` with `L = H·W`:

@@ -1,4 +1,4 @@
-//! Upstream's initialisation (SPEC §2.4), as Burn initialisers and tensors.
+//! Upstream's initialisation, as Burn initialisers and tensors.
 //!
 //! - Every `nn.Linear` (including `Linear2d`): timm's `trunc_normal_(std=0.02)` with the default
 //!   cut at ±2 (absolute, i.e. 100 σ: a plain normal to any precision), bias 0 (VSSM

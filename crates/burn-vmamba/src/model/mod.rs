@@ -6,8 +6,8 @@
 //! | [`config`] | typed configs (`Ss2dConfig`, `VssBlockConfig`, `VssmConfig`), variant enums, presets |
 //! | [`upstream`] | upstream's `VSSM(...)` keywords and `forward_type` strings → configs |
 //! | [`conv`] | the convolutions as tensor ops, for backends whose `conv2d` is slow (NdArray) |
-//! | [`cross_scan`] | the four scan directions and their adjoint (SPEC §2.6) |
-//! | [`ss2d`] | SS2D (SPEC §2.4–2.5): one `selective_scan` call with G = 4 groups |
+//! | [`cross_scan`] | the four scan directions and their adjoint |
+//! | [`ss2d`] | SS2D: one `selective_scan` call with G = 4 groups |
 //! | [`block`] | `VssBlock`, `Mlp`, `drop_path` |
 //! | [`vssm`] | stem, downsamples, stages, classifier, `Vssm` |
 //! | [`init`] | upstream's initialisers |

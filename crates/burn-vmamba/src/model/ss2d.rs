@@ -1,4 +1,4 @@
-//! SS2D: VMamba's 2-D selective-scan token mixer (SPEC §2.5).
+//! SS2D: VMamba's 2-D selective-scan token mixer.
 //!
 //! `in_proj → (split gate z) → depthwise conv → SiLU → cross-scan → per-direction projections →
 //! selective_scan (G = 4 groups, one call) → cross-merge → out_norm → (GELU) → (· gate) →
@@ -135,7 +135,7 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         self.out_proj.forward(y)
     }
 
-    /// Steps 3–7 of SPEC §2.5 on a channel-first map.
+    /// Cross-scan → projections → `selective_scan` → cross-merge, on a channel-first map.
     fn scan_2d(&self, x: Tensor<B, 4>, height: usize, width: usize) -> Tensor<B, 4> {
         let [batch, d_inner, _, _] = x.dims();
         let len = height * width;

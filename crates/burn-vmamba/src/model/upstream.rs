@@ -18,7 +18,7 @@ use super::config::{
     DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, SsmInit, VssmConfig,
 };
 
-/// The base forward types that compute SS2D's cross-2D scan (SPEC §2.7); they differ only in
+/// The base forward types that compute SS2D's cross-2D scan; they differ only in
 /// upstream's implementation (einsum vs grouped conv, which CUDA extension).
 pub const FORWARD_TYPE_BASES: &[&str] = &["v0", "v01", "v02", "v03", "v04", "v05", "v2", "v3"];
 

@@ -1,4 +1,4 @@
-//! The VSSM classification backbone (SPEC §2.2): stem → 4 stages of (VSS blocks, downsample) →
+//! The VSSM classification backbone: stem → 4 stages of (VSS blocks, downsample) →
 //! classifier. Runs channel-last internally; both upstream layouts compute this function.
 
 use burn::module::Module;

@@ -88,7 +88,7 @@ pub fn errors(
     out
 }
 
-/// SPEC §3.3's golden case: Bt = D = N = 1, L = 3, u = [1, 2, 3], Δ = 0.5 (no bias, no
+/// The golden case (values worked out by hand from the recurrence, outside this code): Bt = D = N = 1, L = 3, u = [1, 2, 3], Δ = 0.5 (no bias, no
 /// softplus), A = −1, B = C = 1, D = 0, upstream gradient 1.
 pub fn golden_problem() -> ScanProblem {
     ScanProblem {
@@ -104,7 +104,8 @@ pub fn golden_problem() -> ScanProblem {
     }
 }
 
-/// SPEC §3.3's golden values (checked there against central finite differences), by name.
+/// The golden values of [`golden_problem`], by name; `reference_checks.rs` also checks them
+/// against central finite differences of the reference.
 pub const GOLDEN: [(&str, &[f64]); 7] = [
     ("y", &[0.5, 1.3032653299, 2.2904703803]),
     ("du", &[0.9872050504, 0.8032653299, 0.5]),
