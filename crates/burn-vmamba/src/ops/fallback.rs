@@ -67,18 +67,7 @@ impl<B: Backend> Prepared<B> {
         let [batch, channels, seq_len] = u.dims();
         let [_, d_state] = a.dims();
         let groups = b.dims()[1];
-        let mut pre = delta;
-        if let Some(bias) = delta_bias {
-            pre = pre + bias.reshape([1, channels, 1]);
-        }
-        // Δ = softplus(x) with the threshold-20 rule; the clamp keeps exp finite (and its
-        // gradient zero rather than NaN) where the other branch is taken.
-        let dt = if delta_softplus {
-            let soft = pre.clone().clamp_max(20.0).exp().log1p();
-            soft.mask_where(pre.clone().greater_elem(20.0), pre.clone())
-        } else {
-            pre.clone()
-        };
+        let (pre, dt) = step_sizes(delta, delta_bias, delta_softplus);
         Self {
             batch,
             channels,
@@ -172,6 +161,29 @@ impl<B: Backend> Prepared<B> {
             ])
             .squeeze_dim::<3>(3)
     }
+}
+
+/// `(delta + delta_bias, Δ)`, both `[batch, channels, seq_len]`: `Δ = softplus(delta +
+/// delta_bias)` with mamba's threshold-20 rule when `softplus`, else the sum itself.
+pub(crate) fn step_sizes<B: Backend>(
+    delta: Tensor<B, 3>,
+    delta_bias: Option<Tensor<B, 1>>,
+    softplus: bool,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let [_, channels, _] = delta.dims();
+    let pre = match delta_bias {
+        Some(bias) => delta + bias.reshape([1, channels, 1]),
+        None => delta,
+    };
+    // The clamp keeps exp finite (and its gradient zero rather than NaN) where the other
+    // branch is taken.
+    let dt = if softplus {
+        let soft = pre.clone().clamp_max(20.0).exp().log1p();
+        soft.mask_where(pre.clone().greater_elem(20.0), pre.clone())
+    } else {
+        pre.clone()
+    };
+    (pre, dt)
 }
 
 /// The fallback forward on tensors of any backend.

@@ -207,10 +207,6 @@ pub fn selective_scan<B: SelectiveScanBackend>(
     delta_bias: Option<Tensor<B, 1>>,
     delta_softplus: bool,
 ) -> Tensor<B, 3> {
-    #[cfg(feature = "shortcut-control")]
-    if shortcut::enabled() {
-        return shortcut::forward(u, delta, b, c, d, delta_bias, delta_softplus);
-    }
     let wants_f64 = u.dtype() == DType::F64;
     let inputs = ScanTensors::<B> {
         u: float(u),
@@ -222,6 +218,10 @@ pub fn selective_scan<B: SelectiveScanBackend>(
         delta_bias: delta_bias.map(float),
     };
     inputs.shape();
+    #[cfg(feature = "shortcut-control")]
+    if shortcut::enabled() {
+        return shortcut::forward(inputs, delta_softplus);
+    }
     let inputs = normalize_dtypes(inputs);
     let (y, _) = B::selective_scan_forward(inputs, ScanOptions { delta_softplus });
     let y = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(y));

@@ -4,16 +4,19 @@
 //!
 //! It drops the recurrence (the state is zero before every step) and reads `C` at the last
 //! position: `y_t = Σ_n Δ_t u_t B_t[n] C_{L-1}[n] + D u_t`. Each output then depends on its own
-//! token and on the last token only: no token mixing. `Δ` is preprocessed exactly as the real
-//! scan does it (`softplus(delta + delta_bias)`), so that a control run differs from the real
-//! one in the recurrence alone.
+//! token and on the last token only: no token mixing. `Δ` comes from the fallback's own
+//! preprocessing (`softplus(delta + delta_bias)`, mamba's threshold rule), so that a control
+//! run differs from the real one in the recurrence alone.
 //!
 //! While [`enable`] is on, [`crate::selective_scan`] computes this instead of the scan, on
 //! every backend, with autodiff through ordinary tensor ops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::tensor::{Tensor, activation, backend::Backend};
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+
+use super::ScanTensors;
+use super::fallback::step_sizes;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -27,35 +30,24 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }
 
-/// The shortcut, with the shapes of [`crate::selective_scan`].
-#[allow(clippy::too_many_arguments)]
-pub fn forward<B: Backend>(
-    u: Tensor<B, 3>,
-    delta: Tensor<B, 3>,
-    b: Tensor<B, 4>,
-    c: Tensor<B, 4>,
-    d: Option<Tensor<B, 1>>,
-    delta_bias: Option<Tensor<B, 1>>,
-    delta_softplus: bool,
-) -> Tensor<B, 3> {
+/// The shortcut on the inputs of [`crate::selective_scan`] (shapes already checked there; `A`
+/// is not used).
+pub fn forward<B: Backend>(inputs: ScanTensors<B>, delta_softplus: bool) -> Tensor<B, 3> {
+    let t = |x| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(x));
+    let t4 = |x| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+    let t1 = |x| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(x));
+    let u = t(inputs.u);
+    let (b, c) = (t4(inputs.b), t4(inputs.c));
     let [batch, channels, len] = u.dims();
     let [_, groups, _, _] = b.dims();
-    let delta = match delta_bias {
-        Some(bias) => delta + bias.reshape([1, channels, 1]),
-        None => delta,
-    };
-    let delta = if delta_softplus {
-        activation::softplus(delta, 1.0)
-    } else {
-        delta
-    };
+    let (_, delta) = step_sizes(t(inputs.delta), inputs.delta_bias.map(t1), delta_softplus);
     let c_last = c.narrow(3, len - 1, 1); // [batch, groups, N, 1]
     let bc = (b * c_last).sum_dim(2); // [batch, groups, 1, len]
     let bc = bc
         .expand([batch, groups, channels / groups, len])
         .reshape([batch, channels, len]);
     let y = delta * u.clone() * bc;
-    match d {
+    match inputs.d.map(t1) {
         Some(d) => y + u * d.reshape([1, channels, 1]),
         None => y,
     }
