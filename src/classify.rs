@@ -59,6 +59,16 @@ impl BackendName {
     }
 }
 
+/// A tensor's values, row-major, as f32 (read back from the device).
+pub(crate) fn read_f32<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<Vec<f32>, String> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("reading a {D}-D tensor back: {e:?}"))
+}
+
 /// Command-line arguments of `classify`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Args {
@@ -315,19 +325,11 @@ fn run_on<B: SelectiveScanBackend>(
 
     let start = Instant::now();
     let logits = model.forward(images());
-    let logits_values = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?;
+    let logits_values = read_f32(logits)?;
     let first_ms = start.elapsed().as_secs_f64() * 1e3;
     let start = Instant::now();
     let probabilities = activation::softmax(model.forward(images()), 1);
-    let probabilities = probabilities
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| format!("{e:?}"))?;
+    let probabilities = read_f32(probabilities)?;
     let ms_per_image = start.elapsed().as_secs_f64() * 1e3 / batch as f64;
 
     let classes = config.num_classes;

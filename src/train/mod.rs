@@ -38,7 +38,6 @@ use burn::data::dataset::Dataset;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::train::metric::store::EventStoreClient;
 use burn::train::metric::{
@@ -56,7 +55,7 @@ use burn_vmamba::SelectiveScanBackend;
 use burn_vmamba::model::{PatchEmbedVersion, SsmInit, StateDict, StateTensor, Vssm, VssmConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::classify::{BackendName, read_config};
+use crate::classify::{BackendName, read_config, read_f32};
 use data::{ImageBatch, ImageBatcher, LabeledImage, SyntheticCorners, Transform};
 use optim::{RecipeOptimizerConfig, WarmupCosine, decay_groups};
 
@@ -891,8 +890,8 @@ where
             .collect();
         let batch: ImageBatch<B::InnerBackend> =
             burn::data::dataloader::batcher::Batcher::batch(&val_batcher, items, &eval_device);
-        let labels = tensor_values(batch.targets.clone().float());
-        let predicted = tensor_values(model.forward(batch.images.clone()).argmax(1).float());
+        let labels = read_f32(batch.targets.clone().float())?;
+        let predicted = read_f32(model.forward(batch.images.clone()).argmax(1).float())?;
         correct += labels
             .iter()
             .zip(&predicted)
@@ -900,28 +899,26 @@ where
             .count();
         if sample.1.len() < sample_len {
             let take = (sample_len - sample.1.len()).min(labels.len());
-            let x = tensor_values(batch.images.narrow(0, 0, take));
+            let x = read_f32(batch.images.narrow(0, 0, take))?;
             sample.0.extend(x);
             sample.1.extend(&labels[..take]);
             sample.2.extend(&predicted[..take]);
         }
     }
     let size = config.task.image_size();
+    let (x, labels, predictions) = sample;
     let files = || -> std::io::Result<()> {
         model
             .state_dict()
             .save_safetensors(out.join("model.safetensors"))?;
         config.model.save(out.join("model.json"))?;
-        let n = sample.1.len();
+        let n = labels.len();
         let tensor = |values: Vec<f32>, shape: Vec<usize>| StateTensor { shape, values };
         StateDict {
             tensors: [
-                (
-                    "x".to_string(),
-                    tensor(sample.0.clone(), vec![n, 3, size, size]),
-                ),
-                ("labels".to_string(), tensor(sample.1.clone(), vec![n])),
-                ("predictions".to_string(), tensor(sample.2.clone(), vec![n])),
+                ("x".to_string(), tensor(x, vec![n, 3, size, size])),
+                ("labels".to_string(), tensor(labels, vec![n])),
+                ("predictions".to_string(), tensor(predictions, vec![n])),
             ]
             .into(),
         }
@@ -940,13 +937,6 @@ where
         seconds,
         parameters,
     })
-}
-
-fn tensor_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("reading a {D}-D tensor back: {e:?}"))
 }
 
 /// Renders burn-train's progress as plain lines: one per split at the end of every epoch, and
