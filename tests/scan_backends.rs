@@ -8,13 +8,9 @@ use vmamba::selective_scan::{
     RandomSpec, ScanConfig, ScanDtype, ScanProblem, ScanShape, SplitMix64, host, reference,
 };
 
+/// Both measures of the deviation from the reference (max-relative and elementwise), the larger.
 fn max_rel_err(actual: &[f32], expected: &[f64]) -> f64 {
-    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let err = actual.iter().zip(expected).fold(0.0f64, |m, (a, e)| {
-        let d = (f64::from(*a) - e).abs();
-        if d.is_nan() { f64::INFINITY } else { m.max(d) }
-    });
-    err / scale.max(f64::MIN_POSITIVE)
+    reference::deviation(actual, expected).worst()
 }
 
 fn check<R: Runtime>(client: ComputeClient<R>, backend: &str) {

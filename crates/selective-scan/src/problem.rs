@@ -200,6 +200,22 @@ impl Default for RandomSpec {
     }
 }
 
+impl RandomSpec {
+    /// Long-memory channels: `A = −exp(A_log)` with `A_log` in `[−30, −10]` (A from −9e−14 to
+    /// −4.5e−5) and steps down to `Δ ≈ 1e-5`, so `|Δ·A|` spans 1e−19 to 1e−5 and the state is
+    /// close to a running sum over the whole sequence. With `softplus`, raw delta in
+    /// `[−11.5, −2]` and a bias in `[−1, 0]` (Δ ≈ 4e−6 to 0.13); without, raw Δ in `[1e−5, 0.1]`.
+    pub fn long_memory(softplus: bool) -> Self {
+        Self {
+            with_d: true,
+            with_delta_bias: softplus,
+            delta_softplus: softplus,
+            delta_range: if softplus { (-11.5, -2.0) } else { (1e-5, 0.1) },
+            a_log_range: (-30.0, -10.0),
+        }
+    }
+}
+
 impl ScanProblem {
     /// A seeded random problem: `u, B, C` uniform in `[-1, 1]`, `D` in `[0.5, 1.5]`, bias in
     /// `[-1, 0]`, delta and `A = -exp(A_log)` from `spec`.

@@ -218,3 +218,53 @@ pub fn backward64(p: &Problem64, dy: &[f64]) -> (Vec<f64>, ScanGrads<f64>) {
     }
     (y, g)
 }
+
+/// Floor of [`Deviation::elementwise`], as a fraction of `max |ref|`.
+pub const ELEMENT_FLOOR: f64 = 5e-2;
+
+/// How far a result is from the reference, by two measures; every comparison in the tests and
+/// in `xtask parity` asserts the larger ([`Deviation::worst`]) against its tolerance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Deviation {
+    /// `max |x − ref| / max |ref|` (the absolute error when the reference is all zeros).
+    pub max_rel: f64,
+    /// `max_i |x_i − ref_i| / (|ref_i| + ELEMENT_FLOOR · max |ref|)`: every element relative to
+    /// itself, down to a floor of 5 % of the largest (below it, an absolute bound). It sees a
+    /// small row that is wrong (one channel's `dA`, a long-memory channel's `dB`), which
+    /// `max_rel` lets through. The floor is what f32 arithmetic can meet: a running sum over
+    /// thousands of steps has an absolute error proportional to the sum of magnitudes, so its
+    /// elements near zero crossings are not accurate relative to themselves.
+    pub elementwise: f64,
+}
+
+impl Deviation {
+    /// The larger of the two measures.
+    pub fn worst(&self) -> f64 {
+        self.max_rel.max(self.elementwise)
+    }
+}
+
+/// The [`Deviation`] of `actual` from `expected`. NaN anywhere, or a length mismatch, is an
+/// infinite deviation, never a pass.
+pub fn deviation<T: Copy + Into<f64>>(actual: &[T], expected: &[f64]) -> Deviation {
+    if actual.len() != expected.len() {
+        return Deviation {
+            max_rel: f64::INFINITY,
+            elementwise: f64::INFINITY,
+        };
+    }
+    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let floor = ELEMENT_FLOOR * scale;
+    let worse = |m: f64, r: f64| if r.is_nan() { f64::INFINITY } else { m.max(r) };
+    let (mut abs, mut elementwise) = (0.0f64, 0.0f64);
+    for (a, e) in actual.iter().zip(expected) {
+        let d = ((*a).into() - e).abs();
+        abs = worse(abs, d);
+        let bound = e.abs() + floor;
+        elementwise = worse(elementwise, if bound > 0.0 { d / bound } else { d });
+    }
+    Deviation {
+        max_rel: if scale > 0.0 { abs / scale } else { abs },
+        elementwise,
+    }
+}

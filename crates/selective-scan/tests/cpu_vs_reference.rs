@@ -24,6 +24,14 @@ use selective_scan::{RandomSpec, ScanProblem, reference};
 #[case::raw_delta(selective_scan::ScanShape::new(2, 4, 530, 2, 2), RandomSpec { with_d: false, with_delta_bias: false, delta_softplus: false, delta_range: (0.01, 1.0), ..RandomSpec::default() })]
 #[case::a_log_20(selective_scan::ScanShape::new(1, 4, 600, 2, 2), RandomSpec { a_log_range: (20.0, 20.0), ..RandomSpec::default() })]
 #[case::a_log_minus_30(selective_scan::ScanShape::new(1, 4, 600, 2, 2), RandomSpec { a_log_range: (-30.0, -30.0), ..RandomSpec::default() })]
+#[case::long_memory(
+    selective_scan::ScanShape::new(1, 4, 3136, 4, 2),
+    RandomSpec::long_memory(true)
+)]
+#[case::long_memory_raw_delta(
+    selective_scan::ScanShape::new(1, 4, 3136, 4, 2),
+    RandomSpec::long_memory(false)
+)]
 #[case::delta_far_above_threshold(selective_scan::ScanShape::new(1, 4, 300, 2, 2), RandomSpec { delta_range: (60.0, 200.0), ..RandomSpec::default() })]
 fn native_cpu_scan_matches_reference(
     #[case] shape: selective_scan::ScanShape,
@@ -34,7 +42,9 @@ fn native_cpu_scan_matches_reference(
     let y = selective_scan::cpu::forward(&p.slices()).unwrap();
     let grads = selective_scan::cpu::backward(&p.slices(), &dy).unwrap();
     let (y_ref, grads_ref) = reference::backward(&p, &dy);
-    for (name, err) in common::errors(&y, &grads, &y_ref, &grads_ref) {
+    let errors = common::errors(&y, &grads, &y_ref, &grads_ref);
+    println!("{shape:?}: {errors:?}");
+    for (name, err) in errors {
         assert!(err <= common::TOLERANCE, "{name} off by {err:.3e}");
     }
     // Deterministic: a second run gives the same bits.
@@ -75,4 +85,33 @@ fn native_cpu_backward_is_identical_for_any_thread_count() {
     for threads in [3, 8] {
         assert_eq!(one, with_threads(threads), "{threads} threads vs 1");
     }
+}
+
+/// Long memory, exactly (as in `kernel_vs_reference.rs`): `|Δ·A| ≤ 3e−11`, so `exp(Δ·A)` rounds
+/// to 1 and an impulse gives `y_t = Δ` at every one of 3136 steps.
+#[test]
+fn native_cpu_impulse_response_of_long_memory_channels_stays_exact() {
+    let (l, channels) = (3136, 3);
+    let shape = selective_scan::ScanShape::new(1, channels, l, 1, 1);
+    let mut p = ScanProblem::random(shape, &RandomSpec::default(), 4);
+    p.u = (0..channels * l)
+        .map(|i| if i % l == 0 { 1.0 } else { 0.0 })
+        .collect();
+    p.d = None;
+    p.delta_bias = None;
+    p.delta_softplus = false;
+    p.delta = vec![1e-4; channels * l];
+    p.a = [-30.0f64, -20.0, -15.0]
+        .iter()
+        .map(|a_log| -(a_log.exp() as f32))
+        .collect();
+    p.b = vec![1.0; l];
+    p.c = vec![1.0; l];
+    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
+    let dt = f64::from(1e-4f32);
+    let expected: Vec<f64> = (0..channels * l)
+        .map(|i| dt * (dt * f64::from(p.a[i / l]) * (i % l) as f64).exp())
+        .collect();
+    let err = common::elem_err(&y, &expected);
+    assert!(err < 1e-6, "long-memory impulse response off by {err:.2e}");
 }

@@ -74,6 +74,47 @@ pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: 
     total
 }
 
+/// Below this `|x|`, [`decay_exp`] uses its own polynomial instead of the device's `exp`.
+pub const DECAY_EXP_TAYLOR_BELOW: f32 = 0.0625;
+
+/// `e^x` for the decay `x = Δ·A`, exact to f32 rounding for tiny `|x|` on every runtime.
+///
+/// A device's `exp` is accurate to a few units in the last place of its result, which is
+/// harmless for one step but not for a long-memory channel (`A → 0`, the decay just below 1):
+/// Mesa's llvmpipe returns `1 − 2^−24` for `|x| ≈ 1e-17`, where the true value rounds to 1, and
+/// that bias compounds over thousands of steps (0.99981 instead of 1 after 3135 steps; 1–2.5 %
+/// errors in `dA`, `dB`, `dC`). Fast-math `exp` on other drivers can do the same. So for
+/// `|x| < 1/16` this takes the Taylor polynomial to degree 5 in Horner form (truncation
+/// `x^6/720 < 1e-10` relative, and the last step `1 + x·q` rounds like a correctly rounded
+/// `exp`); above, the decay shrinks the state by at least `e^(−1/16)` per step, so a one-ulp
+/// bias fades within a few dozen steps and the device's `exp` is used.
+#[cube]
+pub fn decay_exp(x: f32) -> f32 {
+    let mut e = x.exp();
+    if x.abs() < DECAY_EXP_TAYLOR_BELOW {
+        let mut q = x * (1.0 / 120.0) + 1.0 / 24.0;
+        q = q * x + 1.0 / 6.0;
+        q = q * x + 0.5;
+        q = q * x + 1.0;
+        e = q * x + 1.0;
+    }
+    e
+}
+
+/// `ln(1 + z)` for `z ≥ 0`, to a few ulp relative for any `z` given a device `ln` accurate to a
+/// few ulp (Goldberg's `ln(w)·z/(w − 1)` with `w = 1 + z` rounded): `log1p` lowers to
+/// `ln(1 + z)` on some runtimes (WGSL has no `log1p`), which loses every digit of a small `z`
+/// (a step Δ ≈ 1e-5 would be off by 0.6 %).
+#[cube]
+pub fn ln_1p(z: f32) -> f32 {
+    let w = 1.0 + z;
+    let mut r = z;
+    if w != 1.0 {
+        r = w.ln() * (z / (w - 1.0));
+    }
+    r
+}
+
 /// `Δ = softplus(x)` with mamba's threshold-20 rule, or `x` itself when `softplus` is off.
 // `softplus` is comptime and `x` is not: the two conditions cannot share one `if`.
 #[allow(clippy::collapsible_if)]
@@ -82,7 +123,7 @@ pub fn discretize_step(x: f32, #[comptime] softplus: bool) -> f32 {
     let mut dt = x;
     if softplus {
         if x <= 20.0 {
-            dt = x.exp().log1p();
+            dt = ln_1p(x.exp());
         }
     }
     dt
@@ -162,7 +203,7 @@ pub fn chunk_prefix_state(
     let mut agg_b = 0.0f32;
     for k in 0..items {
         let i = segment + k;
-        let a_t = (s_dt[i] * a_n).exp();
+        let a_t = decay_exp(s_dt[i] * a_n);
         s_a[i] = a_t;
         // h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
         agg_b = a_t * agg_b + s_dt[i] * s_b[i] * s_u[i];

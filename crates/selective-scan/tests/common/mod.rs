@@ -8,7 +8,7 @@ use selective_scan::{
     ScanConfig, ScanDtype, ScanGrads, ScanProblem, ScanShape, SplitMix64, host, reference,
 };
 
-/// Tolerance of the issue: max |x − ref| / max |ref| in f32 against the f64 reference.
+/// Tolerance in f32 against the f64 reference, of both measures of `reference::Deviation`.
 pub const TOLERANCE: f64 = 2e-4;
 
 /// The WGPU client. On CI this is Mesa's llvmpipe; a machine without any Vulkan driver fails
@@ -26,14 +26,17 @@ pub fn client() -> ComputeClient<WgpuRuntime> {
 
 /// max |x − ref| / max |ref| (absolute error when the reference is all zeros).
 pub fn rel_err(actual: &[f32], expected: &[f64]) -> f64 {
-    assert_eq!(actual.len(), expected.len(), "length mismatch");
-    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let err = actual.iter().zip(expected).fold(0.0f64, |m, (a, e)| {
-        let d = (f64::from(*a) - e).abs();
-        // NaN anywhere is an error, never a pass.
-        if d.is_nan() { f64::INFINITY } else { m.max(d) }
-    });
-    if scale > 0.0 { err / scale } else { err }
+    reference::deviation(actual, expected).max_rel
+}
+
+/// The elementwise bound with its floor (`reference::Deviation::elementwise`).
+pub fn elem_err(actual: &[f32], expected: &[f64]) -> f64 {
+    reference::deviation(actual, expected).elementwise
+}
+
+/// The larger of both measures: what every comparison asserts.
+pub fn err(actual: &[f32], expected: &[f64]) -> f64 {
+    reference::deviation(actual, expected).worst()
 }
 
 /// A seeded upstream gradient.
@@ -74,7 +77,7 @@ pub fn errors(
     y_ref: &[f64],
     grads_ref: &ScanGrads<f64>,
 ) -> Vec<(&'static str, f64)> {
-    let mut out = vec![("y", rel_err(y, y_ref))];
+    let mut out = vec![("y", err(y, y_ref))];
     let got = grads.named();
     let want = grads_ref.named();
     assert_eq!(
@@ -83,7 +86,7 @@ pub fn errors(
         "the kernel and the reference return different sets of gradients"
     );
     for ((name, a), (_, e)) in got.into_iter().zip(want) {
-        out.push((name, rel_err(a, e)));
+        out.push((name, err(a, e)));
     }
     out
 }
