@@ -323,6 +323,13 @@ fn run_on<B: SelectiveScanBackend>(
     let images =
         || Tensor::<B, 4>::from_data(TensorData::new(x.values.clone(), x.shape.clone()), device);
 
+    let shape: [usize; 4] = x.shape[..].try_into().map_err(|_| {
+        format!(
+            "`x` must have 4 dimensions [batch, channels, height, width], found {:?}",
+            x.shape
+        )
+    })?;
+    model.check_input(shape).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let logits = model.forward(images());
     let logits_values = read_f32(logits)?;

@@ -133,3 +133,49 @@ fn config_files_may_be_upstream_keywords_or_a_burn_config() {
         "{err}"
     );
 }
+
+/// Inputs the model cannot take are refused with a message naming what is wrong, before any
+/// work (an empty batch used to panic inside Burn: "Broadcast arguments must be positive").
+#[test]
+fn inputs_the_model_cannot_take_are_clear_errors() {
+    use burn_vmamba::model::StateTensor;
+    // Stem: conv k = s = 4; downsample v2: conv k = s = 2.
+    let cases: [(&[usize], &str); 5] = [
+        (&[0, 3, 32, 32], "batch is 0"),
+        (&[1, 3, 0, 32], "height is 0"),
+        (
+            &[2, 3, 3, 3],
+            "images of 3×3 are too small for this model: `patch_embed.0` receives 3×3",
+        ),
+        (&[1, 3, 4, 4], "`layers.0.downsample.1` receives 1×1"),
+        (
+            &[1, 3, 32],
+            "`x` must be [batch, 3, height, width], found [1, 3, 32]",
+        ),
+    ];
+    for (i, (shape, expected)) in cases.into_iter().enumerate() {
+        let path = std::env::temp_dir().join(format!(
+            "vmamba-classify-bad-input-{}-{i}.safetensors",
+            std::process::id()
+        ));
+        let mut dict = StateDict::default();
+        dict.tensors.insert(
+            "x".into(),
+            StateTensor {
+                shape: shape.to_vec(),
+                values: vec![0.5; shape.iter().product()],
+            },
+        );
+        dict.save_safetensors(&path).unwrap();
+        let argv = [
+            "--config",
+            &fixture("vssm_v2_gate.json"),
+            "--input",
+            path.to_str().unwrap(),
+        ];
+        let result = run(&Args::parse(argv.iter().map(|s| s.to_string())).unwrap());
+        std::fs::remove_file(&path).ok();
+        let err = result.expect_err("the input should have been refused");
+        assert!(err.contains(expected), "{shape:?}: {err}");
+    }
+}

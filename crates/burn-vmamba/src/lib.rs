@@ -28,4 +28,4 @@
 pub mod model;
 pub mod ops;
 
-pub use ops::{ScanOptions, SelectiveScanBackend, selective_scan};
+pub use ops::{ScanOptions, SelectiveScanBackend, selective_scan, try_selective_scan};

@@ -633,3 +633,98 @@ fn ss2d_initialisation_follows_upstream() {
     let norm = m.out_norm.as_ref().unwrap();
     assert!(values(norm.gamma.val()).iter().all(|g| *g == 1.0));
 }
+
+// ---------------------------------------------------------------- inputs the model refuses
+
+/// Every class of bad input gets an [`InputError`] from `try_forward` (and the same message
+/// from `forward`'s panic), decided from the shape before any work: an empty dimension, the
+/// wrong channel count, an image smaller than the stem's kernel or than a downsample's. The
+/// smallest images that fit run and give finite logits.
+#[test]
+fn images_the_model_cannot_take_are_refused_by_shape() {
+    use burn_vmamba::model::{DownsampleVersion, InputError};
+    type B = NdArray;
+    let device = Default::default();
+    let model = |down: DownsampleVersion| {
+        VssmConfig::new()
+            .with_depths(vec![1, 1])
+            .with_dims(vec![8, 16])
+            .with_num_classes(5)
+            .with_downsample_version(down)
+            .init::<B>(&device)
+    };
+    let conv_down = model(DownsampleVersion::V2); // stem k = s = 4, then conv k = s = 2
+    let check = |shape: [usize; 4]| conv_down.check_input(shape);
+    assert_eq!(
+        check([0, 3, 16, 16]),
+        Err(InputError::Empty {
+            dim: "batch",
+            shape: [0, 3, 16, 16]
+        })
+    );
+    assert_eq!(
+        check([1, 3, 16, 0]),
+        Err(InputError::Empty {
+            dim: "width",
+            shape: [1, 3, 16, 0]
+        })
+    );
+    assert_eq!(
+        check([1, 4, 16, 16]),
+        Err(InputError::Channels {
+            expected: 3,
+            actual: 4,
+            shape: [1, 4, 16, 16]
+        })
+    );
+    assert_eq!(
+        check([1, 3, 3, 16]),
+        Err(InputError::TooSmall {
+            layer: "patch_embed.0".into(),
+            input: [3, 16],
+            shape: [1, 3, 3, 16]
+        })
+    );
+    let err = check([1, 3, 4, 16]).unwrap_err();
+    assert_eq!(
+        err,
+        InputError::TooSmall {
+            layer: "layers.0.downsample.1".into(),
+            input: [1, 4],
+            shape: [1, 3, 4, 16]
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("images of 4×16 are too small for this model"),
+        "{err}"
+    );
+    let images = |shape: [usize; 4]| Tensor::<B, 4>::zeros(shape, &device);
+    assert_eq!(
+        conv_down.try_forward(images([0, 3, 8, 8])).unwrap_err(),
+        check([0, 3, 8, 8]).unwrap_err()
+    );
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conv_down.forward(images([2, 3, 4, 4]))
+    }))
+    .expect_err("forward should panic");
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("`layers.0.downsample.1` receives 1×1"),
+        "{message}"
+    );
+    // The smallest that fit: 8×8 (stem 2×2, downsample 1×1); with patch merging (v1), which
+    // pads to even, 4×4 (stem 1×1).
+    let fits = [
+        (&conv_down, [2, 3, 8, 8]),
+        (&model(DownsampleVersion::V1), [2, 3, 4, 4]),
+    ];
+    for (m, shape) in fits {
+        let logits = values(m.try_forward(images(shape)).unwrap());
+        assert_eq!(logits.len(), 2 * 5);
+        assert!(
+            logits.iter().all(|x| x.is_finite()),
+            "{shape:?}: {logits:?}"
+        );
+    }
+}

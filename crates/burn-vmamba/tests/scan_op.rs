@@ -12,7 +12,7 @@ use burn_fusion::Fusion;
 use burn_vmamba::ops::problem::{host as values, tensor};
 use burn_vmamba::{SelectiveScanBackend, selective_scan};
 use rstest::rstest;
-use selective_scan::{RandomSpec, ScanProblem, ScanShape, SplitMix64, reference};
+use selective_scan::{RandomSpec, ScanError, ScanProblem, ScanShape, SplitMix64, reference};
 
 type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
@@ -224,6 +224,108 @@ fn a_wrong_shape_panics_naming_the_argument_and_both_shapes() {
     let b = Tensor::<B, 4>::zeros([1, 2, 2, 20], &device);
     let c = Tensor::<B, 4>::zeros([1, 2, 2, 20], &device);
     let _ = selective_scan(u, delta, a, b, c, None, None, true);
+}
+
+/// Every refusal of the op as an error (`try_selective_scan`) on each kind of backend: an
+/// expanding recurrence (`A > 0`; raw `delta + delta_bias < 0` without softplus) naming the
+/// first bad entry, and an empty batch; the same inputs with softplus, or `A = 0`, run.
+fn refusals<B: SelectiveScanBackend>(device: &B::Device) {
+    let s = ScanShape::new(2, 4, 6, 2, 2);
+    let p = ScanProblem::random(s, &RandomSpec::default(), 3);
+    let scan = |p: &ScanProblem, a: Vec<f32>, softplus: bool, bias: f32| {
+        let bias = Tensor::<B, 1>::from_data(TensorData::new(vec![bias; 4], [4]), device);
+        burn_vmamba::try_selective_scan(
+            tensor::<B, 3>(&p.u, s.bdl().to_vec(), device),
+            tensor::<B, 3>(&p.delta, s.bdl().to_vec(), device),
+            tensor::<B, 2>(&a, s.dn().to_vec(), device),
+            tensor::<B, 4>(&p.b, s.bgnl().to_vec(), device),
+            tensor::<B, 4>(&p.c, s.bgnl().to_vec(), device),
+            None,
+            Some(bias),
+            softplus,
+        )
+    };
+    let mut a = p.a.clone();
+    a[5] = 0.5; // channel 2, state 1
+    let err = scan(&p, a, true, 0.0).unwrap_err();
+    assert_eq!(
+        err,
+        ScanError::Expanding {
+            arg: "A",
+            at: Some(vec![2, 1]),
+            value: 0.5
+        }
+    );
+    // Raw delta in [−3, 1] plus a bias of 2.5: the first value below −2.5 is refused.
+    let mut raw = p.clone();
+    raw.delta.iter_mut().for_each(|x| *x = x.abs());
+    raw.delta[6 * 5 + 4] = -2.75; // batch 1, channel 1, t = 4
+    let err = scan(&raw, p.a.clone(), false, 2.5).unwrap_err();
+    assert_eq!(
+        err,
+        ScanError::Expanding {
+            arg: "delta",
+            at: Some(vec![1, 1, 4]),
+            value: -0.25
+        }
+    );
+    assert!(scan(&raw, p.a.clone(), true, 2.5).is_ok(), "softplus");
+    assert!(scan(&raw, vec![0.0; 8], true, 2.5).is_ok(), "A = 0");
+    let empty = Tensor::<B, 3>::zeros([0, 4, 6], device);
+    let err = burn_vmamba::try_selective_scan(
+        empty.clone(),
+        empty,
+        tensor::<B, 2>(&p.a, s.dn().to_vec(), device),
+        Tensor::<B, 4>::zeros([0, 2, 2, 6], device),
+        Tensor::<B, 4>::zeros([0, 2, 2, 6], device),
+        None,
+        None,
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ScanError::Empty {
+                arg: "u",
+                dim: "batch",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[rstest]
+fn refusals_are_errors_on_every_backend(
+    #[values(Path::NdArray, Path::Wgpu, Path::Fallback)] path: Path,
+) {
+    match path {
+        Path::NdArray => refusals::<Autodiff<NdArray>>(&Default::default()),
+        Path::Wgpu => refusals::<burn::backend::Wgpu>(&WgpuDevice::default()),
+        Path::Fallback => refusals::<Flex>(&Default::default()),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+#[should_panic(expected = "`A` has 5e-1 at [2, 1], above 0")]
+fn selective_scan_panics_with_the_refusal() {
+    type B = NdArray;
+    let device = Default::default();
+    let s = ScanShape::new(1, 4, 5, 2, 2);
+    let mut a = vec![-1.0; 8];
+    a[5] = 0.5;
+    let _ = selective_scan(
+        Tensor::<B, 3>::zeros(s.bdl(), &device),
+        Tensor::<B, 3>::zeros(s.bdl(), &device),
+        tensor::<B, 2>(&a, s.dn().to_vec(), &device),
+        Tensor::<B, 4>::zeros(s.bgnl(), &device),
+        Tensor::<B, 4>::zeros(s.bgnl(), &device),
+        None,
+        None,
+        true,
+    );
 }
 
 #[derive(Module, Debug)]

@@ -95,7 +95,7 @@ impl ScanSlices<'_> {
                 });
             }
         }
-        Ok(())
+        crate::check_non_expanding(s, self.a, self.delta, self.delta_bias, self.delta_softplus)
     }
 
     /// Fills `dt` with `Δ` and `slope` with `dΔ/d(delta)` = sigmoid(delta + bias) for row

@@ -9,7 +9,7 @@ use crate::ScanDtype;
 /// Contract violations (shape, dtype, groups, state size, empty tensors) name the argument and
 /// the expected vs actual value. [`ScanError::Unsupported`] is a capability gap of the device,
 /// distinct from a caller mistake.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ScanError {
     /// A tensor has the wrong number of dimensions.
     Rank {
@@ -79,6 +79,29 @@ pub enum ScanError {
         /// Number of elements given.
         actual: usize,
     },
+    /// The recurrence would expand somewhere (`Δ·A > 0`): `A` has a positive entry, or
+    /// `Δ = delta + delta_bias` is negative with `delta_softplus` off. The chunked scans multiply
+    /// decays across a chunk, which overflows to ∞ (then NaN from ∞·0) long before the
+    /// sequential recurrence does, so such inputs are refused rather than computed wrong.
+    Expanding {
+        /// `"A"` or `"delta"` (meaning `delta + delta_bias`).
+        arg: &'static str,
+        /// Index of the first offending entry, when known (`[channel, state]` for `A`,
+        /// `[batch, channel, t]` for `delta`).
+        at: Option<Vec<usize>>,
+        /// The offending value (the largest `A`, or the smallest `delta + delta_bias`, when
+        /// `at` is unknown).
+        value: f64,
+    },
+    /// A tensor exceeds the kernels' 32-bit index range.
+    TooLarge {
+        /// The tensor (an argument or an intermediate buffer).
+        arg: &'static str,
+        /// Its extent in elements (the last reachable index + 1).
+        elements: u128,
+        /// The largest extent the kernels index.
+        max: u128,
+    },
     /// The launch configuration is invalid for this device.
     Config {
         /// What is wrong, with the numbers.
@@ -147,6 +170,24 @@ impl fmt::Display for ScanError {
             } => write!(
                 f,
                 "selective_scan: `{arg}` must hold {expected} elements for its shape, got {actual}"
+            ),
+            ScanError::Expanding { arg, at, value } => {
+                let at = at.as_ref().map_or(String::new(), |i| format!(" at {i:?}"));
+                let what = if *arg == "A" {
+                    format!("`A` has {value:e}{at}, above 0")
+                } else {
+                    format!(
+                        "`delta` + `delta_bias` is {value:e}{at}, below 0 with delta_softplus off"
+                    )
+                };
+                write!(
+                    f,
+                    "selective_scan: {what}; the scan needs Δ·A ≤ 0 (A ≤ 0, and Δ ≥ 0, which softplus guarantees) so that the decay exp(Δ·A) is at most 1"
+                )
+            }
+            ScanError::TooLarge { arg, elements, max } => write!(
+                f,
+                "selective_scan: `{arg}` spans {elements} elements, past the kernels' 32-bit index range of {max}; split the batch or the sequence"
             ),
             ScanError::Config { detail } => write!(f, "selective_scan: invalid config: {detail}"),
             ScanError::Unsupported { detail } => {

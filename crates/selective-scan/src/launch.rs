@@ -104,6 +104,16 @@ impl<'a> TensorRef<'a> {
         }
     }
 
+    /// The last reachable element + 1, without overflow.
+    fn extent(&self) -> u128 {
+        self.shape
+            .iter()
+            .zip(self.strides)
+            .map(|(&size, &stride)| (size as u128).saturating_sub(1) * stride as u128)
+            .sum::<u128>()
+            + 1
+    }
+
     fn check_layout(&self, arg: &'static str, expected: ScanDtype) -> Result<(), ScanError> {
         if self.dtype != expected {
             return Err(ScanError::Dtype {
@@ -124,13 +134,8 @@ impl<'a> TensorRef<'a> {
                 ),
             });
         }
-        let last: usize = self
-            .shape
-            .iter()
-            .zip(self.strides)
-            .map(|(size, stride)| (size - 1) * stride)
-            .sum();
-        let capacity = self.handle.size() as usize / self.dtype.size();
+        let last = self.extent() - 1;
+        let capacity = u128::from(self.handle.size()) / self.dtype.size() as u128;
         if last >= capacity {
             return Err(ScanError::Layout {
                 arg,
@@ -183,6 +188,22 @@ impl ScanArgs<'_> {
             d: self.d.map(|t| t.shape),
             delta_bias: self.delta_bias.map(|t| t.shape),
         })?;
+        let inputs = [
+            ("u", Some(&self.u)),
+            ("delta", Some(&self.delta)),
+            ("A", Some(&self.a)),
+            ("B", Some(&self.b)),
+            ("C", Some(&self.c)),
+            ("D", self.d.as_ref()),
+            ("delta_bias", self.delta_bias.as_ref()),
+        ];
+        for (arg, tensor) in inputs {
+            if let Some(t) = tensor
+                && t.strides.len() == t.shape.len()
+            {
+                check_extent(arg, t.extent())?;
+            }
+        }
         let input = self.u.dtype;
         self.u.check_layout("u", input)?;
         self.delta.check_layout("delta", input)?;
@@ -197,6 +218,53 @@ impl ScanArgs<'_> {
         }
         Ok(shape)
     }
+}
+
+/// The largest extent, in elements, of any tensor the kernels index: they use CubeCL's default
+/// 32-bit addresses, so every index and every loop bound must fit in a `u32`.
+pub const MAX_INDEX_EXTENT: u128 = u32::MAX as u128;
+
+fn check_extent(arg: &'static str, elements: u128) -> Result<(), ScanError> {
+    if elements <= MAX_INDEX_EXTENT {
+        Ok(())
+    } else {
+        Err(ScanError::TooLarge {
+            arg,
+            elements,
+            max: MAX_INDEX_EXTENT,
+        })
+    }
+}
+
+/// Refuses a problem whose outputs or intermediate buffers the kernels could not index with 32
+/// bits: `y`, `du`, `ddelta` (`Bt·D·L`), the chunk-end states (`Bt·D·n_chunks·N`), the
+/// per-block `dB`/`dC` partials (`Bt·G·blocks·N·L`), `dB`/`dC` themselves, and the sequence
+/// padded to whole chunks. Pure arithmetic on the sizes, so it can be checked (and tested) for
+/// shapes far too large to allocate. The inputs' own extents are checked by
+/// [`ScanArgs::validate`].
+pub fn check_index_range(shape: &ScanShape, config: ScanConfig) -> Result<(), ScanError> {
+    let w = |x: usize| x as u128;
+    let (bt, d, l, n, g) = (
+        w(shape.batch),
+        w(shape.channels),
+        w(shape.seq_len),
+        w(shape.d_state),
+        w(shape.groups),
+    );
+    let chunk = w(config.chunk_len());
+    let n_chunks = l.div_ceil(chunk.max(1));
+    let per_block = w(channels_per_block(shape)).max(1);
+    let blocks = (d / g.max(1)).div_ceil(per_block);
+    for (arg, elements) in [
+        ("y", bt * d * l),
+        ("padded seq_len", n_chunks * chunk),
+        ("carries", bt * d * n_chunks * n),
+        ("dB", bt * g * n * l),
+        ("dB partials", bt * g * blocks * n * l),
+    ] {
+        check_extent(arg, elements)?;
+    }
+    Ok(())
 }
 
 /// A contiguous f32 tensor produced by the scan.
@@ -328,7 +396,11 @@ fn optional_arg<R: Runtime>(
 
 /// Runs the forward scan: `y = selective_scan(u, delta, A, B, C, D, delta_bias)`.
 ///
-/// Validates every argument before launching anything.
+/// Validates every argument's shape, dtype, layout and index range before launching anything.
+/// The values stay on the device and are not read: the caller guarantees a non-expanding
+/// recurrence, `A ≤ 0` and, with `delta_softplus` off, `delta + delta_bias ≥ 0` (see
+/// [`ScanError::Expanding`]; [`crate::check_non_expanding`] checks host data, and the Burn op
+/// of `burn-vmamba` checks device tensors with one small read-back).
 pub fn forward<R: Runtime>(
     client: &ComputeClient<R>,
     args: &ScanArgs<'_>,
@@ -336,6 +408,7 @@ pub fn forward<R: Runtime>(
 ) -> Result<ForwardOutput, ScanError> {
     let shape = args.validate()?;
     config.validate(client)?;
+    check_index_range(&shape, config)?;
     check_grid(&shape)?;
     check_dtype_support(client, args.u.dtype)?;
     let n_chunks = config.n_chunks(shape.seq_len);
@@ -449,8 +522,12 @@ pub fn backward<R: Runtime>(
             source: "same as u",
         });
     }
+    if dy.strides.len() == dy.shape.len() {
+        check_extent("dy", dy.extent())?;
+    }
     dy.check_layout("dy", ScanDtype::F32)?;
     config.validate(client)?;
+    check_index_range(&shape, config)?;
     check_grid(&shape)?;
     check_dtype_support(client, args.u.dtype)?;
 

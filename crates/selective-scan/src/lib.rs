@@ -63,11 +63,13 @@ mod shape;
 
 pub use error::ScanError;
 pub use launch::{
-    BackwardOutput, DeviceTensor, ForwardOutput, ScanArgs, ScanConfig, TensorRef, backward,
-    forward, supports_dtype,
+    BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, ScanArgs, ScanConfig, TensorRef,
+    backward, check_index_range, forward, supports_dtype,
 };
 pub use problem::{RandomSpec, ScanGrads, ScanProblem, SplitMix64};
-pub use shape::{ArgShapes, MAX_D_STATE, ScanDtype, ScanShape, contiguous_strides};
+pub use shape::{
+    ArgShapes, MAX_D_STATE, ScanDtype, ScanShape, check_non_expanding, contiguous_strides,
+};
 
 /// Re-export of `cubecl`, so callers name the same runtime types.
 pub use cubecl;

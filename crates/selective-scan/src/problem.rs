@@ -87,7 +87,8 @@ fn check_len(arg: &'static str, data: &[f32], expected: usize) -> Result<(), Sca
 }
 
 impl ScanProblem {
-    /// Checks that every slice holds exactly the elements its shape needs.
+    /// Checks that every slice holds exactly the elements its shape needs, and that the
+    /// recurrence does not expand ([`crate::check_non_expanding`]).
     pub fn validate(&self) -> Result<(), ScanError> {
         let s = &self.shape;
         // Re-run the shape contract so hand-built shapes are checked too.
@@ -115,7 +116,13 @@ impl ScanProblem {
         if let Some(bias) = &self.delta_bias {
             check_len("delta_bias", bias, s.channels)?;
         }
-        Ok(())
+        crate::check_non_expanding(
+            s,
+            &self.a,
+            &self.delta,
+            self.delta_bias.as_deref(),
+            self.delta_softplus,
+        )
     }
 
     /// The inputs by their fixture names (`u`, `delta`, `A`, `B`, `C`, `D`, `delta_bias`),

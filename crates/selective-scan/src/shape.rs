@@ -239,3 +239,39 @@ impl ScanShape {
         9.0 * (self.bdl_len() * self.d_state) as f64 + self.bdl_len() as f64
     }
 }
+
+/// Refuses an expanding recurrence (`Δ·A > 0`, see [`ScanError::Expanding`]) in host data:
+/// every `A ≤ 0` and, with `delta_softplus` off, every `delta + delta_bias ≥ 0` (softplus is
+/// never negative). NaN passes (it propagates like in any op). Slices are contiguous row-major
+/// with the shapes of `shape`, as in [`crate::ScanProblem`].
+pub fn check_non_expanding(
+    shape: &ScanShape,
+    a: &[f32],
+    delta: &[f32],
+    delta_bias: Option<&[f32]>,
+    delta_softplus: bool,
+) -> Result<(), ScanError> {
+    if let Some(i) = a.iter().position(|&x| x > 0.0) {
+        return Err(ScanError::Expanding {
+            arg: "A",
+            at: Some(vec![i / shape.d_state, i % shape.d_state]),
+            value: f64::from(a[i]),
+        });
+    }
+    if delta_softplus {
+        return Ok(());
+    }
+    let l = shape.seq_len;
+    for (row, values) in delta.chunks(l.max(1)).enumerate() {
+        let channel = row % shape.channels.max(1);
+        let bias = delta_bias.map_or(0.0, |b| b[channel]);
+        if let Some(t) = values.iter().position(|&x| x + bias < 0.0) {
+            return Err(ScanError::Expanding {
+                arg: "delta",
+                at: Some(vec![row / shape.channels, channel, t]),
+                value: f64::from(values[t] + bias),
+            });
+        }
+    }
+    Ok(())
+}

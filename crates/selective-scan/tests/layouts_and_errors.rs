@@ -310,3 +310,151 @@ fn device_arguments_are_checked_before_launch() {
     let err = selective_scan::forward(&client, &good, too_big).unwrap_err();
     assert!(err.to_string().contains("shared memory"), "{err}");
 }
+
+/// A positive `A` makes the recurrence expand (`exp(Δ·A) > 1`): refused by every host entry
+/// point, naming `A` and the first offending entry.
+#[test]
+fn positive_a_is_refused_naming_the_entry() {
+    let mut p = problem(base());
+    p.a[3] = 0.25; // channel 1, state 1
+    let expected = ScanError::Expanding {
+        arg: "A",
+        at: Some(vec![1, 1]),
+        value: 0.25,
+    };
+    assert_eq!(refuse(&p), expected);
+    assert_eq!(
+        selective_scan::cpu::forward(&p.slices()).unwrap_err(),
+        expected
+    );
+    let dy = upstream(&p.shape, 1);
+    assert_eq!(
+        selective_scan::cpu::backward(&p.slices(), &dy).unwrap_err(),
+        expected
+    );
+    let message = expected.to_string();
+    assert!(
+        message.contains("`A` has 2.5e-1 at [1, 1], above 0"),
+        "{message}"
+    );
+}
+
+/// Without softplus, `Δ = delta + delta_bias` is used as is: a negative step with a negative
+/// `A` expands. Refused naming `delta` and `[batch, channel, t]`; with softplus the same raw
+/// delta is fine (softplus is never negative), and `A = 0` is fine (a pure running sum).
+#[test]
+fn negative_step_without_softplus_is_refused_and_accepted_with_softplus() {
+    let mut p = problem(base());
+    p.delta_softplus = false;
+    p.delta_bias = Some(vec![0.5; 4]);
+    p.delta = vec![0.1; p.shape.bdl_len()];
+    // batch 1, channel 2, t = 5: 8·(1·4 + 2) + 5
+    p.delta[8 * 6 + 5] = -0.75;
+    let err = refuse(&p);
+    assert_eq!(
+        err,
+        ScanError::Expanding {
+            arg: "delta",
+            at: Some(vec![1, 2, 5]),
+            value: -0.25,
+        }
+    );
+    assert!(
+        err.to_string().contains("below 0 with delta_softplus off"),
+        "{err}"
+    );
+    assert_eq!(selective_scan::cpu::forward(&p.slices()).unwrap_err(), err);
+    p.delta_softplus = true;
+    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
+    assert!(
+        rel_err(&y, &reference::forward(&p)) <= TOLERANCE,
+        "softplus path"
+    );
+    p.a.iter_mut().for_each(|a| *a = 0.0);
+    let y = host::forward_host(&client(), &p, ScanDtype::F32, ScanConfig::default()).unwrap();
+    assert!(rel_err(&y, &reference::forward(&p)) <= TOLERANCE, "A = 0");
+}
+
+/// The kernels index with 32 bits. Shapes whose outputs or intermediate buffers pass `u32::MAX`
+/// elements are refused by size arithmetic alone (nothing is allocated here), naming the
+/// buffer; the largest sequence that fits is accepted.
+#[test]
+fn shapes_past_the_32_bit_index_range_are_refused_by_arithmetic() {
+    let config = ScanConfig::default();
+    let check = |s: ScanShape| selective_scan::check_index_range(&s, config);
+    let max = u128::from(u32::MAX);
+    // Bt·D·L = 65535 · 65537 = 2^32 − 1 fits exactly; one more position does not.
+    assert_eq!(check(ScanShape::new(1, 65535, 65537, 1, 1)), Ok(()));
+    assert_eq!(
+        check(ScanShape::new(1, 65535, 65538, 1, 1)),
+        Err(ScanError::TooLarge {
+            arg: "y",
+            elements: 65535 * 65538,
+            max,
+        })
+    );
+    // 2^32 − 512 positions is 8_388_607 whole chunks of 512: fits. One more pads past it.
+    let fits = 4_294_966_784usize;
+    assert_eq!(fits % 512, 0);
+    assert_eq!(check(ScanShape::new(1, 1, fits, 1, 1)), Ok(()));
+    assert_eq!(
+        check(ScanShape::new(1, 1, fits + 1, 1, 1)),
+        Err(ScanError::TooLarge {
+            arg: "padded seq_len",
+            elements: fits as u128 + 512,
+            max,
+        })
+    );
+    // One channel per group and 256 states: y is small (64·300000), dB is 256× larger.
+    let err = check(ScanShape::new(1, 64, 300_000, 256, 64)).unwrap_err();
+    assert_eq!(
+        err,
+        ScanError::TooLarge {
+            arg: "dB",
+            elements: 64 * 256 * 300_000,
+            max,
+        }
+    );
+    assert!(err.to_string().contains("32-bit index range"), "{err}");
+}
+
+/// A strided input whose reach passes the index range is refused before its buffer is
+/// consulted: a stride of 2^32 on a small handle (nothing of that size is allocated).
+#[test]
+fn strided_input_past_the_index_range_is_refused() {
+    let client = client();
+    let shape = base();
+    let handle = upload(&client, &[0.0; 64]);
+    let (bdl, dn, bgnl) = (shape.bdl(), shape.dn(), shape.bgnl());
+    let (bdl_strides, dn_strides, bgnl_strides) = (
+        contiguous_strides(&bdl),
+        contiguous_strides(&dn),
+        contiguous_strides(&bgnl),
+    );
+    let huge = [1usize << 32, 8, 1];
+    let tensor = |shape: &'static [usize], strides: &'static [usize]| TensorRef {
+        handle: &handle,
+        shape,
+        strides,
+        dtype: ScanDtype::F32,
+    };
+    let leak = |v: Vec<usize>| -> &'static [usize] { Box::leak(v.into_boxed_slice()) };
+    let args = ScanArgs {
+        u: tensor(leak(bdl.to_vec()), leak(huge.to_vec())),
+        delta: tensor(leak(bdl.to_vec()), leak(bdl_strides)),
+        a: tensor(leak(dn.to_vec()), leak(dn_strides)),
+        b: tensor(leak(bgnl.to_vec()), leak(bgnl_strides.clone())),
+        c: tensor(leak(bgnl.to_vec()), leak(bgnl_strides)),
+        d: None,
+        delta_bias: None,
+        delta_softplus: true,
+    };
+    assert_eq!(
+        args.validate().unwrap_err(),
+        ScanError::TooLarge {
+            arg: "u",
+            elements: (1u128 << 32) + 3 * 8 + 7 + 1,
+            max: u128::from(u32::MAX),
+        }
+    );
+}

@@ -49,4 +49,4 @@ pub use config::{
 pub use cross_scan::{cross_merge, cross_scan};
 pub use ss2d::Ss2d;
 pub use upstream::ForwardType;
-pub use vssm::{Classifier, ConvDownsample, PatchEmbed, PatchMerging, Stage, Vssm};
+pub use vssm::{Classifier, ConvDownsample, InputError, PatchEmbed, PatchMerging, Stage, Vssm};

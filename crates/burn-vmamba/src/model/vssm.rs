@@ -275,18 +275,161 @@ impl VssmConfig {
     }
 }
 
+/// Why a batch of images cannot go through [`Vssm::forward`]; checked from the shape alone,
+/// before any work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputError {
+    /// A dimension of `images` is zero (an empty batch is refused, not answered with `[0,
+    /// classes]`: the scan's contract has every dimension at least 1).
+    Empty {
+        /// `"batch"`, `"height"` or `"width"`.
+        dim: &'static str,
+        /// The shape of `images`.
+        shape: [usize; 4],
+    },
+    /// `images` has the wrong number of channels.
+    Channels {
+        /// The model's `in_chans`.
+        expected: usize,
+        /// Dim 1 of `images`.
+        actual: usize,
+        /// The shape of `images`.
+        shape: [usize; 4],
+    },
+    /// A convolution of the stem or a downsample would leave nothing (the image is smaller
+    /// than its kernel): the layer by its upstream key, its input and the image size.
+    TooSmall {
+        /// Upstream key of the layer (`patch_embed.0`, `layers.1.downsample.1`).
+        layer: String,
+        /// Height and width entering that layer.
+        input: [usize; 2],
+        /// The shape of `images`.
+        shape: [usize; 4],
+    },
+}
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InputError::Empty { dim, shape } => write!(
+                f,
+                "images: {dim} is 0 (shape {shape:?}); every dimension of [batch, channels, height, width] must be at least 1"
+            ),
+            InputError::Channels {
+                expected,
+                actual,
+                shape,
+            } => write!(
+                f,
+                "images: expected {expected} channels (in_chans), found {actual} (shape {shape:?})"
+            ),
+            InputError::TooSmall {
+                layer,
+                input,
+                shape,
+            } => write!(
+                f,
+                "images of {}×{} are too small for this model: `{layer}` receives {}×{} and would output nothing (shape {shape:?})",
+                shape[2], shape[3], input[0], input[1]
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InputError {}
+
+/// Output size of `conv` for an input of `height × width`, or `None` when it would be empty.
+fn conv_output<B: Backend>(conv: &Conv2d<B>, height: usize, width: usize) -> Option<[usize; 2]> {
+    let (top, left, bottom, right) = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
+        PaddingConfig2d::Valid => (0, 0, 0, 0),
+        PaddingConfig2d::Same => return Some([height, width]),
+    };
+    let out = |len: usize, pad: usize, axis: usize| {
+        let span = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1;
+        (len + pad)
+            .checked_sub(span)
+            .map(|rest| rest / conv.stride[axis] + 1)
+    };
+    match (out(height, top + bottom, 0), out(width, left + right, 1)) {
+        (Some(h), Some(w)) if h > 0 && w > 0 => Some([h, w]),
+        _ => None,
+    }
+}
+
+impl<B: Backend> Vssm<B> {
+    /// Checks that [`Vssm::forward`] can run on images of `shape` `[batch, channels, height,
+    /// width]`: every dimension at least 1, `in_chans` channels, and an image large enough that
+    /// no convolution of the stem or of a downsample is left with nothing (with the v1 stem,
+    /// height and width at least the patch size). Shape arithmetic only.
+    pub fn check_input(&self, shape: [usize; 4]) -> Result<(), InputError> {
+        for (dim, size) in [
+            ("batch", shape[0]),
+            ("height", shape[2]),
+            ("width", shape[3]),
+        ] {
+            if size == 0 {
+                return Err(InputError::Empty { dim, shape });
+            }
+        }
+        let expected = self.patch_embed.conv1.weight.dims()[1];
+        if shape[1] != expected {
+            return Err(InputError::Channels {
+                expected,
+                actual: shape[1],
+                shape,
+            });
+        }
+        let through = |conv: &Conv2d<B>, layer: String, input: [usize; 2]| {
+            conv_output(conv, input[0], input[1]).ok_or(InputError::TooSmall {
+                layer,
+                input,
+                shape,
+            })
+        };
+        let mut size = through(
+            &self.patch_embed.conv1,
+            "patch_embed.0".into(),
+            [shape[2], shape[3]],
+        )?;
+        if let Some(conv2) = &self.patch_embed.conv2 {
+            size = through(conv2, "patch_embed.5".into(), size)?;
+        }
+        for (i, stage) in self.layers.iter().enumerate() {
+            if stage.downsample.is_some() {
+                size = [size[0].div_ceil(2), size[1].div_ceil(2)];
+            }
+            if let Some(down) = &stage.downsample_conv {
+                size = through(&down.conv, format!("layers.{i}.downsample.1"), size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<B: SelectiveScanBackend> Vssm<B> {
     /// Logits.
     ///
     /// # Shapes
     /// - `images`: `[batch, in_chans, height, width]`
     /// - returns: `[batch, num_classes]`
+    ///
+    /// # Panics
+    /// Before any work, with the message of [`Vssm::check_input`]'s error, when the images
+    /// cannot go through the model (see [`Vssm::try_forward`]).
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let features = self.forward_features(images);
+        self.try_forward(images).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Vssm::forward`], returning an [`InputError`] instead of panicking when the images
+    /// cannot go through the model: an empty dimension, the wrong channel count, or an image
+    /// smaller than a convolution of the stem or a downsample.
+    pub fn try_forward(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, InputError> {
+        let features = self.try_forward_features(images)?;
         let x = self.classifier.norm.forward(features);
         let [batch, _, _, channels] = x.dims();
         let pooled = x.mean_dim(1).mean_dim(2).reshape([batch, channels]);
-        self.classifier.head.forward(pooled)
+        Ok(self.classifier.head.forward(pooled))
     }
 
     /// The last stage's output, before the classifier.
@@ -294,7 +437,17 @@ impl<B: SelectiveScanBackend> Vssm<B> {
     /// # Shapes
     /// - `images`: `[batch, in_chans, height, width]`
     /// - returns: `[batch, height', width', dims[-1]]` (channel-last)
+    ///
+    /// # Panics
+    /// As [`Vssm::forward`].
     pub fn forward_features(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.try_forward_features(images)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Vssm::forward_features`], returning an [`InputError`] instead of panicking.
+    pub fn try_forward_features(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 4>, InputError> {
+        self.check_input(images.dims())?;
         let mut x = self.patch_embed.forward(images);
         for stage in &self.layers {
             for block in &stage.blocks {
@@ -307,6 +460,6 @@ impl<B: SelectiveScanBackend> Vssm<B> {
                 x = down.forward(x);
             }
         }
-        x
+        Ok(x)
     }
 }

@@ -20,7 +20,7 @@ pub mod shortcut;
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
-use selective_scan::{ArgShapes, ScanShape};
+use selective_scan::{ArgShapes, ScanError, ScanShape};
 
 /// The inputs of one scan as backend primitives.
 ///
@@ -74,6 +74,12 @@ impl<B: Backend> ScanTensors<B> {
 
     /// The problem sizes, validated (panics with the argument, expected and actual shapes).
     pub fn shape(&self) -> ScanShape {
+        self.try_shape().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The problem sizes, validated: the error names the argument and the expected and actual
+    /// shapes.
+    pub fn try_shape(&self) -> Result<ScanShape, ScanError> {
         let dims = |t: &FloatTensor<B>| t.shape().to_vec();
         let (u, delta, a, b, c) = (
             dims(&self.u),
@@ -93,7 +99,56 @@ impl<B: Backend> ScanTensors<B> {
             d: d.as_deref(),
             delta_bias: bias.as_deref(),
         })
-        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Refuses an expanding recurrence ([`ScanError::Expanding`]): `A ≤ 0` everywhere and,
+    /// without softplus, `delta + delta_bias ≥ 0`. One read-back of two scalars (`max A`,
+    /// `min Δ`); on a GPU it waits for the work queued before it. Only when it fails are the
+    /// offending tensors read whole, to name the first bad entry.
+    pub fn check_non_expanding(
+        &self,
+        shape: &ScanShape,
+        delta_softplus: bool,
+    ) -> Result<(), ScanError> {
+        let tensor = |t: &FloatTensor<B>| {
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t.clone()))
+                .flatten::<1>(0, 0)
+                .detach()
+        };
+        let a_max = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.a.clone()))
+            .detach()
+            .max()
+            .cast(DType::F32);
+        let delta = || {
+            let delta =
+                Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(self.delta.clone())).detach();
+            match &self.delta_bias {
+                Some(bias) => delta + tensor(bias).reshape([1, shape.channels, 1]),
+                None => delta,
+            }
+        };
+        let extremes = if delta_softplus {
+            a_max
+        } else {
+            Tensor::cat(vec![a_max, delta().min().cast(DType::F32)], 0)
+        };
+        let read = |t: Tensor<B, 1>| {
+            t.into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| ScanError::Runtime {
+                    detail: format!("reading A and delta back for the range check: {e:?}"),
+                })
+        };
+        let extremes = read(extremes)?;
+        let expanding = extremes[0] > 0.0 || extremes.get(1).is_some_and(|&m| m < 0.0);
+        if !expanding {
+            return Ok(());
+        }
+        let a = read(tensor(&self.a))?;
+        let delta = read(delta().flatten::<1>(0, 2))?;
+        // `delta` already holds `delta + delta_bias`.
+        selective_scan::check_non_expanding(shape, &a, &delta, None, delta_softplus)
     }
 }
 
@@ -194,8 +249,9 @@ fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 /// - returns `[batch, channels, seq_len]`
 ///
 /// # Panics
-/// Before any work, when a shape is wrong: the message names the argument and gives the
-/// expected and actual shapes.
+/// Before any work, with the message of the [`ScanError`] that [`try_selective_scan`] returns:
+/// a wrong shape (naming the argument, the expected and the actual shape), an empty dimension,
+/// or an expanding recurrence (`A > 0`, or `delta + delta_bias < 0` without softplus).
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan<B: SelectiveScanBackend>(
     u: Tensor<B, 3>,
@@ -207,6 +263,28 @@ pub fn selective_scan<B: SelectiveScanBackend>(
     delta_bias: Option<Tensor<B, 1>>,
     delta_softplus: bool,
 ) -> Tensor<B, 3> {
+    try_selective_scan(u, delta, a, b, c, d, delta_bias, delta_softplus)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`selective_scan`], returning its refusals as a [`ScanError`] instead of panicking.
+///
+/// Checked before any work: the shapes (ranks, agreement, `G | D`, `N ≤ 256`), every dimension
+/// at least 1 (an empty batch or sequence is refused: [`ScanError::Empty`]), and a
+/// non-expanding recurrence, `Δ·A ≤ 0` ([`ScanError::Expanding`]; see
+/// [`ScanTensors::check_non_expanding`] for its cost). Where the kernels run, their index range
+/// and the device's limits are checked too; those errors are panics naming the limit.
+#[allow(clippy::too_many_arguments)]
+pub fn try_selective_scan<B: SelectiveScanBackend>(
+    u: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 4>,
+    c: Tensor<B, 4>,
+    d: Option<Tensor<B, 1>>,
+    delta_bias: Option<Tensor<B, 1>>,
+    delta_softplus: bool,
+) -> Result<Tensor<B, 3>, ScanError> {
     let wants_f64 = u.dtype() == DType::F64;
     let inputs = ScanTensors::<B> {
         u: float(u),
@@ -217,15 +295,16 @@ pub fn selective_scan<B: SelectiveScanBackend>(
         d: d.map(float),
         delta_bias: delta_bias.map(float),
     };
-    inputs.shape();
+    let shape = inputs.try_shape()?;
+    inputs.check_non_expanding(&shape, delta_softplus)?;
     #[cfg(feature = "shortcut-control")]
     if shortcut::enabled() {
-        return shortcut::forward(inputs, delta_softplus);
+        return Ok(shortcut::forward(inputs, delta_softplus));
     }
     let inputs = normalize_dtypes(inputs);
     let (y, _) = B::selective_scan_forward(inputs, ScanOptions { delta_softplus });
     let y = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(y));
-    if wants_f64 { y.cast(DType::F64) } else { y }
+    Ok(if wants_f64 { y.cast(DType::F64) } else { y })
 }
 
 /// `A`, `D`, `delta_bias` to f32; `u, delta, B, C` to one dtype among f32/f16/bf16 (f32 unless
