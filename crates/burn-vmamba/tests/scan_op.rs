@@ -182,6 +182,108 @@ fn scan_op_matches_reference_on_long_memory_channels(
     );
 }
 
+/// Half-precision `u, delta, B, C` (f16 or bf16) through the Burn op on `B`: the kernels read
+/// them in that dtype, `y` is f32, every gradient comes back in its input's dtype, and all of
+/// them match the f64 reference of the rounded problem (gradients of half inputs within the
+/// dtype's own rounding, 2^−11 or 2^−8 relative, on top of the tolerance).
+fn half_inputs_match_the_reference<B: AutodiffBackend + SelectiveScanBackend>(
+    device: &B::Device,
+    dtype: burn::tensor::DType,
+) {
+    use burn::tensor::DType;
+    let (round, unit): (fn(f32) -> f32, f64) = match dtype {
+        DType::F16 => (|x| half::f16::from_f32(x).to_f32(), 2f64.powi(-11)),
+        DType::BF16 => (|x| half::bf16::from_f32(x).to_f32(), 2f64.powi(-8)),
+        other => panic!("not a half dtype: {other:?}"),
+    };
+    let device = device.clone();
+    let s = ScanShape::new(2, 4, 300, 4, 2);
+    let mut p = ScanProblem::random(s, &RandomSpec::default(), 41);
+    for v in [&mut p.u, &mut p.delta, &mut p.b, &mut p.c] {
+        v.iter_mut().for_each(|x| *x = round(*x));
+    }
+    let dy = SplitMix64::new(6).vec(s.bdl_len(), -1.0, 1.0);
+    // Leaves in f16 (flat), reshaped when used.
+    let as_f16 = |data: &[f32]| {
+        tensor::<B, 1>(data, vec![data.len()], &device)
+            .cast(dtype)
+            .require_grad()
+    };
+    let u = as_f16(&p.u);
+    let delta = as_f16(&p.delta);
+    let b = as_f16(&p.b);
+    let c = as_f16(&p.c);
+    let a = tensor::<B, 2>(&p.a, s.dn().to_vec(), &device).require_grad();
+    let d = tensor::<B, 1>(p.d.as_ref().unwrap(), vec![4], &device).require_grad();
+    let bias = tensor::<B, 1>(p.delta_bias.as_ref().unwrap(), vec![4], &device).require_grad();
+    let y = selective_scan(
+        u.clone().reshape(s.bdl()),
+        delta.clone().reshape(s.bdl()),
+        a.clone(),
+        b.clone().reshape(s.bgnl()),
+        c.clone().reshape(s.bgnl()),
+        Some(d.clone()),
+        Some(bias.clone()),
+        true,
+    );
+    assert_eq!(y.dtype(), DType::F32);
+    let upstream = tensor::<B, 3>(&dy, s.bdl().to_vec(), &device);
+    let grads = (y.clone() * upstream).sum().backward();
+    let (y_ref, g_ref) = reference::backward(&p, &dy);
+    let err = rel_err(&values(y), &y_ref);
+    assert!(err <= 2e-4, "y {err:.2e}");
+    let f16_inputs = [("du", &u), ("ddelta", &delta), ("dB", &b), ("dC", &c)];
+    for (name, input) in f16_inputs {
+        let grad = input.grad(&grads).unwrap();
+        assert_eq!(grad.dtype(), dtype, "{name}");
+        let want = g_ref
+            .named()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        let err = rel_err(&values(grad), want);
+        println!("{dtype:?} op: {name} {err:.2e}");
+        assert!(err <= 2e-4 + unit, "{name} {err:.2e}");
+    }
+    let mut f32_grads = vec![("dA", values(a.grad(&grads).unwrap()))];
+    f32_grads.push(("dD", values(d.grad(&grads).unwrap())));
+    f32_grads.push(("ddelta_bias", values(bias.grad(&grads).unwrap())));
+    for (name, got) in f32_grads {
+        let want = g_ref
+            .named()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        let err = rel_err(&got, want);
+        println!("{dtype:?} op: {name} {err:.2e}");
+        assert!(err <= 2e-4, "{name} {err:.2e}");
+    }
+}
+
+/// f16 on WGPU (llvmpipe has f16 buffers; it has no bf16).
+#[test]
+fn f16_inputs_through_the_op_match_the_reference() {
+    half_inputs_match_the_reference::<Autodiff<burn::backend::Wgpu>>(
+        &WgpuDevice::default(),
+        burn::tensor::DType::F16,
+    );
+}
+
+/// bf16 and f16 on CUDA / ROCm (built with the `cuda` / `rocm` features; these fail, never
+/// skip, without the GPU).
+#[cfg(any(feature = "cuda", feature = "rocm"))]
+#[rstest]
+fn half_inputs_through_the_op_match_the_reference_on_gpu_runtimes(
+    #[values(burn::tensor::DType::F16, burn::tensor::DType::BF16)] dtype: burn::tensor::DType,
+) {
+    #[cfg(feature = "cuda")]
+    half_inputs_match_the_reference::<Autodiff<burn::backend::Cuda>>(&Default::default(), dtype);
+    #[cfg(feature = "rocm")]
+    half_inputs_match_the_reference::<Autodiff<burn::backend::Rocm>>(&Default::default(), dtype);
+}
+
 /// Only `u` and `A` are tracked: they get gradients, the others none.
 #[test]
 fn untracked_inputs_get_no_gradient() {

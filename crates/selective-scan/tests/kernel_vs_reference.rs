@@ -134,6 +134,30 @@ fn kernel_matches_reference_on_long_memory_channels(#[values(true, false)] softp
     );
 }
 
+/// Sizes at the ends of the contract: `N = 64` and `N = 256` (the maximum), a sequence of
+/// 16384 (32 chunks), and a partial last backward block (`D/G = 10` channels in blocks of
+/// `min(N, D/G) = 4`: 4, 4, 2).
+#[rstest]
+#[case::n64(ScanShape::new(1, 4, 300, 64, 2))]
+#[case::n256(ScanShape::new(1, 2, 130, 256, 1))]
+#[case::l16384(ScanShape::new(1, 2, 16384, 2, 1))]
+#[case::partial_backward_block(ScanShape::new(2, 10, 300, 4, 1))]
+fn kernel_matches_reference_at_the_ends_of_the_contract(#[case] shape: ScanShape) {
+    if shape.channels == 10 {
+        // The case is what it says: blocks of 4 channels, the last one holding 2.
+        let per_block = selective_scan::launch::channels_per_block(&shape);
+        assert_eq!((per_block, shape.channels_per_group() % per_block), (4, 2));
+    }
+    let p = ScanProblem::random(shape, &RandomSpec::default(), shape.d_state as u64 + 3);
+    assert_matches_reference(
+        &format!("{shape:?}"),
+        &p,
+        ScanDtype::F32,
+        ScanConfig::default(),
+        TOLERANCE,
+    );
+}
+
 /// A different split (32 units × 3 items = chunks of 96, odd segment length) moves every edge.
 #[rstest]
 fn kernel_matches_reference_with_a_small_odd_split(
