@@ -59,6 +59,56 @@ impl BackendName {
     }
 }
 
+impl BackendName {
+    /// Starts the backend's runtime on `device_index` and runs a one-step scan through it
+    /// (`selective_scan::host::probe`), so that a missing driver or compiler library is an
+    /// error saying what to install rather than a panic from the runtime's loader. NdArray
+    /// needs nothing; a backend that is not compiled in is left to the caller's own error.
+    pub fn probe(self, device_index: usize) -> Result<(), String> {
+        let hint = match self {
+            BackendName::NdArray => return Ok(()),
+            BackendName::Wgpu => {
+                "WGPU needs a Vulkan (Linux), DX12 (Windows) or Metal (macOS) driver; without a \
+                 GPU on Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`"
+            }
+            BackendName::Cuda => {
+                "CUDA needs the NVIDIA driver (`libcuda.so.1`) and NVRTC (`libnvrtc.so*`, also \
+                 in pip's `nvidia-cuda-nvrtc` packages) where the loader finds them (for \
+                 example on LD_LIBRARY_PATH)"
+            }
+            BackendName::Rocm => {
+                "ROCm needs the HIP runtime and compiler (`libamdhip64.so`, `libhiprtc.so`) \
+                 where the loader finds them (for example /opt/rocm/lib on LD_LIBRARY_PATH)"
+            }
+        };
+        let _ = device_index;
+        let result: Result<(), selective_scan::ScanError> = match self {
+            #[cfg(feature = "wgpu")]
+            BackendName::Wgpu => {
+                use selective_scan::cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+                let device = match device_index {
+                    0 => WgpuDevice::DefaultDevice,
+                    i => WgpuDevice::DiscreteGpu(i),
+                };
+                selective_scan::host::probe::<WgpuRuntime>(&device).map(|_| ())
+            }
+            #[cfg(feature = "cuda")]
+            BackendName::Cuda => {
+                use selective_scan::cubecl::cuda::{CudaDevice, CudaRuntime};
+                selective_scan::host::probe::<CudaRuntime>(&CudaDevice::new(device_index))
+                    .map(|_| ())
+            }
+            #[cfg(feature = "rocm")]
+            BackendName::Rocm => {
+                use selective_scan::cubecl::hip::{AmdDevice, HipRuntime};
+                selective_scan::host::probe::<HipRuntime>(&AmdDevice::new(device_index)).map(|_| ())
+            }
+            _ => Ok(()),
+        };
+        result.map_err(|e| format!("--backend {self:?}: {e}\n{hint}"))
+    }
+}
+
 /// A tensor's values, row-major, as f32 (read back from the device).
 pub(crate) fn read_f32<B: burn::tensor::backend::Backend, const D: usize>(
     t: Tensor<B, D>,
@@ -254,6 +304,7 @@ pub fn test_pattern() -> StateTensor {
 
 /// Runs `classify` with parsed arguments.
 pub fn run(args: &Args) -> Result<Report, String> {
+    args.backend.probe(0)?;
     match args.backend {
         BackendName::NdArray => {
             run_on::<burn::backend::NdArray>(args, &Default::default(), "NdArray (CPU)")

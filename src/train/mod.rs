@@ -617,6 +617,9 @@ impl Args {
 pub fn run_with(config: &TrainConfig, args: &Args, progress: Progress) -> Result<Summary, String> {
     let config = config.clone();
     config.validate().map_err(|e| format!("recipe:\n{e}"))?;
+    for &device in &args.devices {
+        args.backend.probe(device)?;
+    }
     match args.backend {
         BackendName::NdArray => {
             let devices = vec![burn::backend::ndarray::NdArrayDevice::Cpu; args.devices.len()];

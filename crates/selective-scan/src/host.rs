@@ -169,3 +169,57 @@ pub fn forward_backward_host<R: Runtime>(
         },
     ))
 }
+
+/// Starts `R` on `device` and runs one tiny scan through it (client creation, kernel
+/// compilation, launch, read-back), turning a panic of the runtime's loader into an error.
+///
+/// CubeCL's runtimes panic when their driver or compiler library is missing (CUDA without
+/// `libcuda.so`/`libnvrtc.so`, ROCm without the HIP libraries, WGPU without any adapter). A
+/// command-line tool calls this first and reports [`ScanError::Unsupported`] with the runtime's
+/// own message instead of a backtrace. The default panic hook is silenced while it runs (it is
+/// process-wide: call this at start-up, not while other threads may panic).
+pub fn probe<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, ScanError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let client = R::client(device);
+        let problem = ScanProblem {
+            shape: crate::ScanShape::new(1, 1, 1, 1, 1),
+            u: vec![1.0],
+            delta: vec![0.5],
+            a: vec![-1.0],
+            b: vec![1.0],
+            c: vec![1.0],
+            d: None,
+            delta_bias: None,
+            delta_softplus: false,
+        };
+        let y = forward_host(&client, &problem, ScanDtype::F32, ScanConfig::default())?;
+        // h = Δ·B·u = 0.5, y = C·h.
+        if y == [0.5] {
+            Ok(client)
+        } else {
+            Err(ScanError::Runtime {
+                detail: format!("a one-step test scan gave {y:?} instead of [0.5]"),
+            })
+        }
+    }));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            let runtime = std::any::type_name::<R>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("CubeCL");
+            Err(ScanError::Unsupported {
+                detail: format!("the {runtime} did not start: {message}"),
+            })
+        }
+    }
+}

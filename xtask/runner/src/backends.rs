@@ -169,6 +169,54 @@ impl Path {
     }
 }
 
+impl Backend {
+    /// Starts the runtime and runs a one-step scan (`selective_scan::host::probe`): a missing
+    /// driver or compiler library is an error naming what to install, not a loader panic.
+    pub fn probe(self) -> Result<(), String> {
+        let result = match self {
+            Backend::Wgpu => {
+                use selective_scan::cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+                host::probe::<WgpuRuntime>(&WgpuDevice::default()).map(|_| ())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => {
+                use selective_scan::cubecl::cuda::{CudaDevice, CudaRuntime};
+                host::probe::<CudaRuntime>(&CudaDevice::default()).map(|_| ())
+            }
+            #[cfg(feature = "rocm")]
+            Backend::Rocm => {
+                use selective_scan::cubecl::hip::{AmdDevice, HipRuntime};
+                host::probe::<HipRuntime>(&AmdDevice::default()).map(|_| ())
+            }
+        };
+        result.map_err(|e| {
+            let hint = match self {
+                Backend::Wgpu => "install a Vulkan driver (Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`)",
+                #[cfg(feature = "cuda")]
+                Backend::Cuda => "CUDA needs the NVIDIA driver (libcuda.so.1) and NVRTC (libnvrtc.so*, also in pip's nvidia-cuda-nvrtc packages) on the loader's path (LD_LIBRARY_PATH)",
+                #[cfg(feature = "rocm")]
+                Backend::Rocm => "ROCm needs libamdhip64.so and libhiprtc.so on the loader's path (LD_LIBRARY_PATH)",
+            };
+            format!("{}: {e}\n{hint}", self.name())
+        })
+    }
+}
+
+impl Path {
+    /// The runtime this path needs started, if any (NdArray and the fallback need none).
+    pub fn runtime(self) -> Option<Backend> {
+        match self {
+            Path::Kernel(b) => Some(b),
+            Path::Wgpu => Some(Backend::Wgpu),
+            #[cfg(feature = "cuda")]
+            Path::Cuda => Some(Backend::Cuda),
+            #[cfg(feature = "rocm")]
+            Path::Rocm => Some(Backend::Rocm),
+            Path::NdArray | Path::Fallback => None,
+        }
+    }
+}
+
 pub fn wgpu_client() -> ComputeClient<selective_scan::cubecl::wgpu::WgpuRuntime> {
     use selective_scan::cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     WgpuRuntime::client(&WgpuDevice::default())

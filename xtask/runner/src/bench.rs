@@ -434,6 +434,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         vec![]
     };
+    for backend in &backends {
+        backend.probe()?;
+    }
     let has_real_gpu = backends.iter().any(|b| *b != Backend::Wgpu);
 
     let triad_1 = cpu_triad_gbps(false);

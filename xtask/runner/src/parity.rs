@@ -163,6 +163,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if backends.iter().any(|b| b.uses_wgpu()) {
         crate::vulkan::require_driver()?;
     }
+    let mut runtimes: Vec<_> = backends.iter().filter_map(|b| b.runtime()).collect();
+    runtimes.dedup();
+    for runtime in runtimes {
+        runtime.probe()?;
+    }
     let tolerance = match flag("--tolerance") {
         Some(t) => t
             .parse::<f64>()
