@@ -64,9 +64,12 @@ impl BackendName {
     /// (`selective_scan::host::probe`), so that a missing driver or compiler library is an
     /// error saying what to install rather than a panic from the runtime's loader. NdArray
     /// needs nothing; a backend that is not compiled in is left to the caller's own error.
-    pub fn probe(self, device_index: usize) -> Result<(), String> {
+    ///
+    /// Before that it points CubeCL's persistent kernel cache at the per-user directory
+    /// ([`crate::runtime::configure_caches`]); the returned text says where (or why not).
+    pub fn probe(self, device_index: usize) -> Result<String, String> {
         let hint = match self {
-            BackendName::NdArray => return Ok(()),
+            BackendName::NdArray => return Ok("kernel cache: not needed (CPU)".into()),
             BackendName::Wgpu => {
                 "WGPU needs a Vulkan (Linux), DX12 (Windows) or Metal (macOS) driver; without a \
                  GPU on Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`"
@@ -82,6 +85,18 @@ impl BackendName {
             }
         };
         let _ = device_index;
+        let cache = match crate::runtime::configure_caches() {
+            crate::runtime::CacheSetup::Kernels(dir) => format!("kernel cache: {}", dir.display()),
+            crate::runtime::CacheSetup::UserConfigured => {
+                "kernel cache: as set in the CubeCL configuration".into()
+            }
+            crate::runtime::CacheSetup::TooLate => {
+                "kernel cache: unchanged (CubeCL was already configured in this process)".into()
+            }
+            crate::runtime::CacheSetup::NoDirectory => {
+                "kernel cache: off (no HOME or VMAMBA_CACHE_DIR to put it in)".into()
+            }
+        };
         let result: Result<(), selective_scan::ScanError> = match self {
             #[cfg(feature = "wgpu")]
             BackendName::Wgpu => {
@@ -105,7 +120,9 @@ impl BackendName {
             }
             _ => Ok(()),
         };
-        result.map_err(|e| format!("--backend {self:?}: {e}\n{hint}"))
+        result
+            .map(|()| cache)
+            .map_err(|e| format!("--backend {self:?}: {e}\n{hint}"))
     }
 }
 
@@ -304,7 +321,13 @@ pub fn test_pattern() -> StateTensor {
 
 /// Runs `classify` with parsed arguments.
 pub fn run(args: &Args) -> Result<Report, String> {
-    args.backend.probe(0)?;
+    let cache = args.backend.probe(0)?;
+    let mut report = run_backend(args)?;
+    report.setup = format!("{}\n{cache}", report.setup);
+    Ok(report)
+}
+
+fn run_backend(args: &Args) -> Result<Report, String> {
     match args.backend {
         BackendName::NdArray => {
             run_on::<burn::backend::NdArray>(args, &Default::default(), "NdArray (CPU)")

@@ -9,6 +9,8 @@
 //! - [`burn_vmamba`]: the Burn layer: `selective_scan` on any backend with autodiff, and the
 //!   VMamba model (`burn_vmamba::model`: SS2D, VSS block, VSSM, configs, presets, checkpoints).
 //! - [`classify`]: the logic of the `classify` example (the README's main job).
+//! - [`runtime`]: CubeCL's persistent kernel cache in a per-user directory, set up by the
+//!   command-line tools before a GPU runtime starts.
 //! - [`train`]: the logic of the `train` example: burn-train's `Learner` with upstream's
 //!   recipe, ImageFolder data or a synthetic long-range task, one or several devices.
 //!
@@ -16,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod classify;
+pub mod runtime;
 #[cfg(feature = "train")]
 pub mod train;
 

@@ -179,8 +179,22 @@ pub fn forward_backward_host<R: Runtime>(
 /// own message instead of a backtrace. The default panic hook is silenced while it runs (it is
 /// process-wide: call this at start-up, not while other threads may panic).
 pub fn probe<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, ScanError> {
+    // Runtimes may fail on a thread of their own (CUDA's device thread), leaving the caller
+    // only a channel error: keep every panic message raised while probing, first one first.
+    let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let sink = messages.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "(no message)".into());
+        if let Ok(mut list) = sink.lock() {
+            list.push(message);
+        }
+    }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let client = R::client(device);
         let problem = ScanProblem {
@@ -207,18 +221,14 @@ pub fn probe<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, ScanErr
     std::panic::set_hook(hook);
     match result {
         Ok(outcome) => outcome,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("(no message)");
+        Err(_) => {
+            let messages = messages.lock().map(|m| m.clone()).unwrap_or_default();
             let runtime = std::any::type_name::<R>()
                 .rsplit("::")
                 .next()
                 .unwrap_or("CubeCL");
             Err(ScanError::Unsupported {
-                detail: format!("the {runtime} did not start: {message}"),
+                detail: format!("the {runtime} did not start: {}", messages.join("; then: ")),
             })
         }
     }

@@ -458,3 +458,27 @@ fn strided_input_past_the_index_range_is_refused() {
         }
     );
 }
+
+/// The runtime probe: llvmpipe starts and runs the one-step scan; a device that does not
+/// exist makes the WGPU runtime panic while starting, which comes back as
+/// `ScanError::Unsupported` carrying the runtime's own message (not a panic).
+#[test]
+fn the_runtime_probe_starts_a_runtime_or_says_why_not() {
+    use selective_scan::cubecl::wgpu::WgpuDevice;
+    if let Err(e) = host::probe::<WgpuRuntime>(&WgpuDevice::default()) {
+        panic!("llvmpipe should start: {e}");
+    }
+    match host::probe::<WgpuRuntime>(&WgpuDevice::DiscreteGpu(97)).map(|_| ()) {
+        Err(ScanError::Unsupported { detail }) => {
+            assert!(
+                detail.starts_with("the WgpuRuntime did not start: "),
+                "{detail}"
+            );
+            assert!(
+                detail.len() > "the WgpuRuntime did not start: ".len() + 5,
+                "{detail}"
+            );
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
