@@ -87,31 +87,11 @@ fn native_cpu_backward_is_identical_for_any_thread_count() {
     }
 }
 
-/// Long memory, exactly (as in `kernel_vs_reference.rs`): `|Δ·A| ≤ 3e−11`, so `exp(Δ·A)` rounds
-/// to 1 and an impulse gives `y_t = Δ` at every one of 3136 steps.
+/// Long memory, exactly (`common::long_memory_impulse`): `y_t = Δ` at every one of 3136 steps.
 #[test]
 fn native_cpu_impulse_response_of_long_memory_channels_stays_exact() {
-    let (l, channels) = (3136, 3);
-    let shape = selective_scan::ScanShape::new(1, channels, l, 1, 1);
-    let mut p = ScanProblem::random(shape, &RandomSpec::default(), 4);
-    p.u = (0..channels * l)
-        .map(|i| if i % l == 0 { 1.0 } else { 0.0 })
-        .collect();
-    p.d = None;
-    p.delta_bias = None;
-    p.delta_softplus = false;
-    p.delta = vec![1e-4; channels * l];
-    p.a = [-30.0f64, -20.0, -15.0]
-        .iter()
-        .map(|a_log| -(a_log.exp() as f32))
-        .collect();
-    p.b = vec![1.0; l];
-    p.c = vec![1.0; l];
+    let (p, expected) = common::long_memory_impulse();
     let y = selective_scan::cpu::forward(&p.slices()).unwrap();
-    let dt = f64::from(1e-4f32);
-    let expected: Vec<f64> = (0..channels * l)
-        .map(|i| dt * (dt * f64::from(p.a[i / l]) * (i % l) as f64).exp())
-        .collect();
     let err = common::elem_err(&y, &expected);
     assert!(err < 1e-6, "long-memory impulse response off by {err:.2e}");
 }

@@ -231,34 +231,11 @@ fn impulse_response_follows_the_decay_across_chunks() {
     );
 }
 
-/// Long memory, exactly: channels with `A = −e^−30, −e^−20, −e^−15` and `Δ = 1e−4`, so
-/// `|Δ·A| ≤ 3e−11` and `exp(Δ·A)` rounds to exactly 1 in f32. An impulse must then give
-/// `y_t = Δ` at every `t` (the f64 closed form is `Δ·e^{Δ·A·t}`, within 3e−10 of it): an `exp`
-/// one ulp low for tiny arguments (llvmpipe's) gives `0.99981·Δ` after 3135 steps.
+/// Long memory, exactly (`common::long_memory_impulse`): `y_t = Δ` at every one of 3136 steps.
 #[test]
 fn impulse_response_of_long_memory_channels_stays_exact() {
-    let (l, channels) = (3136, 3);
-    let s = ScanShape::new(1, channels, l, 1, 1);
-    let mut p = ScanProblem::random(s, &RandomSpec::default(), 4);
-    p.u = vec![0.0; channels * l];
-    for ch in 0..channels {
-        p.u[ch * l] = 1.0;
-    }
-    p.d = None;
-    p.delta_bias = None;
-    p.delta_softplus = false;
-    p.delta = vec![1e-4; channels * l];
-    p.a = [-30.0f64, -20.0, -15.0]
-        .iter()
-        .map(|a_log| -(a_log.exp() as f32))
-        .collect();
-    p.b = vec![1.0; l];
-    p.c = vec![1.0; l];
+    let (p, expected) = common::long_memory_impulse();
     let y = host::forward_host(&client(), &p, ScanDtype::F32, ScanConfig::default()).unwrap();
-    let dt = f64::from(1e-4f32);
-    let expected: Vec<f64> = (0..channels * l)
-        .map(|i| dt * (dt * f64::from(p.a[i / l]) * (i % l) as f64).exp())
-        .collect();
     let err = common::elem_err(&y, &expected);
     assert!(err < 1e-6, "long-memory impulse response off by {err:.2e}");
 }
