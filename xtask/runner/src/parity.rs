@@ -125,7 +125,7 @@ fn fixture_cases(dir: &Path) -> Result<Vec<Case>, String> {
     }
 }
 
-/// The larger of `max |x − ref| / max |ref|` and the elementwise bound with its 5 % floor
+/// The larger of `max |x − ref| / max |ref|` and the elementwise bound with its 10 % floor
 /// (`reference::deviation`); NaN or a length mismatch counts as infinite error.
 fn rel_err(actual: &[f64], expected: &[f64]) -> f64 {
     reference::deviation(actual, expected).worst()
@@ -190,7 +190,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "the f64 reference"
     };
     println!(
-        "parity: {} case(s) × backends [{}] against {oracle}; error = max(max |x − ref| / max |ref|, max |x − ref| / (|ref| + 5 % of max |ref|)), tolerance {tolerance:.1e}\n",
+        "parity: {} case(s) × backends [{}] against {oracle}; error = max(max |x − ref| / max |ref|, max |x − ref| / (|ref| + 10 % of max |ref|)), tolerance {tolerance:.1e}\n",
         cases.len(),
         backends
             .iter()
