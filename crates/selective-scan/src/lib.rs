@@ -35,8 +35,17 @@
 //! Plane (warp) operations are not used, so the kernels run unchanged on devices without them
 //! (WGPU on CPU adapters) and with any plane width (32 on NVIDIA, 64 on AMD CDNA).
 //!
+//! ## Contract
+//!
+//! The recurrence must not expand (`Δ·A ≤ 0`: `A ≤ 0`, and `delta + delta_bias ≥ 0` without
+//! softplus), or the chunk products overflow: refused as [`ScanError::Expanding`] wherever the
+//! values are on the host ([`check_non_expanding`]). The kernels index with 32 bits: larger
+//! problems are refused as [`ScanError::TooLarge`] ([`check_index_range`]). `exp(Δ·A)` is
+//! computed so that a decay within 1e-5 of 1 stays exact to f32 rounding on every runtime
+//! ([`kernel::block::decay_exp`](fn@kernel::block::decay_exp)). The repository's `docs/scan.md` derives all of this.
+//!
 //! ## Where things are
-//! - [`reference`]: the f64 sequential oracle (forward and backward).
+//! - [`reference`](mod@reference): the f64 sequential oracle (forward and backward).
 //! - [`cpu`]: the native CPU scan (fused, rayon-parallel, f32 state).
 //! - [`kernel`]: the `#[cube]` kernels; [`launch`] validates and dispatches them.
 //! - [`host`]: upload/run/read for host data ([`ScanProblem`]).

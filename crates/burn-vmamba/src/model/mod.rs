@@ -6,7 +6,7 @@
 //! | [`config`] | typed configs (`Ss2dConfig`, `VssBlockConfig`, `VssmConfig`), variant enums, presets |
 //! | [`upstream`] | upstream's `VSSM(...)` keywords and `forward_type` strings → configs |
 //! | [`conv`] | the convolutions as tensor ops, for backends whose `conv2d` is slow (NdArray) |
-//! | [`cross_scan`] | the four scan directions and their adjoint |
+//! | [`cross_scan`](mod@cross_scan) | the four scan directions and their adjoint |
 //! | [`ss2d`] | SS2D: one `selective_scan` call with G = 4 groups |
 //! | [`block`] | `VssBlock`, `Mlp`, `drop_path` |
 //! | [`vssm`] | stem, downsamples, stages, classifier, `Vssm` |

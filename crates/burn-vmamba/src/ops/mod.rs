@@ -1,5 +1,5 @@
 //! The selective scan as a Burn op: a backend-extension trait with fused forward and backward,
-//! its implementations, and the public [`selective_scan`] function.
+//! its implementations, and the public [`selective_scan`](fn@selective_scan) function.
 //!
 //! | backend | implementation |
 //! |---|---|
@@ -267,7 +267,7 @@ pub fn selective_scan<B: SelectiveScanBackend>(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// [`selective_scan`], returning its refusals as a [`ScanError`] instead of panicking.
+/// [`selective_scan`](fn@selective_scan), returning its refusals as a [`ScanError`] instead of panicking.
 ///
 /// Checked before any work: the shapes (ranks, agreement, `G | D`, `N ≤ 256`), every dimension
 /// at least 1 (an empty batch or sequence is refused: [`ScanError::Empty`]), and a

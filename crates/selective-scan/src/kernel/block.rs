@@ -74,7 +74,7 @@ pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: 
     total
 }
 
-/// Below this `|x|`, [`decay_exp`] uses its own polynomial instead of the device's `exp`.
+/// Below this `|x|`, [`decay_exp`](fn@decay_exp) uses its own polynomial instead of the device's `exp`.
 pub const DECAY_EXP_TAYLOR_BELOW: f32 = 0.0625;
 
 /// `e^x` for the decay `x = Δ·A`, exact to f32 rounding for tiny `|x|` on every runtime.
@@ -129,7 +129,7 @@ pub fn discretize_step(x: f32, #[comptime] softplus: bool) -> f32 {
     dt
 }
 
-/// `dΔ/dx` for [`discretize_step`]: the logistic sigmoid below the threshold, else 1.
+/// `dΔ/dx` for [`discretize_step`](fn@discretize_step): the logistic sigmoid below the threshold, else 1.
 #[allow(clippy::collapsible_if)]
 #[cube]
 pub fn discretize_step_grad(x: f32, #[comptime] softplus: bool) -> f32 {

@@ -2,7 +2,7 @@
 //!
 //! The sequence is cut into chunks of `units · items` positions. For each chunk and each state
 //! `n`, every unit scans its own `items` consecutive positions sequentially into one affine
-//! aggregate, the cube scans the `units` aggregates ([`cube_inclusive_scan`]), and every unit
+//! aggregate, the cube scans the `units` aggregates ([`cube_inclusive_scan`](fn@super::block::cube_inclusive_scan)), and every unit
 //! replays its segment from its exclusive prefix to get `h_t` and accumulate `y_t`. The state at
 //! the end of the chunk is the carry into the next chunk, and is saved for the backward pass
 //! (`carries [batch, channels, n_chunks, d_state]`): nothing of size `L·N` is stored.
