@@ -62,28 +62,16 @@ impl BackendName {
 impl BackendName {
     /// Starts the backend's runtime on `device_index` and runs a one-step scan through it
     /// (`selective_scan::host::probe`), so that a missing driver or compiler library is an
-    /// error saying what to install rather than a panic from the runtime's loader. NdArray
+    /// error saying what to install (the probe's own hint) rather than a panic from the
+    /// runtime's loader. NdArray
     /// needs nothing; a backend that is not compiled in is left to the caller's own error.
     ///
     /// Before that it points CubeCL's persistent kernel cache at the per-user directory
     /// ([`crate::runtime::configure_caches`]); the returned text says where (or why not).
     pub fn probe(self, device_index: usize) -> Result<String, String> {
-        let hint = match self {
-            BackendName::NdArray => return Ok("kernel cache: not needed (CPU)".into()),
-            BackendName::Wgpu => {
-                "WGPU needs a Vulkan (Linux), DX12 (Windows) or Metal (macOS) driver; without a \
-                 GPU on Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`"
-            }
-            BackendName::Cuda => {
-                "CUDA needs the NVIDIA driver (`libcuda.so.1`) and NVRTC (`libnvrtc.so*`, also \
-                 in pip's `nvidia-cuda-nvrtc` packages) where the loader finds them (for \
-                 example on LD_LIBRARY_PATH)"
-            }
-            BackendName::Rocm => {
-                "ROCm needs the HIP runtime and compiler (`libamdhip64.so`, `libhiprtc.so`) \
-                 where the loader finds them (for example /opt/rocm/lib on LD_LIBRARY_PATH)"
-            }
-        };
+        if self == BackendName::NdArray {
+            return Ok("kernel cache: not needed (CPU)".into());
+        }
         let _ = device_index;
         let cache = match crate::runtime::configure_caches() {
             crate::runtime::CacheSetup::Kernels(dir) => format!("kernel cache: {}", dir.display()),
@@ -122,7 +110,7 @@ impl BackendName {
         };
         result
             .map(|()| cache)
-            .map_err(|e| format!("--backend {self:?}: {e}\n{hint}"))
+            .map_err(|e| format!("--backend {self:?}: {e}"))
     }
 }
 

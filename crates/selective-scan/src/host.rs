@@ -176,7 +176,7 @@ pub fn forward_backward_host<R: Runtime>(
 /// CubeCL's runtimes panic when their driver or compiler library is missing (CUDA without
 /// `libcuda.so`/`libnvrtc.so`, ROCm without the HIP libraries, WGPU without any adapter). A
 /// command-line tool calls this first and reports [`ScanError::Unsupported`] with the runtime's
-/// own message instead of a backtrace. The default panic hook is silenced while it runs (it is
+/// own message and what to install, instead of a backtrace. The default panic hook is silenced while it runs (it is
 /// process-wide: call this at start-up, not while other threads may panic).
 pub fn probe<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, ScanError> {
     // Runtimes may fail on a thread of their own (CUDA's device thread), leaving the caller
@@ -227,8 +227,27 @@ pub fn probe<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, ScanErr
                 .rsplit("::")
                 .next()
                 .unwrap_or("CubeCL");
+            let hint = match runtime {
+                "WgpuRuntime" => {
+                    "WGPU needs a Vulkan (Linux), DX12 (Windows) or Metal (macOS) driver; without \
+                     a GPU on Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`"
+                }
+                "CudaRuntime" => {
+                    "CUDA needs the NVIDIA driver (`libcuda.so.1`) and NVRTC (`libnvrtc.so*`, \
+                     also in pip's `nvidia-cuda-nvrtc` packages) where the loader finds them \
+                     (for example on LD_LIBRARY_PATH)"
+                }
+                "HipRuntime" => {
+                    "ROCm needs the HIP runtime and compiler (`libamdhip64.so`, `libhiprtc.so`) \
+                     where the loader finds them (for example /opt/rocm/lib on LD_LIBRARY_PATH)"
+                }
+                _ => "check that the runtime's driver and libraries are installed",
+            };
             Err(ScanError::Unsupported {
-                detail: format!("the {runtime} did not start: {}", messages.join("; then: ")),
+                detail: format!(
+                    "the {runtime} did not start: {}\n{hint}",
+                    messages.join("; then: ")
+                ),
             })
         }
     }

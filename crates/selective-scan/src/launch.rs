@@ -134,7 +134,9 @@ impl<'a> TensorRef<'a> {
                 ),
             });
         }
-        let last = self.extent() - 1;
+        let extent = self.extent();
+        check_extent(arg, extent)?;
+        let last = extent - 1;
         let capacity = u128::from(self.handle.size()) / self.dtype.size() as u128;
         if last >= capacity {
             return Err(ScanError::Layout {
@@ -188,22 +190,6 @@ impl ScanArgs<'_> {
             d: self.d.map(|t| t.shape),
             delta_bias: self.delta_bias.map(|t| t.shape),
         })?;
-        let inputs = [
-            ("u", Some(&self.u)),
-            ("delta", Some(&self.delta)),
-            ("A", Some(&self.a)),
-            ("B", Some(&self.b)),
-            ("C", Some(&self.c)),
-            ("D", self.d.as_ref()),
-            ("delta_bias", self.delta_bias.as_ref()),
-        ];
-        for (arg, tensor) in inputs {
-            if let Some(t) = tensor
-                && t.strides.len() == t.shape.len()
-            {
-                check_extent(arg, t.extent())?;
-            }
-        }
         let input = self.u.dtype;
         self.u.check_layout("u", input)?;
         self.delta.check_layout("delta", input)?;
@@ -240,8 +226,8 @@ fn check_extent(arg: &'static str, elements: u128) -> Result<(), ScanError> {
 /// bits: `y`, `du`, `ddelta` (`Bt·D·L`), the chunk-end states (`Bt·D·n_chunks·N`), the
 /// per-block `dB`/`dC` partials (`Bt·G·blocks·N·L`), `dB`/`dC` themselves, and the sequence
 /// padded to whole chunks. Pure arithmetic on the sizes, so it can be checked (and tested) for
-/// shapes far too large to allocate. The inputs' own extents are checked by
-/// [`ScanArgs::validate`].
+/// shapes far too large to allocate. The inputs' own extents are checked with their layouts
+/// ([`ScanArgs::validate`]), before the buffer's size is consulted.
 pub fn check_index_range(shape: &ScanShape, config: ScanConfig) -> Result<(), ScanError> {
     let w = |x: usize| x as u128;
     let (bt, d, l, n, g) = (
@@ -521,9 +507,6 @@ pub fn backward<R: Runtime>(
             actual: dy.shape.to_vec(),
             source: "same as u",
         });
-    }
-    if dy.strides.len() == dy.shape.len() {
-        check_extent("dy", dy.extent())?;
     }
     dy.check_layout("dy", ScanDtype::F32)?;
     config.validate(client)?;

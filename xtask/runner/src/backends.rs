@@ -171,7 +171,8 @@ impl Path {
 
 impl Backend {
     /// Starts the runtime and runs a one-step scan (`selective_scan::host::probe`): a missing
-    /// driver or compiler library is an error naming what to install, not a loader panic.
+    /// driver or compiler library is an error naming what to install (the probe's hint), not a
+    /// loader panic.
     pub fn probe(self) -> Result<(), String> {
         let result = match self {
             Backend::Wgpu => {
@@ -189,16 +190,7 @@ impl Backend {
                 host::probe::<HipRuntime>(&AmdDevice::default()).map(|_| ())
             }
         };
-        result.map_err(|e| {
-            let hint = match self {
-                Backend::Wgpu => "install a Vulkan driver (Debian/Ubuntu: `apt-get install -y mesa-vulkan-drivers libvulkan1`)",
-                #[cfg(feature = "cuda")]
-                Backend::Cuda => "CUDA needs the NVIDIA driver (libcuda.so.1) and NVRTC (libnvrtc.so*, also in pip's nvidia-cuda-nvrtc packages) on the loader's path (LD_LIBRARY_PATH)",
-                #[cfg(feature = "rocm")]
-                Backend::Rocm => "ROCm needs libamdhip64.so and libhiprtc.so on the loader's path (LD_LIBRARY_PATH)",
-            };
-            format!("{}: {e}\n{hint}", self.name())
-        })
+        result.map_err(|e| format!("{}: {e}", self.name()))
     }
 }
 

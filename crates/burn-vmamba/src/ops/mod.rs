@@ -110,22 +110,17 @@ impl<B: Backend> ScanTensors<B> {
         shape: &ScanShape,
         delta_softplus: bool,
     ) -> Result<(), ScanError> {
-        let tensor = |t: &FloatTensor<B>| {
-            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t.clone()))
-                .flatten::<1>(0, 0)
-                .detach()
-        };
-        let a_max = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.a.clone()))
-            .detach()
-            .max()
-            .cast(DType::F32);
+        let a = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.a.clone())).detach();
+        let a_max = a.clone().max().cast(DType::F32);
+        // `delta + delta_bias`, as the fallback forms it.
         let delta = || {
-            let delta =
-                Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(self.delta.clone())).detach();
-            match &self.delta_bias {
-                Some(bias) => delta + tensor(bias).reshape([1, shape.channels, 1]),
-                None => delta,
-            }
+            let float = |t: &FloatTensor<B>| TensorPrimitive::Float(t.clone());
+            let delta = Tensor::<B, 3>::from_primitive(float(&self.delta)).detach();
+            let bias = self
+                .delta_bias
+                .as_ref()
+                .map(|b| Tensor::<B, 1>::from_primitive(float(b)).detach());
+            fallback::step_sizes(delta, bias, false).0
         };
         let extremes = if delta_softplus {
             a_max
@@ -145,7 +140,7 @@ impl<B: Backend> ScanTensors<B> {
         if !expanding {
             return Ok(());
         }
-        let a = read(tensor(&self.a))?;
+        let a = read(a.flatten::<1>(0, 1))?;
         let delta = read(delta().flatten::<1>(0, 2))?;
         // `delta` already holds `delta + delta_bias`.
         selective_scan::check_non_expanding(shape, &a, &delta, None, delta_softplus)
