@@ -16,6 +16,7 @@ use std::time::Duration;
 use vmamba::train::{Args, Progress, run};
 
 fn main() {
+    vmamba::runtime::keep_freed_memory();
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(message) => {

@@ -1,29 +1,112 @@
-//! The native CPU scan: fused like the kernels (no `[B, D, L, N]` tensor), f32 state, parallel
-//! with rayon, deterministic.
+//! The native CPU scan: fused like the kernels (no `[B, D, L, N]` tensor), f32 state, SIMD across
+//! channels, parallel with rayon, deterministic.
 //!
-//! - Forward: one task per `(batch, channel)` row; softplus for the row, then for each state `n`
-//!   a vectorised pass computing `exp(Δ_t A_n)` and `Δ_t B_t u_t`, and one sequential pass
-//!   `h = exp(Δ_t A_n) h + Δ_t B_t u_t`, `y_t += C_t h`. The transcendentals are
-//!   [`crate::fastmath`]'s branch-free `exp`/`softplus`/`sigmoid` (≤ 3e-7 relative), which
-//!   vectorise; libm's are scalar calls and were the bottleneck.
-//! - Backward: one task per `(batch, group, block of 16 channels)`. For each channel: Δ and
-//!   softplus' derivative (sigmoid) from one exponential; then for each state a vectorised pass
-//!   for `exp(Δ_t A_n)` and `Δ_t B_t u_t`, a sequential pass replaying the states into an
-//!   `L`-long buffer, a sequential backward pass for the adjoint `ĥ_t = a_{t+1} ĥ_{t+1} +
-//!   dy_t C_t`, and a vectorised pass accumulating every backward formula of [`crate::reference`] (the
-//!   reductions over `t` in 8 fixed lanes). Only the two recurrences are sequential.
-//!   `dB`/`dC` are summed over the block's channels by the task itself and over blocks
-//!   afterwards, `dA`/`dD`/`ddelta_bias` over the batch afterwards, always in the same order.
-//!   The block size is fixed, not derived from the thread count, so the bits do not depend on
-//!   the machine.
+//! # Layout: one SIMD lane per channel
+//! The recurrence `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` is sequential in `t` but independent
+//! across channels, so a task takes [`LANES`] = 8 consecutive channels of one `(batch, group)`
+//! and runs the time loop with one channel per lane: every step is a handful of 8-wide
+//! multiply-adds and one 8-wide `exp`, with no dependency between lanes. `B_t` and `C_t` are
+//! shared by the group's channels and are broadcast. The task gathers its rows of `u`, `delta`
+//! (and `dy`) into lane-major scratch `[L][8]` once, runs every state over it, and scatters its
+//! outputs back into the `[B, D, L]` rows; a block with fewer than 8 channels (the group's last)
+//! fills the spare lanes with zeros (`u = dy = A = 0`), which contribute exact zeros to every
+//! sum.
+//! - Forward: `Δ` (softplus) per lane, then states in chunks of 4 (four independent recurrences
+//!   per step for instruction-level parallelism), `y_t = D u_t + Σ_n C_{n,t} h_{n,t}` accumulated
+//!   in state order.
+//! - Backward, per state: replay `h` forward into an `[L + 1][8]` buffer (keeping `exp(Δ_t A)`),
+//!   then one backward pass for the adjoint `ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t` that also
+//!   accumulates every formula of [`crate::reference`]: `du`, `dΔ` per lane; `dB_t`, `dC_t` as
+//!   the sum over the 8 lanes (a fixed pairwise tree); `dA`, `dD`, `dΔ_bias` as sums over `t` in
+//!   blocks of [`SUM_BLOCK`]. `dB`/`dC` are summed over the task's lanes by the task and over
+//!   tasks afterwards, `dA`/`dD`/`ddelta_bias` over the batch afterwards, always in the same
+//!   order: the bits do not depend on the number of threads.
+//!
+//! # Instruction sets
+//! The same generic code is compiled twice: for the target's baseline (SSE2 on x86-64, NEON on
+//! aarch64) and, on x86-64, with AVX2 + FMA enabled (`#[target_feature]`), chosen at run time by
+//! [`Isa::detect`] (`is_x86_feature_detected!`). The lane arithmetic is written on `[f32; 8]`
+//! arrays, which LLVM turns into one AVX2 register (two SSE/NEON registers); no SIMD crate is
+//! needed, and the portable path is the same source. With FMA (AVX2 path; NEON, where FMA is
+//! baseline) the multiply-adds are fused, so the bits differ from the portable path's, each
+//! within the same error bounds; a given machine always takes the same path. AVX-512 is not
+//! used: on the machines measured, 8 lanes already made the transcendentals the bound.
+//! The transcendentals are [`crate::fastmath`]'s branch-free `exp`/`softplus`/`sigmoid`
+//! (≤ 2.5e-7 relative, with or without FMA).
 
 use rayon::prelude::*;
 
-use crate::fastmath::{exp, softplus, softplus_sigmoid};
+use crate::fastmath::{exp_with, softplus_sigmoid_with, softplus_with};
 use crate::{ScanError, ScanGrads, ScanProblem, ScanShape};
 
-/// Channels per backward task; fixed so results do not depend on the number of threads.
-pub const CHANNELS_PER_TASK: usize = 16;
+/// SIMD lanes of the CPU scan: channels per task.
+pub const LANES: usize = 8;
+
+/// Channels per task (= [`LANES`]); fixed so results do not depend on the number of threads.
+pub const CHANNELS_PER_TASK: usize = LANES;
+
+/// Sums over `t` (`dA`, `dD`, `dΔ_bias`) add blocks of this many terms, then the blocks: the
+/// rounding error grows with `SUM_BLOCK + L / SUM_BLOCK` terms instead of `L`.
+pub const SUM_BLOCK: usize = 64;
+
+/// One value per lane (channel).
+type V = [f32; LANES];
+const ZERO: V = [0.0; LANES];
+
+/// The instruction set a CPU scan runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The target's baseline (SSE2 on x86-64), unfused multiply-adds. Runs everywhere.
+    Portable,
+    /// x86-64 with AVX2 and FMA (detected at run time).
+    Avx2Fma,
+    /// aarch64's NEON with fused multiply-adds (baseline there).
+    Neon,
+}
+
+impl Isa {
+    /// The fastest set this CPU supports.
+    pub fn detect() -> Self {
+        [Self::Avx2Fma, Self::Neon]
+            .into_iter()
+            .find(|isa| isa.is_available())
+            .unwrap_or(Self::Portable)
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            Self::Neon => cfg!(target_arch = "aarch64"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// A short name for reports: `portable`, `avx2+fma`, `neon`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2Fma => "avx2+fma",
+            Self::Neon => "neon",
+        }
+    }
+
+    fn check(self) -> Result<(), ScanError> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(ScanError::Unsupported {
+                detail: format!("this CPU cannot run the `{}` scan", self.name()),
+            })
+        }
+    }
+}
 
 /// Borrowed, contiguous row-major f32 inputs of one scan (shapes as in [`ScanProblem`]).
 #[derive(Debug, Clone, Copy)]
@@ -97,37 +180,6 @@ impl ScanSlices<'_> {
         }
         crate::check_non_expanding(s, self.a, self.delta, self.delta_bias, self.delta_softplus)
     }
-
-    /// Fills `dt` with `Δ` and `slope` with `dΔ/d(delta)` = sigmoid(delta + bias) for row
-    /// `(batch, channel)` when Δ is a softplus (`slope` is left alone otherwise: it is 1). One
-    /// exponential per position gives both.
-    fn steps_with_slope(&self, row: usize, channel: usize, dt: &mut [f32], slope: &mut [f32]) {
-        if !self.delta_softplus {
-            return self.steps(row, channel, dt);
-        }
-        let l = self.shape.seq_len;
-        let bias = self.delta_bias.map_or(0.0, |v| v[channel]);
-        let delta = &self.delta[row * l..(row + 1) * l];
-        for ((d, g), x) in dt.iter_mut().zip(slope.iter_mut()).zip(delta) {
-            (*d, *g) = softplus_sigmoid(x + bias);
-        }
-    }
-
-    /// Fills `dt` with `Δ` for row `(batch, channel)`.
-    fn steps(&self, row: usize, channel: usize, dt: &mut [f32]) {
-        let l = self.shape.seq_len;
-        let bias = self.delta_bias.map_or(0.0, |v| v[channel]);
-        let delta = &self.delta[row * l..(row + 1) * l];
-        if self.delta_softplus {
-            for (d, x) in dt.iter_mut().zip(delta) {
-                *d = softplus(x + bias);
-            }
-        } else {
-            for (d, x) in dt.iter_mut().zip(delta) {
-                *d = x + bias;
-            }
-        }
-    }
 }
 
 /// A zeroed buffer of `n` values for an output of the scan. A large one is fresh memory from
@@ -162,79 +214,562 @@ fn advise_huge_pages(v: &[f32]) {
     }
 }
 
-/// The sum of `v` in 8 interleaved lanes (vectorises; the order is fixed by the length alone,
-/// so the result does not depend on the machine).
-fn sum_lanes(v: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *lane += x;
+/// `out[i] = e^{xs[i]}` with the scan's own exponential ([`crate::fastmath::exp_with`]) compiled
+/// for `isa`, exactly as the scan runs it (for benchmarks: the exp rate of the scan). Panics if
+/// the lengths differ or this CPU lacks `isa`.
+pub fn exp_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
+    assert_eq!(xs.len(), out.len(), "exp_into: xs and out differ in length");
+    isa.check().unwrap_or_else(|e| panic!("{e}"));
+    #[inline(always)]
+    fn run<const F: bool>(xs: &[f32], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = exp_with::<F>(*x);
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2(xs: &[f32], out: &mut [f32]) {
+        run::<true>(xs, out);
+    }
+    match isa {
+        // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { run_avx2(xs, out) },
+        Isa::Neon => run::<true>(xs, out),
+        _ => run::<false>(xs, out),
+    }
 }
 
-/// Forward scan: `y [batch, channels, seq_len]`.
-pub fn forward(p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
-    p.validate()?;
-    let s = p.shape;
-    let (l, n_state, cpg) = (s.seq_len, s.d_state, s.channels_per_group());
-    let mut y = output_buffer(s.bdl_len());
-    let scratch = || [vec![0.0f32; l], vec![0.0f32; l], vec![0.0f32; l]];
-    y.par_chunks_mut(l)
-        .enumerate()
-        .for_each_init(scratch, |[dt, a_t, bu], (row, y_row)| {
-            let (batch, channel) = (row / s.channels, row % s.channels);
-            let group = channel / cpg;
-            p.steps(row, channel, dt);
-            let u = &p.u[row * l..(row + 1) * l];
-            let skip = p.d.map_or(0.0, |v| v[channel]);
-            for (y, u) in y_row.iter_mut().zip(u) {
-                *y = skip * u;
-            }
-            for n in 0..n_state {
-                let a_n = p.a[channel * n_state + n];
-                let base = ((batch * s.groups + group) * n_state + n) * l;
-                let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
-                // Independent per t (vectorised): exp(Δ_t A), Δ_t B_t u_t.
-                for ((((a, bu), d), b), u) in a_t
-                    .iter_mut()
-                    .zip(bu.iter_mut())
-                    .zip(dt.iter())
-                    .zip(b_row)
-                    .zip(u)
-                {
-                    *a = exp(d * a_n);
-                    *bu = d * b * u;
-                }
-                // h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t += C_t h_t
-                let mut h = 0.0f32;
-                for (((y, a), bu), c) in y_row.iter_mut().zip(a_t.iter()).zip(bu.iter()).zip(c_row)
-                {
-                    h = a * h + bu;
-                    *y += c * h;
-                }
-            }
+// ---- Lane arithmetic: `[f32; 8]`, written so that LLVM emits one vector op per line. ----
+
+#[inline(always)]
+fn splat(x: f32) -> V {
+    [x; LANES]
+}
+
+#[inline(always)]
+fn mul(a: V, b: V) -> V {
+    let mut o = ZERO;
+    for i in 0..LANES {
+        o[i] = a[i] * b[i];
+    }
+    o
+}
+
+/// `a · b + c` per lane, fused when `F` (see [`crate::fastmath::exp_with`]).
+#[inline(always)]
+fn fma<const F: bool>(a: V, b: V, c: V) -> V {
+    let mut o = ZERO;
+    for i in 0..LANES {
+        o[i] = if F {
+            a[i].mul_add(b[i], c[i])
+        } else {
+            a[i] * b[i] + c[i]
+        };
+    }
+    o
+}
+
+#[inline(always)]
+fn add(a: V, b: V) -> V {
+    let mut o = ZERO;
+    for i in 0..LANES {
+        o[i] = a[i] + b[i];
+    }
+    o
+}
+
+#[inline(always)]
+fn exp_v<const F: bool>(x: V) -> V {
+    let mut o = ZERO;
+    for i in 0..LANES {
+        o[i] = exp_with::<F>(x[i]);
+    }
+    o
+}
+
+/// The sum of the 8 lanes, as a fixed pairwise tree.
+#[inline(always)]
+fn hsum(v: V) -> f32 {
+    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// A per-lane sum over `t` in blocks of [`SUM_BLOCK`] terms.
+struct BlockedSum {
+    block: V,
+    total: V,
+    terms: usize,
+}
+
+impl BlockedSum {
+    fn new() -> Self {
+        Self {
+            block: ZERO,
+            total: ZERO,
+            terms: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn add(&mut self, x: V) {
+        self.block = add(self.block, x);
+        self.terms += 1;
+        if self.terms == SUM_BLOCK {
+            self.total = add(self.total, self.block);
+            self.block = ZERO;
+            self.terms = 0;
+        }
+    }
+
+    fn sum(self) -> V {
+        add(self.total, self.block)
+    }
+}
+
+// ---- Tasks: 8 consecutive channels of one (batch, group). ----
+
+/// Where a task's channels are.
+#[derive(Clone, Copy)]
+struct Task {
+    batch: usize,
+    group: usize,
+    /// First channel (in `0..channels`).
+    first: usize,
+    /// Channels in this task (`LANES`, fewer for a group's last block).
+    count: usize,
+}
+
+impl Task {
+    fn blocks(s: &ScanShape) -> usize {
+        s.channels_per_group().div_ceil(LANES)
+    }
+
+    /// Task `index` in (batch, group, block) order: their rows are consecutive in `[B, D, L]`.
+    fn new(s: &ScanShape, index: usize) -> Self {
+        let (cpg, blocks) = (s.channels_per_group(), Self::blocks(s));
+        let (bg, block) = (index / blocks, index % blocks);
+        let group = bg % s.groups;
+        Self {
+            batch: bg / s.groups,
+            group,
+            first: group * cpg + block * LANES,
+            count: LANES.min(cpg - block * LANES),
+        }
+    }
+
+    fn count_all(s: &ScanShape) -> usize {
+        s.batch * s.groups * Self::blocks(s)
+    }
+
+    /// First row of `[B·D, L]`.
+    fn row(&self, s: &ScanShape) -> usize {
+        self.batch * s.channels + self.first
+    }
+
+    /// A per-channel value in each lane (`pad` in spare lanes).
+    fn lanes(&self, pad: f32, value: impl Fn(usize) -> f32) -> V {
+        let mut v = splat(pad);
+        for (k, x) in v.iter_mut().enumerate().take(self.count) {
+            *x = value(self.first + k);
+        }
+        v
+    }
+
+    /// `B` or `C` row of state `n` for this task's `(batch, group)`.
+    fn state_row<'a>(&self, s: &ScanShape, bc: &'a [f32], n: usize) -> &'a [f32] {
+        let l = s.seq_len;
+        let base = ((self.batch * s.groups + self.group) * s.d_state + n) * l;
+        &bc[base..base + l]
+    }
+}
+
+/// Lane `k` of `out[t]` = `src[(row + k)·L + t]` for the task's channels, 0 in spare lanes.
+#[inline(always)]
+fn gather(src: &[f32], task: &Task, s: &ScanShape, out: &mut [V]) {
+    let l = s.seq_len;
+    let out = &mut out[..l];
+    let rows: [&[f32]; LANES] = std::array::from_fn(|k| {
+        let row = task.row(s) + k.min(task.count - 1);
+        &src[row * l..(row + 1) * l]
+    });
+    // Full tasks: 8 × 8 blocks, transposed in registers.
+    let blocked = if task.count == LANES {
+        l / LANES * LANES
+    } else {
+        0
+    };
+    for t0 in (0..blocked).step_by(LANES) {
+        let block: [V; LANES] = std::array::from_fn(|k| {
+            rows[k][t0..t0 + LANES]
+                .try_into()
+                .expect("a block is LANES long")
         });
+        for (j, v) in out[t0..t0 + LANES].iter_mut().enumerate() {
+            *v = std::array::from_fn(|k| block[k][j]);
+        }
+    }
+    for (t, v) in out.iter_mut().enumerate().skip(blocked) {
+        *v = std::array::from_fn(|k| if k < task.count { rows[k][t] } else { 0.0 });
+    }
+}
+
+/// The inverse of [`gather`] into the task's rows `dst [count, L]`.
+#[inline(always)]
+fn scatter(src: &[V], count: usize, l: usize, dst: &mut [f32]) {
+    let (src, dst) = (&src[..l], &mut dst[..count * l]);
+    let blocked = if count == LANES { l / LANES * LANES } else { 0 };
+    for t0 in (0..blocked).step_by(LANES) {
+        // 8 × 8 block transposed in registers, then 8 contiguous row stores.
+        let block: [V; LANES] = std::array::from_fn(|k| std::array::from_fn(|j| src[t0 + j][k]));
+        for (k, row) in block.iter().enumerate() {
+            dst[k * l + t0..k * l + t0 + LANES].copy_from_slice(row);
+        }
+    }
+    for k in 0..count {
+        for t in blocked..l {
+            dst[k * l + t] = src[t][k];
+        }
+    }
+}
+
+impl ScanSlices<'_> {
+    /// `Δ` per lane into `dt`, and softplus' slope `sigmoid(delta + bias)` into `slope` when
+    /// given and Δ is a softplus (1 otherwise). Spare lanes hold softplus(0) or 0: finite, and
+    /// multiplied by `u = 0` everywhere.
+    #[inline(always)]
+    fn steps<const F: bool>(&self, task: &Task, dt: &mut [V], slope: Option<&mut [V]>) {
+        let s = &self.shape;
+        gather(self.delta, task, s, dt);
+        let bias = task.lanes(0.0, |ch| self.delta_bias.map_or(0.0, |v| v[ch]));
+        for d in dt.iter_mut() {
+            *d = add(*d, bias);
+        }
+        if !self.delta_softplus {
+            if let Some(slope) = slope {
+                slope.fill(splat(1.0));
+            }
+            return;
+        }
+        // On the flattened `[L·8]` values: long loops vectorise, 8-lane ones did not here.
+        let dt = dt.as_flattened_mut();
+        match slope {
+            Some(slope) => {
+                for (d, g) in dt.iter_mut().zip(slope.as_flattened_mut()) {
+                    (*d, *g) = softplus_sigmoid_with::<F>(*d);
+                }
+            }
+            None => {
+                for d in dt.iter_mut() {
+                    *d = softplus_with::<F>(*d);
+                }
+            }
+        }
+    }
+}
+
+// ---- Forward ----
+
+/// Per-thread scratch of the forward: `Δ·u`, `Δ`, `y`, each `[L][8]`.
+#[derive(Default)]
+struct ForwardScratch {
+    dtu: Vec<V>,
+    dt: Vec<V>,
+    y: Vec<V>,
+}
+
+/// Grows `v` to at least `l` lanes-vectors (never shrinks: the scratch is reused by every scan
+/// the thread runs, e.g. the four stages of a model).
+fn at_least(v: &mut Vec<V>, l: usize) {
+    if v.len() < l {
+        *v = vec![ZERO; l];
+    }
+}
+
+impl ForwardScratch {
+    fn fit(&mut self, l: usize) {
+        for v in [&mut self.dtu, &mut self.dt, &mut self.y] {
+            at_least(v, l);
+        }
+    }
+}
+
+thread_local! {
+    /// Scratch reused across tasks and calls: fresh buffers per task cost a page fault per
+    /// 4 KiB, which showed as a quarter of a C2 backward.
+    static FORWARD_SCRATCH: std::cell::RefCell<ForwardScratch> = Default::default();
+    static BACKWARD_SCRATCH: std::cell::RefCell<BackwardScratch> = Default::default();
+}
+
+#[inline(always)]
+fn forward_task<const F: bool>(
+    p: &ScanSlices<'_>,
+    task: &Task,
+    y_rows: &mut [f32],
+    scratch: &mut ForwardScratch,
+) {
+    let s = &p.shape;
+    let l = s.seq_len;
+    let ForwardScratch { dtu, dt, y } = scratch;
+    let (dtu, dt, y) = (&mut dtu[..l], &mut dt[..l], &mut y[..l]);
+    gather(p.u, task, s, dtu);
+    p.steps::<F>(task, dt, None);
+    let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
+    for ((y, u), d) in y.iter_mut().zip(dtu.iter_mut()).zip(dt.iter()) {
+        *y = mul(skip, *u);
+        *u = mul(*u, *d);
+    }
+    let mut n = 0;
+    while n + 4 <= s.d_state {
+        forward_states::<F, 4>(p, task, n, dt, dtu, y);
+        n += 4;
+    }
+    while n < s.d_state {
+        forward_states::<F, 1>(p, task, n, dt, dtu, y);
+        n += 1;
+    }
+    scatter(y, task.count, s.seq_len, y_rows);
+}
+
+/// States `n0..n0 + NS` of the forward: `NS` independent recurrences per step, added to `y` in
+/// state order.
+#[inline(always)]
+fn forward_states<const F: bool, const NS: usize>(
+    p: &ScanSlices<'_>,
+    task: &Task,
+    n0: usize,
+    dt: &[V],
+    dtu: &[V],
+    y: &mut [V],
+) {
+    let s = &p.shape;
+    let l = s.seq_len;
+    let a: [V; NS] = std::array::from_fn(|j| task.lanes(0.0, |ch| p.a[ch * s.d_state + n0 + j]));
+    let b: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.b, n0 + j));
+    let c: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.c, n0 + j));
+    let (dt, dtu, y) = (&dt[..l], &dtu[..l], &mut y[..l]);
+    let mut h = [ZERO; NS];
+    for t in 0..l {
+        let mut acc = y[t];
+        for j in 0..NS {
+            let decay = exp_v::<F>(mul(dt[t], a[j]));
+            h[j] = fma::<F>(decay, h[j], mul(dtu[t], splat(b[j][t])));
+            acc = fma::<F>(splat(c[j][t]), h[j], acc);
+        }
+        y[t] = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_task_avx2(
+    p: &ScanSlices<'_>,
+    task: &Task,
+    y_rows: &mut [f32],
+    scratch: &mut ForwardScratch,
+) {
+    forward_task::<true>(p, task, y_rows, scratch);
+}
+
+/// Forward scan: `y [batch, channels, seq_len]`, with the fastest [`Isa`] of this CPU.
+pub fn forward(p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
+    forward_on(Isa::detect(), p)
+}
+
+/// [`forward`] with the given instruction set (an error if this CPU lacks it).
+pub fn forward_on(isa: Isa, p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
+    p.validate()?;
+    isa.check()?;
+    let s = p.shape;
+    let l = s.seq_len;
+    let mut y = output_buffer(s.bdl_len());
+    let mut tasks = Vec::with_capacity(Task::count_all(&s));
+    let mut rest = &mut y[..];
+    for index in 0..Task::count_all(&s) {
+        let task = Task::new(&s, index);
+        let (rows, next) = rest.split_at_mut(task.count * l);
+        tasks.push((task, rows));
+        rest = next;
+    }
+    tasks.into_par_iter().for_each(|(task, rows)| {
+        FORWARD_SCRATCH.with_borrow_mut(|scratch| {
+            scratch.fit(l);
+            match isa {
+                // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => unsafe { forward_task_avx2(p, &task, rows, scratch) },
+                Isa::Neon => forward_task::<true>(p, &task, rows, scratch),
+                _ => forward_task::<false>(p, &task, rows, scratch),
+            }
+        })
+    });
     Ok(y)
 }
 
+// ---- Backward ----
+
 /// Per-task outputs of the backward pass.
 struct TaskOut {
-    /// `dB`, `dC` partials of this block: `[d_state, seq_len]` each.
+    /// `dB`, `dC` partials of this task (summed over its lanes): `[d_state, seq_len]` each.
     db: Vec<f32>,
     dc: Vec<f32>,
-    /// `dA` rows of the block's channels: `[channels_in_block, d_state]`.
-    da: Vec<f32>,
-    dd: Vec<f32>,
-    dbias: Vec<f32>,
+    /// `dA` of the task's lanes: `[d_state]` lane vectors.
+    da: Vec<V>,
+    dd: V,
+    dbias: V,
 }
 
-/// Backward scan for the upstream gradient `dy [batch, channels, seq_len]`.
+/// Per-thread scratch of the backward, `[L][8]` each (`h` is `[L + 1][8]`: `h[t]` is
+/// `h_{t−1}`, `h[0] = 0`).
+#[derive(Default)]
+struct BackwardScratch {
+    u: Vec<V>,
+    dy: Vec<V>,
+    dt: Vec<V>,
+    slope: Vec<V>,
+    decay: Vec<V>,
+    h: Vec<V>,
+    du: Vec<V>,
+    ddt: Vec<V>,
+}
+
+impl BackwardScratch {
+    fn fit(&mut self, l: usize) {
+        let Self {
+            u,
+            dy,
+            dt,
+            slope,
+            decay,
+            h,
+            du,
+            ddt,
+        } = self;
+        for v in [u, dy, dt, slope, decay, du, ddt] {
+            at_least(v, l);
+        }
+        at_least(h, l + 1);
+    }
+}
+
+#[inline(always)]
+fn backward_task<const F: bool>(
+    p: &ScanSlices<'_>,
+    dy_all: &[f32],
+    task: &Task,
+    du_rows: &mut [f32],
+    dd_rows: &mut [f32],
+    scratch: &mut BackwardScratch,
+) -> TaskOut {
+    let s = &p.shape;
+    let (l, n_state) = (s.seq_len, s.d_state);
+    let BackwardScratch {
+        u,
+        dy,
+        dt,
+        slope,
+        decay,
+        h,
+        du,
+        ddt,
+    } = scratch;
+    let (u, dy, dt, slope) = (&mut u[..l], &mut dy[..l], &mut dt[..l], &mut slope[..l]);
+    gather(p.u, task, s, u);
+    gather(dy_all, task, s, dy);
+    p.steps::<F>(task, dt, Some(slope));
+    let (u, dy, dt, slope, decay, du, ddt) = (
+        &u[..],
+        &dy[..],
+        &dt[..],
+        &slope[..],
+        &mut decay[..l],
+        &mut du[..l],
+        &mut ddt[..l],
+    );
+    let h = &mut h[..=l];
+    let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
+    // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t;  dD = Σ_t dy_t u_t
+    let mut dd = BlockedSum::new();
+    for t in 0..l {
+        du[t] = mul(skip, dy[t]);
+        ddt[t] = ZERO;
+        dd.add(mul(dy[t], u[t]));
+    }
+    let mut out = TaskOut {
+        db: vec![0.0; n_state * l],
+        dc: vec![0.0; n_state * l],
+        da: vec![ZERO; n_state],
+        dd: dd.sum(),
+        dbias: ZERO,
+    };
+    for n in 0..n_state {
+        let a_n = task.lanes(0.0, |ch| p.a[ch * n_state + n]);
+        let (b_row, c_row) = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
+        // Replay: h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t.
+        let mut state = ZERO;
+        h[0] = ZERO;
+        for t in 0..l {
+            decay[t] = exp_v::<F>(mul(dt[t], a_n));
+            state = fma::<F>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
+            h[t + 1] = state;
+        }
+        // Backwards: ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t, and every gradient term.
+        let (db, dc) = (
+            &mut out.db[n * l..(n + 1) * l],
+            &mut out.dc[n * l..(n + 1) * l],
+        );
+        let mut adj = ZERO;
+        let mut next_decay = ZERO;
+        let mut da = BlockedSum::new();
+        for t in (0..l).rev() {
+            adj = fma::<F>(next_decay, adj, mul(dy[t], splat(c_row[t])));
+            next_decay = decay[t];
+            let b_t = splat(b_row[t]);
+            let adj_dt = mul(adj, dt[t]);
+            let a_h = mul(decay[t], h[t]);
+            du[t] = fma::<F>(adj_dt, b_t, du[t]);
+            ddt[t] = fma::<F>(adj, fma::<F>(a_n, a_h, mul(b_t, u[t])), ddt[t]);
+            da.add(mul(adj_dt, a_h));
+            db[t] = hsum(mul(adj_dt, u[t]));
+            dc[t] = hsum(mul(dy[t], h[t + 1]));
+        }
+        out.da[n] = da.sum();
+    }
+    // dΔ: through softplus when it is one (slope = 1 otherwise); dΔ_bias = Σ_t dΔ_t.
+    let mut dbias = BlockedSum::new();
+    for (g, s) in ddt.iter_mut().zip(slope.iter()) {
+        *g = mul(*g, *s);
+        dbias.add(*g);
+    }
+    out.dbias = dbias.sum();
+    scatter(du, task.count, l, du_rows);
+    scatter(ddt, task.count, l, dd_rows);
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_task_avx2(
+    p: &ScanSlices<'_>,
+    dy_all: &[f32],
+    task: &Task,
+    du_rows: &mut [f32],
+    dd_rows: &mut [f32],
+    scratch: &mut BackwardScratch,
+) -> TaskOut {
+    backward_task::<true>(p, dy_all, task, du_rows, dd_rows, scratch)
+}
+
+/// Backward scan for the upstream gradient `dy [batch, channels, seq_len]`, with the fastest
+/// [`Isa`] of this CPU.
 pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanError> {
+    backward_on(Isa::detect(), p, dy)
+}
+
+/// [`backward`] with the given instruction set (an error if this CPU lacks it).
+pub fn backward_on(isa: Isa, p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanError> {
     p.validate()?;
+    isa.check()?;
     let s = p.shape;
     if dy.len() != s.bdl_len() {
         return Err(ScanError::Length {
@@ -243,131 +778,37 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
             actual: dy.len(),
         });
     }
-    let (l, n_state, cpg) = (s.seq_len, s.d_state, s.channels_per_group());
-    let blocks = cpg.div_ceil(CHANNELS_PER_TASK);
+    let (l, n_state) = (s.seq_len, s.d_state);
     let mut du = output_buffer(s.bdl_len());
     let mut ddelta = output_buffer(s.bdl_len());
-    // Rows of one task are contiguous in du/ddelta: a block is ≤ 16 consecutive channels.
-    let mut tasks: Vec<(usize, &mut [f32], &mut [f32])> = vec![];
+    // A task's rows are consecutive in du/ddelta.
+    let mut tasks: Vec<(Task, &mut [f32], &mut [f32])> = vec![];
     {
-        let mut du_rest = &mut du[..];
-        let mut dd_rest = &mut ddelta[..];
-        for task in 0..s.batch * s.groups * blocks {
-            let block = task % blocks;
-            let width = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK) * l;
-            let (du_task, du_next) = du_rest.split_at_mut(width);
-            let (dd_task, dd_next) = dd_rest.split_at_mut(width);
+        let (mut du_rest, mut dd_rest) = (&mut du[..], &mut ddelta[..]);
+        for index in 0..Task::count_all(&s) {
+            let task = Task::new(&s, index);
+            let (du_task, du_next) = du_rest.split_at_mut(task.count * l);
+            let (dd_task, dd_next) = dd_rest.split_at_mut(task.count * l);
             tasks.push((task, du_task, dd_task));
-            du_rest = du_next;
-            dd_rest = dd_next;
+            (du_rest, dd_rest) = (du_next, dd_next);
         }
     }
-    let run_task = |(task, du_task, dd_task): &mut (usize, &mut [f32], &mut [f32])| {
-        let task = *task;
-        let block = task % blocks;
-        let bg = task / blocks;
-        let (batch, group) = (bg / s.groups, bg % s.groups);
-        let first = group * cpg + block * CHANNELS_PER_TASK;
-        let count = CHANNELS_PER_TASK.min(cpg - block * CHANNELS_PER_TASK);
-        let mut out = TaskOut {
-            db: vec![0.0; n_state * l],
-            dc: vec![0.0; n_state * l],
-            da: vec![0.0; count * n_state],
-            dd: vec![0.0; count],
-            dbias: vec![0.0; count],
-        };
-        // Per-row scratch, reused for every channel and state of the task. `h` holds
-        // h_0 = 0 and the L states after it, so `h[t]` is h_{t-1} and `h[t + 1]` is h_t.
-        let mut dt = vec![0.0f32; l];
-        let mut sig = vec![0.0f32; l];
-        let mut a_t = vec![0.0f32; l];
-        let mut h = vec![0.0f32; l + 1];
-        let mut adj = vec![0.0f32; l];
-        let mut ddt = vec![0.0f32; l];
-        let mut term = vec![0.0f32; l];
-        for k in 0..count {
-            let channel = first + k;
-            let row = batch * s.channels + channel;
-            p.steps_with_slope(row, channel, &mut dt, &mut sig);
-            let u = &p.u[row * l..(row + 1) * l];
-            let gy = &dy[row * l..(row + 1) * l];
-            let skip = p.d.map_or(0.0, |v| v[channel]);
-            let du_row = &mut du_task[k * l..(k + 1) * l];
-            // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t
-            for (d, g) in du_row.iter_mut().zip(gy) {
-                *d = skip * g;
+    let run = |(task, du, dd): &mut (Task, &mut [f32], &mut [f32])| {
+        BACKWARD_SCRATCH.with_borrow_mut(|scratch| {
+            scratch.fit(l);
+            match isa {
+                // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => unsafe { backward_task_avx2(p, dy, task, du, dd, scratch) },
+                Isa::Neon => backward_task::<true>(p, dy, task, du, dd, scratch),
+                _ => backward_task::<false>(p, dy, task, du, dd, scratch),
             }
-            ddt.iter_mut().for_each(|x| *x = 0.0);
-            for n in 0..n_state {
-                let a_n = p.a[channel * n_state + n];
-                let base = ((batch * s.groups + group) * n_state + n) * l;
-                let (b_row, c_row) = (&p.b[base..base + l], &p.c[base..base + l]);
-                // Vectorised: a_t = exp(Δ_t A), and Δ_t B_t u_t (in `adj` for now).
-                for (((a, bu), d), (b, u)) in a_t
-                    .iter_mut()
-                    .zip(adj.iter_mut())
-                    .zip(dt.iter())
-                    .zip(b_row.iter().zip(u))
-                {
-                    *a = exp(d * a_n);
-                    *bu = d * b * u;
-                }
-                // Sequential: h_t = a_t h_{t-1} + Δ_t B_t u_t.
-                let mut state = 0.0f32;
-                for ((h, a), bu) in h[1..].iter_mut().zip(a_t.iter()).zip(adj.iter()) {
-                    state = a * state + bu;
-                    *h = state;
-                }
-                // Sequential, backwards: ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t.
-                let mut state = 0.0f32;
-                let mut next_a = 0.0f32;
-                for (((adj, a), g), c) in adj.iter_mut().zip(a_t.iter()).zip(gy).zip(c_row).rev() {
-                    state = next_a * state + g * c;
-                    next_a = *a;
-                    *adj = state;
-                }
-                // Vectorised: every gradient term of `reference`'s formulas at once.
-                let (db, dc) = (
-                    &mut out.db[n * l..(n + 1) * l],
-                    &mut out.dc[n * l..(n + 1) * l],
-                );
-                // Every slice re-cut to exactly `l` so that the bounds checks fold away.
-                let (h_prev, h_cur, adj, dt, a_t) =
-                    (&h[..l], &h[1..=l], &adj[..l], &dt[..l], &a_t[..l]);
-                let (b_row, u, gy) = (&b_row[..l], &u[..l], &gy[..l]);
-                let (du_row, ddt, term) = (&mut du_row[..l], &mut ddt[..l], &mut term[..l]);
-                let (db, dc) = (&mut db[..l], &mut dc[..l]);
-                for t in 0..l {
-                    let adj_dt = adj[t] * dt[t];
-                    let a_h = a_t[t] * h_prev[t];
-                    du_row[t] += adj_dt * b_row[t];
-                    ddt[t] += adj[t] * (b_row[t] * u[t] + a_n * a_h);
-                    term[t] = adj_dt * a_h;
-                    db[t] += adj_dt * u[t];
-                    dc[t] += gy[t] * h_cur[t];
-                }
-                out.da[k * n_state + n] = sum_lanes(term);
-            }
-            let ddelta_row = &mut dd_task[k * l..(k + 1) * l];
-            if p.delta_softplus {
-                for ((g, d), s) in ddelta_row.iter_mut().zip(ddt.iter()).zip(sig.iter()) {
-                    *g = d * s;
-                }
-            } else {
-                ddelta_row.copy_from_slice(&ddt);
-            }
-            for ((t, g), u) in term.iter_mut().zip(gy).zip(u) {
-                *t = g * u;
-            }
-            out.dd[k] = sum_lanes(&term);
-            out.dbias[k] = sum_lanes(ddelta_row);
-        }
-        out
+        })
     };
 
-    // Fixed-order reductions over blocks (dB, dC) and over the batch (dA, dD, ddelta_bias), in
+    // Fixed-order reductions over tasks (dB, dC) and over the batch (dA, dD, ddelta_bias), in
     // task order. The tasks run in waves and each wave's partials are folded before the next
-    // starts: one partial per task would be B·D·N·L/8 floats (twice `du` at N = 16); a wave's
+    // starts: one partial per task would be B·D·N·L/4 floats (4× `du` at N = 16); a wave's
     // stay under a quarter of `du` (one wave, no barrier, when N is small). The order of the
     // additions, hence every bit, does not depend on the wave size.
     let mut db = vec![0.0f32; s.bgnl_len()];
@@ -378,12 +819,9 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
     let partial_len = 2 * n_state * l;
     let wave = (s.bdl_len() / 4 / partial_len).max(4 * rayon::current_num_threads());
     for chunk in tasks.chunks_mut(wave) {
-        let outs: Vec<TaskOut> = chunk.par_iter_mut().map(run_task).collect();
+        let outs: Vec<TaskOut> = chunk.par_iter_mut().map(run).collect();
         for (out, (task, _, _)) in outs.iter().zip(chunk.iter()) {
-            let task = *task;
-            let block = task % blocks;
-            let bg = task / blocks;
-            let group = bg % s.groups;
+            let bg = task.batch * s.groups + task.group;
             let span = bg * n_state * l..(bg + 1) * n_state * l;
             for (acc, x) in db[span.clone()].iter_mut().zip(&out.db) {
                 *acc += x;
@@ -391,12 +829,12 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
             for (acc, x) in dc[span].iter_mut().zip(&out.dc) {
                 *acc += x;
             }
-            let first = group * cpg + block * CHANNELS_PER_TASK;
-            for (k, (skip, bias)) in out.dd.iter().zip(&out.dbias).enumerate() {
-                dd[first + k] += skip;
-                dbias[first + k] += bias;
+            for k in 0..task.count {
+                let ch = task.first + k;
+                dd[ch] += out.dd[k];
+                dbias[ch] += out.dbias[k];
                 for n in 0..n_state {
-                    da[(first + k) * n_state + n] += out.da[k * n_state + n];
+                    da[ch * n_state + n] += out.da[n][k];
                 }
             }
         }

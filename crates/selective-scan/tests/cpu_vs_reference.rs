@@ -4,7 +4,18 @@ mod common;
 
 use common::{assert_golden, golden_problem};
 use rstest::rstest;
+use selective_scan::cpu::Isa;
 use selective_scan::{RandomSpec, ScanProblem, reference};
+
+/// The instruction sets this CPU can run: the portable path always, and the detected one
+/// (AVX2 + FMA on most x86-64 machines) when it differs.
+fn isas() -> Vec<Isa> {
+    let mut isas = vec![Isa::Portable];
+    if Isa::detect() != Isa::Portable {
+        isas.push(Isa::detect());
+    }
+    isas
+}
 
 /// The native CPU path against the reference, across edges, groups and options.
 #[rstest]
@@ -33,35 +44,71 @@ use selective_scan::{RandomSpec, ScanProblem, reference};
     RandomSpec::long_memory(false)
 )]
 #[case::delta_far_above_threshold(selective_scan::ScanShape::new(1, 4, 300, 2, 2), RandomSpec { delta_range: (60.0, 200.0), ..RandomSpec::default() })]
+// Lane tails: 13 channels per group (one full block of 8 lanes, one of 5), odd L, one state
+// chunk of 4 and a single state after it (N = 5), and L = 1 with 3 channels per group.
+#[case::lane_tails(selective_scan::ScanShape::new(2, 26, 37, 5, 2), RandomSpec::default())]
+#[case::lane_tails_single_step(
+    selective_scan::ScanShape::new(3, 9, 1, 5, 3),
+    RandomSpec::default()
+)]
+#[case::one_channel_per_group(
+    selective_scan::ScanShape::new(1, 4, 129, 3, 4),
+    RandomSpec::default()
+)]
+#[case::tiny_delta_huge_a(selective_scan::ScanShape::new(1, 12, 200, 4, 1), RandomSpec { a_log_range: (8.0, 12.0), delta_range: (1e-6, 1e-4), delta_softplus: false, with_delta_bias: false, ..RandomSpec::default() })]
 fn native_cpu_scan_matches_reference(
     #[case] shape: selective_scan::ScanShape,
     #[case] spec: RandomSpec,
 ) {
     let p = ScanProblem::random(shape, &spec, 314);
     let dy = common::upstream(&shape, 9);
-    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
-    let grads = selective_scan::cpu::backward(&p.slices(), &dy).unwrap();
     let (y_ref, grads_ref) = reference::backward(&p, &dy);
-    let errors = common::errors(&y, &grads, &y_ref, &grads_ref);
-    println!("{shape:?}: {errors:?}");
-    for (name, err) in errors {
-        assert!(err <= common::TOLERANCE, "{name} off by {err:.3e}");
+    for isa in isas() {
+        let y = selective_scan::cpu::forward_on(isa, &p.slices()).unwrap();
+        let grads = selective_scan::cpu::backward_on(isa, &p.slices(), &dy).unwrap();
+        let errors = common::errors(&y, &grads, &y_ref, &grads_ref);
+        println!("{shape:?} {isa:?}: {errors:?}");
+        for (name, err) in errors {
+            assert!(err <= common::TOLERANCE, "{isa:?}: {name} off by {err:.3e}");
+        }
+        // Deterministic: a second run gives the same bits.
+        let again = selective_scan::cpu::backward_on(isa, &p.slices(), &dy).unwrap();
+        assert_eq!(grads, again, "{isa:?}");
     }
-    // Deterministic: a second run gives the same bits.
-    let again = selective_scan::cpu::backward(&p.slices(), &dy).unwrap();
-    assert_eq!(grads, again);
+}
+
+/// An instruction set the CPU lacks is refused with an error naming it, not run.
+#[test]
+fn native_cpu_scan_refuses_an_instruction_set_the_cpu_lacks() {
+    let p = ScanProblem::random(
+        selective_scan::ScanShape::new(1, 2, 3, 1, 1),
+        &RandomSpec::default(),
+        1,
+    );
+    let missing = [Isa::Avx2Fma, Isa::Neon]
+        .into_iter()
+        .find(|isa| !isa.is_available())
+        .expect("no CPU has both AVX2 and NEON");
+    let err = selective_scan::cpu::forward_on(missing, &p.slices()).unwrap_err();
+    assert!(
+        err.to_string().contains(missing.name()),
+        "unexpected error: {err}"
+    );
+    assert!(selective_scan::cpu::backward_on(missing, &p.slices(), &[0.0; 3]).is_err());
 }
 
 #[test]
 fn native_cpu_scan_reproduces_the_golden_numbers() {
     let p = golden_problem();
-    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
-    let g = selective_scan::cpu::backward(&p.slices(), &[1.0; 3]).unwrap();
-    assert_golden(&y, &g, 2e-6);
+    for isa in isas() {
+        let y = selective_scan::cpu::forward_on(isa, &p.slices()).unwrap();
+        let g = selective_scan::cpu::backward_on(isa, &p.slices(), &[1.0; 3]).unwrap();
+        assert_golden(&y, &g, 2e-6);
+    }
 }
 
 /// The backward's tasks run in waves sized by the thread count; the result must not depend on
-/// it. 40 tasks (5 batches × 4 groups × 2 blocks of channels) make two waves at 1 and 3
+/// it. 60 tasks (5 batches × 4 groups × 3 blocks of 8 channels) make two waves at 1 and 3
 /// threads (30 tasks each: a quarter of `du` over the 200 floats of a task's partials) and at 8
 /// threads (32).
 #[test]
@@ -91,7 +138,12 @@ fn native_cpu_backward_is_identical_for_any_thread_count() {
 #[test]
 fn native_cpu_impulse_response_of_long_memory_channels_stays_exact() {
     let (p, expected) = common::long_memory_impulse();
-    let y = selective_scan::cpu::forward(&p.slices()).unwrap();
-    let err = common::elem_err(&y, &expected);
-    assert!(err < 1e-6, "long-memory impulse response off by {err:.2e}");
+    for isa in isas() {
+        let y = selective_scan::cpu::forward_on(isa, &p.slices()).unwrap();
+        let err = common::elem_err(&y, &expected);
+        assert!(
+            err < 1e-6,
+            "{isa:?}: long-memory impulse response off by {err:.2e}"
+        );
+    }
 }

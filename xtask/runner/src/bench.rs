@@ -126,34 +126,151 @@ fn cpu_triad_gbps(parallel: bool) -> f64 {
     (3 * 4 * n) as f64 / (ms * 1e-3) / 1e9
 }
 
-/// Exponentials per second (the transcendental the scan cannot avoid), on one thread or on
-/// every core with rayon, written elementwise into a buffer so that they may vectorise: with
-/// the scan's own exp (`selective_scan::fastmath::exp`) or with libm's `f32::exp`.
-fn exp_rate(parallel: bool, libm: bool) -> f64 {
-    let n = 1 << 24;
-    let x: Vec<f32> = (0..n).map(|i| -((i % 1000) as f32) * 1e-3).collect();
-    let mut out = vec![0.0f32; n];
-    let block = 1 << 16;
-    let apply = |(o, xs): (&mut [f32], &[f32])| {
-        if libm {
-            o.iter_mut().zip(xs).for_each(|(o, x)| *o = x.exp());
-        } else {
-            o.iter_mut()
-                .zip(xs)
-                .for_each(|(o, x)| *o = selective_scan::fastmath::exp(*x));
+/// The exponentials the bench times, to take the floor from the fastest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ExpKind {
+    /// libm's `f32::exp`, elementwise (as far as the compiler vectorises calls: not at all).
+    Libm,
+    /// The scan's own (`selective_scan::cpu::exp_into` with the detected instruction set).
+    Scan,
+    /// An independent AVX2 + FMA exp written with `std::arch` intrinsics (x86-64 with both).
+    Intrinsics,
+}
+
+impl ExpKind {
+    fn available() -> Vec<Self> {
+        let mut kinds = vec![Self::Libm, Self::Scan];
+        if intrinsics_exp::available() {
+            kinds.push(Self::Intrinsics);
         }
-    };
-    let ms = time_ms(3, || {
-        if parallel {
-            out.par_chunks_mut(block)
-                .zip(x.par_chunks(block))
-                .for_each(apply);
-        } else {
-            out.chunks_mut(block).zip(x.chunks(block)).for_each(apply);
+        kinds
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Libm => "libm f32::exp",
+            Self::Scan => "scan's exp",
+            Self::Intrinsics => "AVX2 intrinsics exp",
         }
-        std::hint::black_box(&out);
-    });
-    n as f64 / (ms * 1e-3)
+    }
+
+    fn apply(self, xs: &[f32], out: &mut [f32]) {
+        match self {
+            Self::Libm => out.iter_mut().zip(xs).for_each(|(o, x)| *o = x.exp()),
+            Self::Scan => {
+                selective_scan::cpu::exp_into(selective_scan::cpu::Isa::detect(), xs, out)
+            }
+            Self::Intrinsics => intrinsics_exp::apply(xs, out),
+        }
+    }
+
+    /// Largest relative error against f64 over `[−87, 0]` (the range of `Δ·A` and of
+    /// softplus' `e^{−|x|}`), sampled densely.
+    fn max_rel_error(self) -> f64 {
+        let xs: Vec<f32> = (0..=1_000_000).map(|i| -87.0 * i as f32 / 1e6).collect();
+        let mut out = vec![0.0f32; xs.len()];
+        self.apply(&xs, &mut out);
+        xs.iter()
+            .zip(&out)
+            .map(|(x, y)| {
+                let e = f64::from(*x).exp();
+                (f64::from(*y) - e).abs() / e
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Exponentials per second on one thread or on every core (rayon): each thread applies it
+    /// to the same 8192 values (32 KiB in, 32 KiB out: in cache) 2048 times, so the rate is
+    /// the exp's own throughput, not memory's (the scan computes its exponentials in registers;
+    /// a stream over main memory ran at the triad's bandwidth instead).
+    fn rate(self, parallel: bool) -> f64 {
+        let (block, rounds) = (8192, 2048);
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let x: Vec<f32> = (0..block).map(|i| -((i % 1000) as f32) * 1e-3).collect();
+        let run = |_| {
+            let mut out = vec![0.0f32; block];
+            for _ in 0..rounds {
+                self.apply(std::hint::black_box(&x), &mut out);
+                std::hint::black_box(&mut out);
+            }
+        };
+        let ms = time_ms(3, || {
+            if parallel {
+                (0..threads).into_par_iter().for_each(run);
+            } else {
+                run(0);
+            }
+        });
+        (threads * block * rounds) as f64 / (ms * 1e-3)
+    }
+}
+
+/// Cephes' `expf` (the algorithm of avx_mathfun's `exp256_ps`: range reduction by `ln 2` in
+/// two parts, degree-7 polynomial, exponent bits), written directly with AVX2 + FMA
+/// intrinsics, independently of the scan's code: a reference for how fast an 8-lane exp of
+/// this accuracy runs on this machine.
+mod intrinsics_exp {
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    pub fn apply(xs: &[f32], out: &mut [f32]) {
+        assert!(available(), "AVX2 and FMA are needed");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA are present (asserted above).
+        unsafe {
+            apply_avx2(xs, out)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn apply_avx2(xs: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let c = _mm256_set1_ps;
+        for (o, x) in out.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
+            // SAFETY: both chunks hold exactly 8 f32 (unaligned loads/stores).
+            let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+            let x = _mm256_min_ps(_mm256_max_ps(x, c(-87.3)), c(88.3));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, c(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm256_fnmadd_ps(n, c(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+            let mut p = c(1.987_569_1e-4);
+            for k in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = _mm256_fmadd_ps(p, r, c(k));
+            }
+            let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0)));
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
+            let y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), y) };
+        }
+        let done = xs.len() / 8 * 8;
+        for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
+            *o = x.exp();
+        }
+    }
 }
 
 /// Transcendentals of one pass: `exp(Δ A)` per state, and softplus (exp + log1p) per position;
@@ -389,12 +506,17 @@ fn bench_cube<R: Runtime>(
 pub fn run(args: &[String]) -> Result<(), String> {
     let (what, rest) = args
         .split_first()
-        .ok_or("bench needs a target: `bench scan` or `bench train`")?;
+        .ok_or("bench needs a target: `bench scan`, `bench model` or `bench train`")?;
     if what == "train" {
         return crate::train_bench::run(rest);
     }
+    if what == "model" {
+        return crate::model_bench::run(rest);
+    }
     if what != "scan" {
-        return Err(format!("unknown bench `{what}` (available: scan, train)"));
+        return Err(format!(
+            "unknown bench `{what}` (available: scan, model, train)"
+        ));
     }
     let flags = parse_flags(
         rest,
@@ -441,18 +563,30 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     let triad_1 = cpu_triad_gbps(false);
     let triad_all = cpu_triad_gbps(true);
-    // The floor takes the faster exp of the two, measured now.
-    let rates = [false, true].map(|parallel| [exp_rate(parallel, false), exp_rate(parallel, true)]);
-    let (exp_1, exp_all) = (rates[0][0].max(rates[0][1]), rates[1][0].max(rates[1][1]));
+    // The floor takes the fastest exp measured now.
+    let mut exp_1 = 0.0f64;
+    let mut exp_all = 0.0f64;
+    let mut exp_report = vec![];
+    for kind in ExpKind::available() {
+        let (one, all) = (kind.rate(false), kind.rate(true));
+        exp_1 = exp_1.max(one);
+        exp_all = exp_all.max(all);
+        exp_report.push(format!(
+            "{} {:.0} M/s (1 thread), {:.0} M/s (all), max rel. error {:.1e}",
+            kind.name(),
+            one / 1e6,
+            all / 1e6,
+            kind.max_rel_error()
+        ));
+    }
     println!(
-        "bandwidth: CPU triad {triad_1:.1} GB/s (1 thread), {triad_all:.1} GB/s ({} threads); \
-         exp rate: fastmath {:.0} M/s (1 thread), {:.0} M/s (all); libm f32::exp {:.0} M/s \
-         (1 thread), {:.0} M/s (all); floors use the faster",
-        rayon::current_num_threads(),
-        rates[0][0] / 1e6,
-        rates[1][0] / 1e6,
-        rates[0][1] / 1e6,
-        rates[1][1] / 1e6
+        "bandwidth: CPU triad {triad_1:.1} GB/s (1 thread), {triad_all:.1} GB/s ({} threads)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "exp rates (the floor uses the fastest; the scan runs {}): {}",
+        selective_scan::cpu::Isa::detect().name(),
+        exp_report.join("; ")
     );
     let single_core = Floor {
         gbps: triad_1,

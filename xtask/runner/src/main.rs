@@ -4,13 +4,15 @@
 //! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures;
 //!   its built-in cases and the committed fixtures also run as tests here (`cargo test`).
 //! - `bench`: `bench scan` times the scan implementations (`target/bench/scan.json`);
-//!   `bench train` trains the default task with the exact scan and with the wrong shortcut as a
+//!   `bench model` times a VMamba preset (inference, training step, per-op breakdown;
+//!   `target/bench/model.json`); `bench train` trains the default task with the exact scan and with the wrong shortcut as a
 //!   control, for the same budget (`target/bench/train.json`).
 
 mod alloc;
 mod backends;
 mod bench;
 mod fixtures;
+mod model_bench;
 mod parity;
 mod train_bench;
 /// The driver's Vulkan check, the same file (parity on WGPU needs the driver too).
@@ -36,6 +38,13 @@ commands:
       Times forward and forward+backward on shapes C1-C4, G2, G4 (src/bench.rs); markdown on
       stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
       of cubecl,ndarray-fused,fallback,reference (default: all).
+  bench model [--backend ndarray,wgpu,cuda,rocm] [--preset NAME] [--image-size N]
+              [--batches 1,8] [--train-batch N|0] [--repeats N]
+      Images/s of a VMamba preset (default tiny-s1 = T s1l8, 224x224) per backend
+      (default ndarray): inference at each batch, one training step (forward,
+      cross-entropy, backward, AdamW) at --train-batch (default 8; 0 skips it), and the
+      top-10 ops of a profiled inference pass at batch 1 (src/model_bench.rs); JSON at
+      target/bench/model.json.
   bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
       Trains the `train` example's default task (synthetic corner matching, NdArray)
       for M minutes (default 10) with the exact scan, then with the scan replaced by
@@ -44,6 +53,8 @@ commands:
 ";
 
 fn main() -> ExitCode {
+    // As `classify` and `train` run (freed memory reused, not returned to the OS).
+    vmamba::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("$ cargo xtask {}", args.join(" "));
     if args.iter().any(|a| a == "-h" || a == "--help") {

@@ -7,6 +7,7 @@ use burn::tensor::{Distribution, Tensor, activation, backend::Backend};
 
 use super::config::{Layout, VssBlockConfig};
 use super::init;
+use super::profile;
 use super::ss2d::Ss2d;
 use crate::ops::SelectiveScanBackend;
 
@@ -87,12 +88,23 @@ impl<B: SelectiveScanBackend> VssBlock<B> {
     ///   `[batch, hidden_dim, height, width]` (channel-first), as configured
     /// - returns: the same shape
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let device = x.device();
         let mut x = self.layout.to_channel_last(x);
         if let (Some(norm), Some(op)) = (&self.norm, &self.op) {
-            x = x.clone() + drop_path(op.forward(norm.forward(x)), self.drop_path);
+            let h = profile::scope::<B, _>("block.norm", &device, || norm.forward(x.clone()));
+            let h = op.forward(h);
+            x = profile::scope::<B, _>("block.residual", &device, || {
+                x + drop_path(h, self.drop_path)
+            });
         }
         if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
-            x = x.clone() + drop_path(mlp.forward(norm2.forward(x)), self.drop_path);
+            let h = profile::scope::<B, _>("block.norm", &device, || norm2.forward(x.clone()));
+            let h = profile::scope::<B, _>("mlp.fc1", &device, || mlp.fc1.forward(h));
+            let h = profile::scope::<B, _>("mlp.gelu", &device, || activation::gelu(h));
+            let h = profile::scope::<B, _>("mlp.fc2", &device, || mlp.fc2.forward(h));
+            x = profile::scope::<B, _>("block.residual", &device, || {
+                x + drop_path(h, self.drop_path)
+            });
         }
         self.layout.from_channel_last(x)
     }

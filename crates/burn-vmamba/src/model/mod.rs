@@ -32,6 +32,7 @@ pub mod config;
 pub mod conv;
 pub mod cross_scan;
 pub mod init;
+pub mod profile;
 mod pth;
 pub mod ss2d;
 pub mod upstream;

@@ -13,6 +13,7 @@ use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
 use super::conv::conv2d;
 use super::cross_scan::{cross_merge, cross_scan};
 use super::init::{self, K};
+use super::profile;
 use crate::ops::{SelectiveScanBackend, selective_scan};
 
 /// SS2D with upstream's parameters.
@@ -101,7 +102,8 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
     fn forward_channel_last(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, height, width, _] = x.dims();
         let d_inner = self.d_inner();
-        let xz = self.in_proj.forward(x);
+        let device = x.device();
+        let xz = profile::scope::<B, _>("ss2d.in_proj", &device, || self.in_proj.forward(x));
         let (x, z) = match self.gate {
             Gate::None => (xz, None),
             Gate::Silu | Gate::Linear => {
@@ -117,22 +119,26 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         };
         let x = x.permute([0, 3, 1, 2]); // [batch, d_inner, height, width]
         let x = match &self.conv2d {
-            Some(conv) => conv2d::<B>(conv, x),
+            Some(conv) => profile::scope::<B, _>("ss2d.conv2d", &device, || conv2d::<B>(conv, x)),
             None => x,
         };
-        let x = activation::silu(x);
+        let x = profile::scope::<B, _>("ss2d.silu", &device, || activation::silu(x));
         let y = self.scan_2d(x, height, width); // [batch, d_inner, height, width]
         let y = y.permute([0, 2, 3, 1]);
         let y = match &self.out_norm {
-            Some(norm) => norm.forward(y),
+            Some(norm) => profile::scope::<B, _>("ss2d.out_norm", &device, || norm.forward(y)),
             None => y,
         };
-        let y = if self.out_act { activation::gelu(y) } else { y };
+        let y = if self.out_act {
+            profile::scope::<B, _>("ss2d.out_act", &device, || activation::gelu(y))
+        } else {
+            y
+        };
         let y = match z {
-            Some(z) => y * z,
+            Some(z) => profile::scope::<B, _>("ss2d.gate", &device, || y * z),
             None => y,
         };
-        self.out_proj.forward(y)
+        profile::scope::<B, _>("ss2d.out_proj", &device, || self.out_proj.forward(y))
     }
 
     /// Cross-scan → projections → `selective_scan` → cross-merge, on a channel-first map.
@@ -142,14 +148,15 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let [_, rows, _] = self.x_proj_weight.dims();
         let [_, _, rank] = self.dt_projs_weight.dims();
         let d_state = self.a_logs.dims()[1];
-        let xs = cross_scan(x); // [batch, K, d_inner, len]
+        let device = x.device();
+        let xs = profile::scope::<B, _>("ss2d.cross_scan", &device, || cross_scan(x)); // [batch, K, d_inner, len]
         // einsum("b k d l, k c d -> b k c l")
         let x_proj = self
             .x_proj_weight
             .val()
             .unsqueeze_dim::<4>(0)
             .expand([batch, K, rows, d_inner]);
-        let x_dbl = x_proj.matmul(xs.clone()); // [batch, K, R + 2N, len]
+        let x_dbl = profile::scope::<B, _>("ss2d.x_proj", &device, || x_proj.matmul(xs.clone())); // [batch, K, R + 2N, len]
         let dts = x_dbl.clone().narrow(2, 0, rank);
         let bs = x_dbl.clone().narrow(2, rank, d_state); // [batch, K, N, len]
         let cs = x_dbl.narrow(2, rank + d_state, d_state);
@@ -159,19 +166,24 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             .val()
             .unsqueeze_dim::<4>(0)
             .expand([batch, K, d_inner, rank]);
-        let dts = dt_proj.matmul(dts).reshape([batch, K * d_inner, len]);
+        let dts = profile::scope::<B, _>("ss2d.dt_proj", &device, || dt_proj.matmul(dts))
+            .reshape([batch, K * d_inner, len]);
         let us = xs.reshape([batch, K * d_inner, len]);
         let a = -self.a_logs.val().exp(); // [K·d_inner, N]
-        let ys = selective_scan(
-            us,
-            dts,
-            a,
-            bs,
-            cs,
-            Some(self.ds.val()),
-            Some(self.dt_projs_bias.val().reshape([K * d_inner])),
-            true,
-        ); // [batch, K·d_inner, len]
-        cross_merge(ys.reshape([batch, K, d_inner, len]), height, width)
+        let ys = profile::scope::<B, _>("ss2d.selective_scan", &device, || {
+            selective_scan(
+                us,
+                dts,
+                a,
+                bs,
+                cs,
+                Some(self.ds.val()),
+                Some(self.dt_projs_bias.val().reshape([K * d_inner])),
+                true,
+            )
+        }); // [batch, K·d_inner, len]
+        profile::scope::<B, _>("ss2d.cross_merge", &device, || {
+            cross_merge(ys.reshape([batch, K, d_inner, len]), height, width)
+        })
     }
 }

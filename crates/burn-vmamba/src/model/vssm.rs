@@ -10,6 +10,7 @@ use super::block::VssBlock;
 use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
 use super::conv::conv2d;
 use super::init;
+use super::profile;
 use crate::ops::SelectiveScanBackend;
 
 /// The stem. v1: `conv1` (k = s = patch) → `norm1`. v2: `conv1` (→ C/2, k = patch/2 + 1,
@@ -425,11 +426,14 @@ impl<B: SelectiveScanBackend> Vssm<B> {
     /// cannot go through the model: an empty dimension, the wrong channel count, or an image
     /// smaller than a convolution of the stem or a downsample.
     pub fn try_forward(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, InputError> {
+        let device = images.device();
         let features = self.try_forward_features(images)?;
-        let x = self.classifier.norm.forward(features);
-        let [batch, _, _, channels] = x.dims();
-        let pooled = x.mean_dim(1).mean_dim(2).reshape([batch, channels]);
-        Ok(self.classifier.head.forward(pooled))
+        Ok(profile::scope::<B, _>("classifier", &device, || {
+            let x = self.classifier.norm.forward(features);
+            let [batch, _, _, channels] = x.dims();
+            let pooled = x.mean_dim(1).mean_dim(2).reshape([batch, channels]);
+            self.classifier.head.forward(pooled)
+        }))
     }
 
     /// The last stage's output, before the classifier.
@@ -448,16 +452,18 @@ impl<B: SelectiveScanBackend> Vssm<B> {
     /// [`Vssm::forward_features`], returning an [`InputError`] instead of panicking.
     pub fn try_forward_features(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 4>, InputError> {
         self.check_input(images.dims())?;
-        let mut x = self.patch_embed.forward(images);
+        let device = images.device();
+        let mut x =
+            profile::scope::<B, _>("patch_embed", &device, || self.patch_embed.forward(images));
         for stage in &self.layers {
             for block in &stage.blocks {
                 x = block.forward(x);
             }
             if let Some(merge) = &stage.downsample {
-                x = merge.forward(x);
+                x = profile::scope::<B, _>("downsample", &device, || merge.forward(x));
             }
             if let Some(down) = &stage.downsample_conv {
-                x = down.forward(x);
+                x = profile::scope::<B, _>("downsample", &device, || down.forward(x));
             }
         }
         Ok(x)
