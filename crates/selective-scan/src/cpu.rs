@@ -635,20 +635,18 @@ struct BackwardScratch {
 
 impl BackwardScratch {
     fn fit(&mut self, l: usize) {
-        let Self {
-            u,
-            dy,
-            dt,
-            slope,
-            decay,
-            h,
-            du,
-            ddt,
-        } = self;
-        for v in [u, dy, dt, slope, decay, du, ddt] {
+        for v in [
+            &mut self.u,
+            &mut self.dy,
+            &mut self.dt,
+            &mut self.slope,
+            &mut self.decay,
+            &mut self.du,
+            &mut self.ddt,
+        ] {
             at_least(v, l);
         }
-        at_least(h, l + 1);
+        at_least(&mut self.h, l + 1);
     }
 }
 

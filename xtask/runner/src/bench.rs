@@ -522,12 +522,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         rest,
         &["--backend", "--repeats", "--shapes", "--implementations"],
     )?;
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.clone())
-    };
+    let flag = |name: &str| crate::flag_value(&flags, name);
     let repeats = match flag("--repeats") {
         Some(r) => r
             .parse::<usize>()

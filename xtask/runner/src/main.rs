@@ -80,6 +80,14 @@ fn main() -> ExitCode {
 }
 
 /// Parses `--flag value` pairs; `flags` lists the accepted names.
+/// The value given for `name` in `parse_flags`' result (the first one, if repeated).
+pub fn flag_value(flags: &[(String, String)], name: &str) -> Option<String> {
+    flags
+        .iter()
+        .find(|(f, _)| f == name)
+        .map(|(_, v)| v.clone())
+}
+
 pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
     let mut out = vec![];
     let mut it = args.iter();

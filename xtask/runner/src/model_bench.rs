@@ -177,12 +177,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--repeats",
         ],
     )?;
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.clone())
-    };
+    let flag = |name: &str| crate::flag_value(&flags, name);
     let count = |name: &str, value: &str| {
         value
             .parse::<usize>()

@@ -153,12 +153,7 @@ const COLUMNS: [&str; 8] = ["y", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let flags = parse_flags(args, &["--backend", "--fixtures", "--out", "--tolerance"])?;
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.clone())
-    };
+    let flag = |name: &str| crate::flag_value(&flags, name);
     let backends = Backend::select(flag("--backend").as_deref())?;
     if backends.iter().any(|b| b.uses_wgpu()) {
         crate::vulkan::require_driver()?;

@@ -25,12 +25,7 @@ struct Record {
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let flags = parse_flags(args, &["--minutes", "--epochs", "--image-size", "--only"])?;
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.clone())
-    };
+    let flag = |name: &str| crate::flag_value(&flags, name);
     let minutes: f64 = match flag("--minutes") {
         Some(m) => m
             .parse()

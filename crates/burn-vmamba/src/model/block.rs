@@ -28,6 +28,16 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+/// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
+/// 2-D product `[batch·height·width, channels] × weight`. Burn's `Linear` on a 4-D input is a
+/// batched matmul over `batch·height` small products (on NdArray, each packed separately).
+pub fn linear_4d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, height, width, channels] = x.dims();
+    let y = linear.forward(x.reshape([batch * height * width, channels]));
+    let out = y.dims()[1];
+    y.reshape([batch, height, width, out])
+}
+
 /// timm's `DropPath`: in training (an autodiff backend), zeroes whole samples with probability
 /// `rate` and scales the kept ones by `1 / (1 − rate)`; the identity otherwise.
 pub fn drop_path<B: Backend, const D: usize>(x: Tensor<B, D>, rate: f64) -> Tensor<B, D> {
@@ -99,9 +109,9 @@ impl<B: SelectiveScanBackend> VssBlock<B> {
         }
         if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
             let h = profile::scope::<B, _>("block.norm", &device, || norm2.forward(x.clone()));
-            let h = profile::scope::<B, _>("mlp.fc1", &device, || mlp.fc1.forward(h));
+            let h = profile::scope::<B, _>("mlp.fc1", &device, || linear_4d(&mlp.fc1, h));
             let h = profile::scope::<B, _>("mlp.gelu", &device, || activation::gelu(h));
-            let h = profile::scope::<B, _>("mlp.fc2", &device, || mlp.fc2.forward(h));
+            let h = profile::scope::<B, _>("mlp.fc2", &device, || linear_4d(&mlp.fc2, h));
             x = profile::scope::<B, _>("block.residual", &device, || {
                 x + drop_path(h, self.drop_path)
             });

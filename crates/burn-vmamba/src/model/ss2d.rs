@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use burn::tensor::{Tensor, activation, backend::Backend};
+use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
 use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
 use super::conv::conv2d;
@@ -117,12 +117,36 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
                 (x, Some(z))
             }
         };
-        let x = x.permute([0, 3, 1, 2]); // [batch, d_inner, height, width]
-        let x = match &self.conv2d {
-            Some(conv) => profile::scope::<B, _>("ss2d.conv2d", &device, || conv2d::<B>(conv, x)),
-            None => x,
+        // [batch, d_inner, height, width]: fused natively where the backend offers it (NdArray
+        // inference), else permute, conv and SiLU as tensor ops.
+        let fused = self
+            .conv2d
+            .as_ref()
+            .filter(|_| !B::ad_enabled(&device))
+            .and_then(|conv| {
+                profile::scope::<B, _>("ss2d.conv2d+silu", &device, || {
+                    B::depthwise_conv_silu(
+                        x.clone().into_primitive().tensor(),
+                        conv.weight.val().into_primitive().tensor(),
+                        conv.bias
+                            .as_ref()
+                            .map(|b| b.val().into_primitive().tensor()),
+                    )
+                })
+            });
+        let x = match fused {
+            Some(y) => Tensor::from_primitive(TensorPrimitive::Float(y)),
+            None => {
+                let x = x.permute([0, 3, 1, 2]);
+                let x = match &self.conv2d {
+                    Some(conv) => {
+                        profile::scope::<B, _>("ss2d.conv2d", &device, || conv2d::<B>(conv, x))
+                    }
+                    None => x,
+                };
+                profile::scope::<B, _>("ss2d.silu", &device, || activation::silu(x))
+            }
         };
-        let x = profile::scope::<B, _>("ss2d.silu", &device, || activation::silu(x));
         let y = self.scan_2d(x, height, width); // [batch, d_inner, height, width]
         let y = y.permute([0, 2, 3, 1]);
         let y = match &self.out_norm {

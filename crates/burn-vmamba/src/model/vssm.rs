@@ -6,7 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, activation, backend::Backend};
 
-use super::block::VssBlock;
+use super::block::{VssBlock, linear_4d};
 use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
 use super::conv::conv2d;
 use super::init;
@@ -67,7 +67,7 @@ impl<B: Backend> PatchMerging<B> {
             .reshape([batch, h2, 2, w2, 2, channels])
             .permute([0, 1, 3, 4, 2, 5])
             .reshape([batch, h2, w2, 4 * channels]);
-        self.reduction.forward(self.norm.forward(x))
+        linear_4d(&self.reduction, self.norm.forward(x))
     }
 }
 

@@ -200,6 +200,20 @@ pub trait SelectiveScanBackend: Backend {
     /// training step of a small model).
     const CONV2D_BY_TENSOR_OPS: bool = false;
 
+    /// SS2D's depthwise convolution and SiLU in one pass, for inference: `x` channel-last
+    /// `[batch, height, width, channels]`, `weight [channels, 1, k, k]` (k odd, padding
+    /// `(k − 1)/2`, stride 1), optional `bias [channels]` → `SiLU(conv(x))` channel-first
+    /// `[batch, channels, height, width]`, the layout the cross-scan reads. `None` (the
+    /// default, and always under autodiff) leaves it to the generic path; NdArray implements
+    /// it natively.
+    fn depthwise_conv_silu(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// Forward: `y [batch, channels, seq_len]` (f32) and what the backward needs besides the
     /// inputs (for the CubeCL kernels: the state at every chunk end).
     fn selective_scan_forward(

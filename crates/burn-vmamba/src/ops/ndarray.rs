@@ -80,6 +80,76 @@ impl<'a> HostInputs<'a> {
     }
 }
 
+/// `SiLU(depthwise_conv(x))`: `x [batch, height, width, channels]` (channel-last, contiguous),
+/// `weight [channels, k, k]`, zero padding `(k − 1)/2`, stride 1 → `[batch, channels, height,
+/// width]`. One rayon task per output row `(batch, i)`: the row is accumulated channel-last
+/// (the inner loop runs over contiguous channels and vectorises), tap by tap in the order
+/// `(p, q)` row-major after the bias, then SiLU'd and written out channel by channel.
+fn depthwise_conv_silu(
+    x: &[f32],
+    [batch, height, width, channels]: [usize; 4],
+    weight: &[f32],
+    k: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let pad = k / 2;
+    // Taps as [p, q, channel] so that the inner loop reads them contiguously.
+    let mut taps = vec![0.0f32; k * k * channels];
+    for c in 0..channels {
+        for pq in 0..k * k {
+            taps[pq * channels + c] = weight[c * k * k + pq];
+        }
+    }
+    let plane = height * width;
+    let mut y = vec![0.0f32; batch * channels * plane];
+    // Rows of the output are strided in [batch, channels, height, width]: each task returns
+    // its row channel-last and the rows are written out afterwards, batch by batch.
+    for (b, y_b) in y.chunks_mut(channels * plane).enumerate() {
+        let rows: Vec<Vec<f32>> = (0..height)
+            .into_par_iter()
+            .map(|i| {
+                let mut acc = vec![0.0f32; width * channels];
+                for (j, a) in acc.chunks_exact_mut(channels).enumerate() {
+                    match bias {
+                        Some(bias) => a.copy_from_slice(bias),
+                        None => a.fill(0.0),
+                    }
+                    for p in 0..k {
+                        let Some(r) = (i + p).checked_sub(pad).filter(|r| *r < height) else {
+                            continue;
+                        };
+                        for q in 0..k {
+                            let Some(s) = (j + q).checked_sub(pad).filter(|s| *s < width) else {
+                                continue;
+                            };
+                            let at = ((b * height + r) * width + s) * channels;
+                            let xs = &x[at..at + channels];
+                            let w = &taps[(p * k + q) * channels..(p * k + q + 1) * channels];
+                            for ((a, x), w) in a.iter_mut().zip(xs).zip(w) {
+                                *a += w * x;
+                            }
+                        }
+                    }
+                    for a in a.iter_mut() {
+                        *a *= selective_scan::fastmath::sigmoid(*a);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for (i, row) in rows.iter().enumerate() {
+            for c in 0..channels {
+                let out = &mut y_b[c * plane + i * width..c * plane + (i + 1) * width];
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = row[j * channels + c];
+                }
+            }
+        }
+    }
+    y
+}
+
 /// A new f32 NdArray tensor that takes ownership of `values` (no copy).
 fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
     let array = ndarray::ArcArray::from_shape_vec(ndarray::IxDyn(shape), values)
@@ -96,6 +166,23 @@ where
     NdArrayTensor: From<SharedArray<I>>,
 {
     const CONV2D_BY_TENSOR_OPS: bool = true;
+
+    fn depthwise_conv_silu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        let dims = x.shape().dims::<4>();
+        let [channels, one, k, k2] = weight.shape().dims::<4>();
+        if one != 1 || k != k2 || k % 2 == 0 || dims[3] != channels {
+            return None;
+        }
+        let (x, weight) = (values(&x), values(&weight));
+        let bias = bias.as_ref().map(values);
+        let y = depthwise_conv_silu(&x, dims, &weight, k, bias.as_deref());
+        let [batch, height, width, _] = dims;
+        Some(tensor(y, &[batch, channels, height, width]))
+    }
 
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,
@@ -126,6 +213,84 @@ where
             dc: put(g.dc, &shape.bgnl()),
             dd: g.dd.map(|v| put(v, &[shape.channels])),
             ddelta_bias: g.ddelta_bias.map(|v| put(v, &[shape.channels])),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::module::Param;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Tensor, TensorData, TensorPrimitive, activation};
+    use selective_scan::SplitMix64;
+
+    use crate::SelectiveScanBackend;
+
+    /// The fused NdArray depthwise conv + SiLU against Burn's own `Conv2d` (groups = channels)
+    /// and `silu`, on odd sizes, a 1 × 1 map, with and without bias, k = 3 and 5.
+    #[test]
+    fn depthwise_conv_silu_matches_burns_conv2d_and_silu() {
+        type B = NdArray;
+        let device = Default::default();
+        for (batch, height, width, channels, k, bias) in [
+            (2, 5, 7, 13, 3, true),
+            (1, 9, 4, 8, 5, false),
+            (3, 1, 1, 3, 3, true),
+            (1, 2, 11, 17, 3, false),
+        ] {
+            let mut rng = SplitMix64::new((height * 31 + width) as u64);
+            let mut conv = Conv2dConfig::new([channels, channels], [k, k])
+                .with_groups(channels)
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_bias(bias)
+                .init::<B>(&device);
+            let w = rng.vec(channels * k * k, -1.0, 1.0);
+            conv.weight = Param::from_tensor(Tensor::from_data(
+                TensorData::new(w, [channels, 1, k, k]),
+                &device,
+            ));
+            if bias {
+                let b = rng.vec(channels, -1.0, 1.0);
+                conv.bias = Some(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(b, [channels]),
+                    &device,
+                )));
+            }
+            let x = Tensor::<B, 4>::from_data(
+                TensorData::new(
+                    rng.vec(batch * height * width * channels, -3.0, 3.0),
+                    [batch, height, width, channels],
+                ),
+                &device,
+            );
+            let expected = activation::silu(conv.forward(x.clone().permute([0, 3, 1, 2])))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let fused = B::depthwise_conv_silu(
+                x.into_primitive().tensor(),
+                conv.weight.val().into_primitive().tensor(),
+                conv.bias
+                    .as_ref()
+                    .map(|b| b.val().into_primitive().tensor()),
+            )
+            .expect("NdArray fuses odd square depthwise kernels");
+            let fused = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(fused));
+            assert_eq!(fused.dims(), [batch, channels, height, width]);
+            let fused = fused.into_data().to_vec::<f32>().unwrap();
+            let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = fused
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs() / scale)
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-6,
+                "{:?}: off by {worst:e}",
+                (batch, height, width, channels, k)
+            );
         }
     }
 }
