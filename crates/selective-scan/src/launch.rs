@@ -406,9 +406,17 @@ pub fn forward<R: Runtime>(
     let placeholder = absent(client);
     let count = CubeCount::Static(shape.channels as u32, shape.batch as u32, 1);
     let dim = CubeDim::new_1d(config.units as u32);
+    // SAFETY (both kernels below): every global index the kernels form is in bounds for the
+    // shapes and strides validated above (`args.validate`, `check_layout` of each input,
+    // `check_index_range`): sequence positions are read and written only below `seq_len`,
+    // channels, states and groups come from the launch grid and loops bounded by the
+    // validated sizes, the optional inputs are read only when present (the placeholder holds
+    // one value otherwise), and the per-state shared arrays hold `MAX_D_STATE` (256) ≥
+    // `d_state`, refused above otherwise. So they launch unchecked: no bounds check on every
+    // access.
     macro_rules! launch {
         ($F:ty) => {
-            scan_forward_kernel::launch::<$F, R>(
+            scan_forward_kernel::launch_unchecked::<$F, R>(
                 client,
                 count,
                 dim,
@@ -433,10 +441,12 @@ pub fn forward<R: Runtime>(
             )
         };
     }
-    match args.u.dtype {
-        ScanDtype::F32 => launch!(f32),
-        ScanDtype::F16 => launch!(half::f16),
-        ScanDtype::BF16 => launch!(half::bf16),
+    unsafe {
+        match args.u.dtype {
+            ScanDtype::F32 => launch!(f32),
+            ScanDtype::F16 => launch!(half::f16),
+            ScanDtype::BF16 => launch!(half::bf16),
+        }
     }
     Ok(ForwardOutput {
         y,
@@ -465,15 +475,20 @@ fn sum_middle_axis<R: Runtime>(
     let cubes = total.div_ceil(units);
     let x = cubes.min(65535);
     let y = cubes.div_ceil(x);
-    sum_middle_axis_kernel::launch::<R>(
-        client,
-        CubeCount::Static(x as u32, y as u32, 1),
-        CubeDim::new_1d(units as u32),
-        input.arg(),
-        output.arg(),
-        parts as u32,
-        inner as u32,
-    );
+    debug_assert_eq!(input.shape.iter().product::<usize>(), outer * parts * inner);
+    // SAFETY: `input` holds `outer · parts · inner` values and `output` `outer · inner`; the
+    // kernel reads and writes only below `output.len()` and the matching input rows.
+    unsafe {
+        sum_middle_axis_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(x as u32, y as u32, 1),
+            CubeDim::new_1d(units as u32),
+            input.arg(),
+            output.arg(),
+            parts as u32,
+            inner as u32,
+        )
+    };
     output
 }
 
@@ -533,9 +548,11 @@ pub fn backward<R: Runtime>(
     let placeholder = absent(client);
     let count = CubeCount::Static(blocks as u32, g as u32, bt as u32);
     let dim = CubeDim::new_1d(config.units as u32);
+    // SAFETY: as for the forward kernel (see `forward`); `dy` was validated like the inputs,
+    // and the partial buffers are allocated here with the shapes the kernel indexes.
     macro_rules! launch {
         ($F:ty) => {
-            scan_backward_kernel::launch::<$F, R>(
+            scan_backward_kernel::launch_unchecked::<$F, R>(
                 client,
                 count,
                 dim,
@@ -568,10 +585,12 @@ pub fn backward<R: Runtime>(
             )
         };
     }
-    match args.u.dtype {
-        ScanDtype::F32 => launch!(f32),
-        ScanDtype::F16 => launch!(half::f16),
-        ScanDtype::BF16 => launch!(half::bf16),
+    unsafe {
+        match args.u.dtype {
+            ScanDtype::F32 => launch!(f32),
+            ScanDtype::F16 => launch!(half::f16),
+            ScanDtype::BF16 => launch!(half::bf16),
+        }
     }
     let db = sum_middle_axis(
         client,

@@ -2,10 +2,12 @@
 //! (C1–C4 CPU-sized, G2 and G4 GPU-only).
 //!
 //! Every time is the median of `--repeats` runs after one warm-up run. Alongside, the same run
-//! measures a bandwidth figure per kind of device: a STREAM-style triad on the CPU (for the
-//! CPU implementations) and a device-to-device copy kernel (for each CubeCL backend). `floor_ms`
-//! is the minimal traffic of the pass (each input read once, each output written once) at that
-//! bandwidth; `gbps` is the same traffic over the measured time.
+//! measures the floor of each kind of device: on the CPU a STREAM-style triad and the fastest
+//! vectorised exp it has (for the CPU implementations); on each CubeCL backend the fastest of
+//! several device-to-device copy kernels and the device's exp rate (`device_floor.rs`).
+//! `floor_ms` is the larger of the pass's minimal traffic (each input read once, each output
+//! written once) at that bandwidth and its exponentials at that rate; `gbps` is the same
+//! traffic over the measured time.
 
 use std::time::Instant;
 
@@ -22,6 +24,7 @@ use burn_vmamba::SelectiveScanBackend;
 use rayon::prelude::*;
 
 use crate::backends::{self, Backend};
+use crate::device_floor;
 use crate::parse_flags;
 
 struct Bench {
@@ -395,43 +398,13 @@ fn peak_heap_bytes(f: impl FnOnce()) -> usize {
     crate::alloc::peak().saturating_sub(start)
 }
 
-#[cube(launch)]
-fn copy_kernel(input: &Array<f32>, output: &mut Array<f32>) {
-    let i = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize)
-        * CUBE_DIM_X as usize
-        + UNIT_POS_X as usize;
-    if i < output.len() {
-        output[i] = input[i];
-    }
-}
-
 fn sync<R: Runtime>(client: &ComputeClient<R>) {
     if let Err(e) = cubecl::future::block_on(client.sync()) {
         panic!("device sync failed: {e:?}");
     }
 }
 
-/// Device copy of `n` f32: (read + write) bytes / time, in GB/s.
-fn device_copy_gbps<R: Runtime>(client: &ComputeClient<R>, n: usize) -> f64 {
-    let input = client.create_from_slice(bytemuck::cast_slice(&vec![1.0f32; n]));
-    let output = client.empty(n * 4);
-    let units = 256usize;
-    let cubes = n.div_ceil(units);
-    let (x, y) = (cubes.min(65535), cubes.div_ceil(cubes.min(65535)));
-    let ms = time_ms(5, || {
-        copy_kernel::launch::<R>(
-            client,
-            CubeCount::Static(x as u32, y as u32, 1),
-            CubeDim::new_1d(units as u32),
-            // SAFETY: both buffers hold exactly n f32 and the kernel guards i < n.
-            unsafe { ArrayArg::from_raw_parts(input.clone(), n) },
-            unsafe { ArrayArg::from_raw_parts(output.clone(), n) },
-        );
-        sync(client);
-    });
-    (2 * 4 * n) as f64 / (ms * 1e-3) / 1e9
-}
-
+#[derive(serde::Serialize)]
 struct Record {
     shape: &'static str,
     implementation: String,
@@ -592,16 +565,35 @@ pub fn run(args: &[String]) -> Result<(), String> {
         exps_per_s: Some(exp_all),
     };
     let mut device_bw = vec![];
+    let mut device_floors = vec![];
     for backend in &backends {
-        let gbps = match backend {
-            Backend::Wgpu => device_copy_gbps(&backends::wgpu_client(), 32 << 20),
+        let floor = match backend {
+            Backend::Wgpu => device_floor::measure(&backends::wgpu_client(), 32 << 20, 1 << 16),
             #[cfg(feature = "cuda")]
-            Backend::Cuda => device_copy_gbps(&backends::cuda_client(), 256 << 20),
+            Backend::Cuda => device_floor::measure(&backends::cuda_client(), 256 << 20, 1 << 22),
             #[cfg(feature = "rocm")]
-            Backend::Rocm => device_copy_gbps(&backends::rocm_client(), 256 << 20),
+            Backend::Rocm => device_floor::measure(&backends::rocm_client(), 256 << 20, 1 << 22),
         };
-        println!("bandwidth: {} device copy {gbps:.1} GB/s", backend.name());
-        device_bw.push((*backend, gbps));
+        let tried: Vec<String> = floor
+            .copies
+            .iter()
+            .map(|(name, gbps)| format!("{name}: {gbps:.1}"))
+            .collect();
+        println!(
+            "bandwidth: {} device copy {:.1} GB/s (fastest of: {}); exp {:.0} G/s",
+            backend.name(),
+            floor.copy_gbps,
+            tried.join("; "),
+            floor.exps_per_s / 1e9
+        );
+        device_bw.push((
+            *backend,
+            Floor {
+                gbps: floor.copy_gbps,
+                exps_per_s: Some(floor.exps_per_s),
+            },
+        ));
+        device_floors.push((backend.name(), floor));
     }
 
     let mut records = vec![];
@@ -644,11 +636,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             };
             let (forward, both) =
                 result.map_err(|e| format!("{} on {}: {e}", bench.name, backend.name()))?;
-            let floor = Floor {
-                gbps: *bw,
-                exps_per_s: None,
-            };
-            push(format!("{}-cubecl", backend.name()), forward, both, floor);
+            push(format!("{}-cubecl", backend.name()), forward, both, *bw);
         }
         if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
@@ -700,20 +688,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
             r.median_ms / r.floor_ms
         );
     }
-    let json: Vec<String> = records
-        .iter()
-        .map(|r| {
-            format!(
-                "  {{\"shape\": \"{}\", \"implementation\": \"{}\", \"pass\": \"{}\", \"median_ms\": {:.6}, \"gbps\": {:.6}, \"floor_ms\": {:.6}}}",
-                r.shape, r.implementation, r.pass, r.median_ms, r.gbps, r.floor_ms
-            )
-        })
-        .collect();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let path = dir.join("scan.json");
-    std::fs::write(&path, format!("[\n{}\n]\n", json.join(",\n")))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    println!("\nwrote {}", path.display());
-    Ok(())
+    let floors: std::collections::BTreeMap<_, _> = device_floors.into_iter().collect();
+    let json = serde_json::json!({
+        "cpu": {
+            "triad_gbps_1_thread": triad_1,
+            "triad_gbps_all": triad_all,
+            "exps_per_s_1_thread": exp_1,
+            "exps_per_s_all": exp_all,
+        },
+        "devices": floors,
+        "records": records,
+    });
+    crate::write_bench_json("scan.json", &json)
 }

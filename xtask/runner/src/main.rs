@@ -11,8 +11,10 @@
 mod alloc;
 mod backends;
 mod bench;
+mod device_floor;
 mod fixtures;
 mod model_bench;
+mod model_parity;
 mod parity;
 mod train_bench;
 /// The driver's Vulkan check, the same file (parity on WGPU needs the driver too).
@@ -34,9 +36,16 @@ commands:
       with --fixtures it reads DIR/*.safetensors (format: src/fixtures.rs) and compares with
       the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
       Exits non-zero when any error exceeds the tolerance (default 2e-4).
+  model-parity [--backend LIST] [--fixtures DIR] [--tolerance X]
+      The model fixtures (default tests/fixtures/model: upstream config, checkpoint,
+      input and upstream's logits) through `classify` on NdArray and on each backend
+      of LIST (default: every GPU backend compiled in); logits against upstream's
+      (<= 1e-3) and against NdArray's (<= X, default 1e-5, the exact-f32 promise),
+      with the first forward's time; JSON at <bench dir>/model_parity.json.
   bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
       Times forward and forward+backward on shapes C1-C4, G2, G4 (src/bench.rs); markdown on
-      stdout, JSON records at target/bench/scan.json. LIST is a comma-separated subset
+      stdout, JSON (records and each device's floor: fastest copy, exp rate) at
+      <bench dir>/scan.json. LIST is a comma-separated subset
       of cubecl,ndarray-fused,fallback,reference (default: all).
   bench model [--backend ndarray,wgpu,cuda,rocm] [--preset NAME] [--image-size N]
               [--batches 1,8] [--train-batch N|0] [--repeats N]
@@ -50,6 +59,8 @@ commands:
       for M minutes (default 10) with the exact scan, then with the scan replaced by
       the zero-state / last-position-C shortcut (a negative control); prints both
       validation accuracies, JSON at target/bench/train.json.
+
+The bench dir is $VMAMBA_BENCH_DIR, else the workspace's target/bench.
 ";
 
 fn main() -> ExitCode {
@@ -64,6 +75,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("parity") => parity::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("model-parity") => model_parity::run(&args[1..]),
         Some("help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -79,7 +91,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses `--flag value` pairs; `flags` lists the accepted names.
+/// Where the benches write their JSON: `$VMAMBA_BENCH_DIR`, else the workspace's
+/// `target/bench` (the path this binary was built from; `gpu-check` sets the variable, since
+/// it runs the binary on another machine).
+pub fn bench_dir() -> std::path::PathBuf {
+    match std::env::var_os("VMAMBA_BENCH_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench"),
+    }
+}
+
+/// Writes `value` as pretty JSON to [`bench_dir`]`/name` and says where.
+pub fn write_bench_json(name: &str, value: &impl serde::Serialize) -> Result<(), String> {
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(name);
+    let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(&path, json + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
 /// The value given for `name` in `parse_flags`' result (the first one, if repeated).
 pub fn flag_value(flags: &[(String, String)], name: &str) -> Option<String> {
     flags
@@ -88,6 +121,7 @@ pub fn flag_value(flags: &[(String, String)], name: &str) -> Option<String> {
         .map(|(_, v)| v.clone())
 }
 
+/// Parses `--flag value` pairs; `flags` lists the accepted names.
 pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
     let mut out = vec![];
     let mut it = args.iter();

@@ -231,12 +231,5 @@ pub fn run(args: &[String]) -> Result<(), String> {
         };
         records.push(record);
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let path = dir.join("model.json");
-    let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
-    std::fs::write(&path, json + "\n")
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    println!("\nwrote {}", path.display());
-    Ok(())
+    crate::write_bench_json("model.json", &records)
 }

@@ -4,7 +4,6 @@
 //! negative control that users cannot switch on). Prints both validation accuracies and writes
 //! `target/bench/train.json`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use burn_vmamba::ops::shortcut;
@@ -42,7 +41,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ));
         }
     };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    let root = crate::bench_dir();
     let mut records = Vec::new();
     for scan in variants {
         let mut argv = vec![
@@ -90,10 +89,5 @@ pub fn run(args: &[String]) -> Result<(), String> {
             100.0 * r.val_accuracy
         );
     }
-    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
-    let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
-    let path = root.join("train.json");
-    std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
-    println!("written {}", path.display());
-    Ok(())
+    crate::write_bench_json("train.json", &records)
 }

@@ -29,7 +29,7 @@ use super::block::{
 /// - `du, ddelta`: `[batch, channels, seq_len]`
 /// - `db_part, dc_part`: `[batch, groups, blocks_per_group, d_state, seq_len]`
 /// - `da_part`: `[batch, channels, d_state]`; `dskip_part, dbias_part`: `[batch, channels]`
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_backward_kernel<F: Float>(
     u: &Tensor<F>,

@@ -18,7 +18,7 @@ use super::block::{chunk_prefix_state, discretize_step, load_projections};
 /// - `a`: `[channels, d_state]`; `b, c`: `[batch, groups, d_state, seq_len]`
 /// - `skip, delta_bias`: `[channels]` (read only when `has_skip` / `has_bias`)
 /// - `y`: `[batch, channels, seq_len]`; `carries`: `[batch, channels, n_chunks, d_state]`
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_forward_kernel<F: Float>(
     u: &Tensor<F>,

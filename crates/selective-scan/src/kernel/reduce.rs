@@ -7,7 +7,7 @@ use cubecl::prelude::*;
 /// # Shapes
 /// - `input`: `[outer, parts, inner]` contiguous
 /// - `output`: `[outer, inner]` contiguous
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub fn sum_middle_axis_kernel(
     input: &Tensor<f32>,
     output: &mut Tensor<f32>,
