@@ -8,6 +8,10 @@
 //!   views of the padded input into `[batch, C_in·k², L]` and multiply by the weight
 //!   `[C_out, C_in·k²]` (im2col), strides taken by reshape + narrow.
 //!
+//! For inference, a backend may run the dense case natively
+//! ([`SelectiveScanBackend::conv2d_dense`]: NdArray does, im2col straight from the input and
+//! one threaded matrix product per image).
+//!
 //! Both compute the function of `Conv2d::forward` (same padding, stride, bias) with another
 //! summation order; their backward is slices, pads and matmuls. Anything else (dilation,
 //! other group counts, padding modes other than explicit / valid) goes to `Conv2d::forward`.
@@ -15,7 +19,7 @@
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
 
 use crate::ops::SelectiveScanBackend;
 
@@ -24,10 +28,32 @@ use crate::ops::SelectiveScanBackend;
 /// # Shapes
 /// - `x`: `[batch, C_in, height, width]` → `[batch, C_out, height', width']`
 pub fn conv2d<B: SelectiveScanBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    if B::CONV2D_BY_TENSOR_OPS {
-        conv2d_by_tensor_ops(conv, x)
-    } else {
-        conv.forward(x)
+    if !B::CONV2D_BY_TENSOR_OPS {
+        return conv.forward(x);
+    }
+    if let (1, [1, 1], Some(padding)) = (conv.groups, conv.dilation, explicit_padding(conv)) {
+        let native = B::conv2d_dense(
+            x.clone().into_primitive().tensor(),
+            conv.weight.val().into_primitive().tensor(),
+            conv.bias
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+            conv.stride,
+            padding,
+        );
+        if let Some(y) = native {
+            return Tensor::from_primitive(TensorPrimitive::Float(y));
+        }
+    }
+    conv2d_by_tensor_ops(conv, x)
+}
+
+/// `[top, left, bottom, right]` of an explicit or valid padding.
+fn explicit_padding<B: Backend>(conv: &Conv2d<B>) -> Option<[usize; 4]> {
+    match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => Some([*top, *left, *bottom, *right]),
+        PaddingConfig2d::Valid => Some([0; 4]),
+        _ => None,
     }
 }
 
@@ -37,12 +63,7 @@ pub fn conv2d_by_tensor_ops<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Te
     let [_, channels, height, width] = x.dims();
     let [kh, kw] = conv.kernel_size;
     let [sh, sw] = conv.stride;
-    let padding = match &conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) => Some([*top, *left, *bottom, *right]),
-        PaddingConfig2d::Valid => Some([0; 4]),
-        _ => None,
-    };
-    let Some([top, left, bottom, right]) = padding else {
+    let Some([top, left, bottom, right]) = explicit_padding(conv) else {
         return conv.forward(x);
     };
     let (rows, cols) = (height + top + bottom, width + left + right);

@@ -214,6 +214,22 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// A dense 2-D convolution (groups 1, dilation 1) for inference: `x [batch, C_in, H, W]`,
+    /// `weight [C_out, C_in, kh, kw]`, optional `bias [C_out]`, `stride [sh, sw]`, zero
+    /// `padding [top, left, bottom, right]` → `[batch, C_out, H', W']`, as `Conv2d::forward`
+    /// computes it (the stems and the conv downsamples). `None` (the default, and always
+    /// under autodiff) leaves it to the generic path; NdArray implements it natively (im2col
+    /// straight from the input, one threaded matrix product per image).
+    fn conv2d_dense(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+        _stride: [usize; 2],
+        _padding: [usize; 4],
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// Forward: `y [batch, channels, seq_len]` (f32) and what the backward needs besides the
     /// inputs (for the CubeCL kernels: the state at every chunk end).
     fn selective_scan_forward(

@@ -150,6 +150,64 @@ fn depthwise_conv_silu(
     y
 }
 
+/// A dense convolution (see [`SelectiveScanBackend::conv2d_dense`]): per image, the
+/// `[C_in·kh·kw, H'·W']` column matrix is gathered straight from the input (rayon over its
+/// rows; zero where a tap falls in the padding), then `y = weight · columns` is one matrix
+/// product (matrixmultiply, threaded), plus the bias.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_dense(
+    x: &[f32],
+    [batch, c_in, height, width]: [usize; 4],
+    weight: &[f32],
+    [c_out, kh, kw]: [usize; 3],
+    bias: Option<&[f32]>,
+    [sh, sw]: [usize; 2],
+    [top, left]: [usize; 2],
+    [out_h, out_w]: [usize; 2],
+) -> Vec<f32> {
+    use ndarray::{ArrayView2, ArrayViewMut2};
+    use rayon::prelude::*;
+    let (taps, len) = (c_in * kh * kw, out_h * out_w);
+    let mut columns = vec![0.0f32; taps * len];
+    let mut y = vec![0.0f32; batch * c_out * len];
+    let weight = ArrayView2::from_shape((c_out, taps), weight).expect("weight is [C_out, taps]");
+    for (b, y_b) in y.chunks_mut(c_out * len).enumerate() {
+        columns
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(row, out)| {
+                // Rows in the weight's (channel, p, q) order.
+                let (c, p, q) = (row / (kh * kw), (row / kw) % kh, row % kw);
+                let plane =
+                    &x[(b * c_in + c) * height * width..(b * c_in + c + 1) * height * width];
+                for (i, dst) in out.chunks_exact_mut(out_w).enumerate() {
+                    let Some(r) = (i * sh + p).checked_sub(top).filter(|r| *r < height) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[r * width..(r + 1) * width];
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = (j * sw + q)
+                            .checked_sub(left)
+                            .and_then(|s| src.get(s))
+                            .copied()
+                            .unwrap_or(0.0);
+                    }
+                }
+            });
+        let cols = ArrayView2::from_shape((taps, len), &columns).expect("columns are [taps, len]");
+        let mut out =
+            ArrayViewMut2::from_shape((c_out, len), y_b).expect("the output is [C_out, len]");
+        ndarray::linalg::general_mat_mul(1.0, &weight, &cols, 0.0, &mut out);
+        if let Some(bias) = bias {
+            for (row, b) in y_b.chunks_exact_mut(len).zip(bias) {
+                row.iter_mut().for_each(|v| *v += b);
+            }
+        }
+    }
+    y
+}
+
 /// A new f32 NdArray tensor that takes ownership of `values` (no copy).
 fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
     let array = ndarray::ArcArray::from_shape_vec(ndarray::IxDyn(shape), values)
@@ -182,6 +240,35 @@ where
         let y = depthwise_conv_silu(&x, dims, &weight, k, bias.as_deref());
         let [batch, height, width, _] = dims;
         Some(tensor(y, &[batch, channels, height, width]))
+    }
+
+    fn conv2d_dense(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        stride: [usize; 2],
+        [top, left, bottom, right]: [usize; 4],
+    ) -> Option<FloatTensor<Self>> {
+        let dims = x.shape().dims::<4>();
+        let [c_out, c_in, kh, kw] = weight.shape().dims::<4>();
+        let (rows, cols) = (dims[2] + top + bottom, dims[3] + left + right);
+        if c_in != dims[1] || stride.contains(&0) || rows < kh || cols < kw {
+            return None;
+        }
+        let out = [(rows - kh) / stride[0] + 1, (cols - kw) / stride[1] + 1];
+        let (x, weight) = (values(&x), values(&weight));
+        let bias = bias.as_ref().map(values);
+        let y = conv2d_dense(
+            &x,
+            dims,
+            &weight,
+            [c_out, kh, kw],
+            bias.as_deref(),
+            stride,
+            [top, left],
+            out,
+        );
+        Some(tensor(y, &[dims[0], c_out, out[0], out[1]]))
     }
 
     fn selective_scan_forward(
@@ -290,6 +377,75 @@ mod tests {
                 worst <= 1e-6,
                 "{:?}: off by {worst:e}",
                 (batch, height, width, channels, k)
+            );
+        }
+    }
+
+    /// The native dense conv against Burn's own `Conv2d`: strides 1, 2 and (2, 1), padding
+    /// on every side or none, odd sizes, a kernel as large as the padded input, with and
+    /// without bias.
+    #[test]
+    fn conv2d_dense_matches_burns_conv2d() {
+        type B = NdArray;
+        let device = Default::default();
+        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in [
+            (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
+            (1, 4, 6, 8, 8, [2, 2], [2, 2], [0, 0, 0, 0], false),
+            (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
+            (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
+            (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
+        ] {
+            let mut rng = SplitMix64::new((height * 17 + width * 3 + c_in) as u64);
+            let [top, left, bottom, right] = padding;
+            let mut conv = Conv2dConfig::new([c_in, c_out], k)
+                .with_stride(stride)
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .with_bias(bias)
+                .init::<B>(&device);
+            let w = rng.vec(c_out * c_in * k[0] * k[1], -1.0, 1.0);
+            conv.weight = Param::from_tensor(Tensor::from_data(
+                TensorData::new(w, [c_out, c_in, k[0], k[1]]),
+                &device,
+            ));
+            if bias {
+                conv.bias = Some(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(rng.vec(c_out, -1.0, 1.0), [c_out]),
+                    &device,
+                )));
+            }
+            let x = Tensor::<B, 4>::from_data(
+                TensorData::new(
+                    rng.vec(batch * c_in * height * width, -3.0, 3.0),
+                    [batch, c_in, height, width],
+                ),
+                &device,
+            );
+            let expected = conv.forward(x.clone());
+            let dims = expected.dims();
+            let expected = expected.into_data().to_vec::<f32>().unwrap();
+            let native = B::conv2d_dense(
+                x.into_primitive().tensor(),
+                conv.weight.val().into_primitive().tensor(),
+                conv.bias
+                    .as_ref()
+                    .map(|b| b.val().into_primitive().tensor()),
+                stride,
+                padding,
+            )
+            .expect("NdArray runs dense convolutions natively");
+            let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
+            assert_eq!(native.dims(), dims);
+            let native = native.into_data().to_vec::<f32>().unwrap();
+            let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = native
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs() / scale)
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-6,
+                "{:?}: off by {worst:e}",
+                (batch, c_in, c_out, height, width, k, stride, padding)
             );
         }
     }
