@@ -34,9 +34,9 @@ def main(results):
         md += ["", "## Scan (cubecl kernels)", ""]
         for device, floor in scan.get("devices", {}).items():
             md.append(
-                f"- {device}: fastest copy {floor['copy_gbps']:.0f} GB/s ({floor['copy_kernel']}); "
+                f"- {device}: fastest copy {floor['copy_gbps']:.1f} GB/s ({floor['copy_kernel']}); "
                 f"exp {floor['exps_per_s'] / 1e9:.0f} G/s; copies tried: "
-                + "; ".join(f"{name} {gbps:.0f}" for name, gbps in floor["copies"])
+                + "; ".join(f"{name} {gbps:.1f}" for name, gbps in floor["copies"])
             )
         md += ["", "| shape | pass | ms | GB/s | % of copy | × floor |", "|---|---|---|---|---|---|"]
         rows = []
@@ -46,7 +46,7 @@ def main(results):
             share = 100.0 * r["gbps"] / copy if copy else float("nan")
             rows.append({**r, "percent_of_copy": share})
             md.append(
-                f"| {r['shape']} | {r['pass']} | {r['median_ms']:.3f} | {r['gbps']:.0f} | "
+                f"| {r['shape']} | {r['pass']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
                 f"{share:.1f} % | {r['median_ms'] / r['floor_ms']:.2f} |"
             )
         md.append("")

@@ -130,7 +130,8 @@ pub fn copies<'a, R: Runtime>(
         v.push((
             format!("4 x f32 vectors, {per_unit} per unit, unchecked"),
             Box::new(move || {
-                // SAFETY: both buffers hold n / 4 vectors of 4 f32; the kernel guards
+                // SAFETY: both buffers hold n f32 = n / 4 vectors of 4 (an array's length is
+                // given in scalars; the kernel's `len()` counts vectors); the kernel guards
                 // i < n / 4 for every index it touches.
                 unsafe {
                     copy_vectors::launch_unchecked::<R>(
@@ -138,8 +139,8 @@ pub fn copies<'a, R: Runtime>(
                         grid(vectors.div_ceil(units * per_unit)),
                         CubeDim::new_1d(units as u32),
                         4,
-                        ArrayArg::from_raw_parts(input.clone(), vectors),
-                        ArrayArg::from_raw_parts(output.clone(), vectors),
+                        ArrayArg::from_raw_parts(input.clone(), n),
+                        ArrayArg::from_raw_parts(output.clone(), n),
                         per_unit,
                     )
                 }
