@@ -9,8 +9,6 @@
 //! written once) at that bandwidth and its exponentials at that rate; `gbps` is the same
 //! traffic over the measured time.
 
-use std::time::Instant;
-
 use cubecl::prelude::*;
 use selective_scan::{
     RandomSpec, ScanArgs, ScanConfig, ScanDtype, ScanProblem, ScanShape, SplitMix64, TensorRef,
@@ -82,24 +80,6 @@ fn traffic_bytes(s: &ScanShape, pass: &str) -> f64 {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..repeats)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    )
-}
-
 /// STREAM triad `a = b + s·c` over 3 × 64 MiB of f32: bytes moved / time, in GB/s; on one
 /// thread (for the single-threaded reference) or on every core with rayon (for the fused CPU
 /// path, which is rayon-parallel).
@@ -109,7 +89,7 @@ fn cpu_triad_gbps(parallel: bool) -> f64 {
     let c = vec![2.0f32; n];
     let mut a = vec![0.0f32; n];
     let block = 1 << 16;
-    let ms = time_ms(5, || {
+    let ms = crate::median_ms(5, || {
         let triad = |(a, (b, c)): (&mut [f32], (&[f32], &[f32]))| {
             for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
                 *a = b + 3.0 * c;
@@ -201,7 +181,7 @@ impl ExpKind {
                 std::hint::black_box(&mut out);
             }
         };
-        let ms = time_ms(3, || {
+        let ms = crate::median_ms(3, || {
             if parallel {
                 (0..threads).into_par_iter().for_each(run);
             } else {
@@ -364,7 +344,7 @@ where
     // Inputs are created outside the timed region; CPU backends compute eagerly, so no
     // read-back is needed (it would dominate the time).
     let inner = leaves::<B::InnerBackend>(p, device);
-    let forward = time_ms(repeats, || {
+    let forward = crate::median_ms(repeats, || {
         std::hint::black_box(run::<B::InnerBackend>(&inner));
     });
     let x = leaves::<B>(p, device);
@@ -377,7 +357,7 @@ where
         d: x.d.require_grad(),
         bias: x.bias.require_grad(),
     };
-    let both = time_ms(repeats, || {
+    let both = crate::median_ms(repeats, || {
         let grads = run::<B>(&tracked).backward();
         let t = &tracked;
         std::hint::black_box((t.u.grad(&grads), t.delta.grad(&grads), t.a.grad(&grads)));
@@ -455,13 +435,13 @@ fn bench_cube<R: Runtime>(
     };
     let config = ScanConfig::default();
     let mut error = None;
-    let forward = time_ms(repeats, || {
+    let forward = crate::median_ms(repeats, || {
         if let Err(e) = selective_scan::forward(client, &args, config) {
             error = Some(e.to_string());
         }
         sync(client);
     });
-    let both = time_ms(repeats, || {
+    let both = crate::median_ms(repeats, || {
         match selective_scan::forward(client, &args, config).and_then(|saved| {
             selective_scan::backward(client, &args, &saved.carries, config, dy_ref)
         }) {
@@ -664,10 +644,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         if !bench.gpu_only && wanted("reference") {
             let dy = SplitMix64::new(1).vec(s.bdl_len(), -1.0, 1.0);
-            let forward = time_ms(1, || {
+            let forward = crate::median_ms(1, || {
                 std::hint::black_box(reference::forward(&p));
             });
-            let both = time_ms(1, || {
+            let both = crate::median_ms(1, || {
                 std::hint::black_box(reference::backward(&p, &dy));
             });
             push("reference".to_string(), forward, both, single_core);

@@ -10,8 +10,6 @@
 //! traffic), so that an exp-bound pass (the N = 16 shapes compute `B·D·L·N` exponentials per
 //! direction) gets its floor from the exp unit when that is higher than the traffic's.
 
-use std::time::Instant;
-
 use cubecl::prelude::*;
 
 /// Copies `output[i] = input[i]`, one `f32` per unit, bounds-checked.
@@ -69,20 +67,6 @@ fn sync<R: Runtime>(client: &ComputeClient<R>) {
     if let Err(e) = cubecl::future::block_on(client.sync()) {
         panic!("device sync failed: {e:?}");
     }
-}
-
-/// Median milliseconds of `repeats` synchronised runs after one warm-up.
-fn time_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// A cube count of at least `cubes` cubes laid out within the 65535 limit of a dimension.
@@ -157,7 +141,7 @@ pub fn measure<R: Runtime>(client: &ComputeClient<R>, n: usize, exp_units: usize
     let output = client.empty(n * 4);
     let mut copies_gbps = vec![];
     for (name, copy) in copies(client, &input, &output, n) {
-        let ms = time_ms(5, || {
+        let ms = crate::median_ms(5, || {
             copy();
             sync(client);
         });
@@ -171,7 +155,7 @@ pub fn measure<R: Runtime>(client: &ComputeClient<R>, n: usize, exp_units: usize
 
     const ROUNDS: usize = 256;
     let sums = client.empty(exp_units * 4);
-    let ms = time_ms(5, || {
+    let ms = crate::median_ms(5, || {
         // SAFETY: `sums` holds exp_units f32 and the kernel guards i < exp_units.
         unsafe {
             exp_chains::launch_unchecked::<R>(

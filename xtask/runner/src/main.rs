@@ -91,6 +91,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Median milliseconds of `repeats` runs of `f` after one warm-up run (`f` synchronises the
+/// device itself where there is one).
+pub fn median_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Where the benches write their JSON: `$VMAMBA_BENCH_DIR`, else the workspace's
 /// `target/bench` (the path this binary was built from; `gpu-check` sets the variable, since
 /// it runs the binary on another machine).

@@ -6,7 +6,6 @@
 //! the top ten ops by total time. JSON at `target/bench/model.json`.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
@@ -50,19 +49,6 @@ struct Plan {
     repeats: usize,
 }
 
-fn median_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn images<B: BurnBackend>(batch: usize, size: usize, device: &B::Device) -> Tensor<B, 4> {
     let values = SplitMix64::new(batch as u64).vec(batch * 3 * size * size, -2.0, 2.0);
     Tensor::from_data(TensorData::new(values, [batch, 3, size, size]), device)
@@ -85,7 +71,7 @@ where
     let mut inference = vec![];
     for &batch in &plan.batches {
         let x = images::<B::InnerBackend>(batch, size, device);
-        let ms = median_ms(plan.repeats, || {
+        let ms = crate::median_ms(plan.repeats, || {
             std::hint::black_box(inner.forward(x.clone()));
             sync::<B::InnerBackend>(device);
         });
@@ -103,7 +89,7 @@ where
         let loss_fn = CrossEntropyLossConfig::new().init(device);
         let mut optim = AdamWConfig::new().with_weight_decay(0.05).init();
         let mut model = Some(model.clone());
-        let ms = median_ms(plan.repeats.div_ceil(2), || {
+        let ms = crate::median_ms(plan.repeats.div_ceil(2), || {
             let m = model.take().expect("the model is put back after each step");
             let loss = loss_fn.forward(m.forward(x.clone()), labels.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &m);

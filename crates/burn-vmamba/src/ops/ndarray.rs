@@ -315,11 +315,45 @@ mod tests {
 
     use crate::SelectiveScanBackend;
 
+    type B = NdArray;
+
+    /// Random weights (and bias, if the conv has one) in `[-1, 1]`.
+    fn randomise(conv: &mut burn::nn::conv::Conv2d<B>, rng: &mut SplitMix64) {
+        let device = Default::default();
+        let shape = conv.weight.dims();
+        let w = rng.vec(shape.iter().product(), -1.0, 1.0);
+        conv.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, shape), &device));
+        if let Some(bias) = &conv.bias {
+            let shape = bias.dims();
+            let b = rng.vec(shape[0], -1.0, 1.0);
+            conv.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, shape),
+                &device,
+            )));
+        }
+    }
+
+    /// `max |native − expected| / max |expected|`, after checking the native result's shape.
+    fn worst_error(
+        native: burn::tensor::ops::FloatTensor<B>,
+        dims: [usize; 4],
+        expected: &[f32],
+    ) -> f32 {
+        let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
+        assert_eq!(native.dims(), dims);
+        let native = native.into_data().to_vec::<f32>().unwrap();
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        native
+            .iter()
+            .zip(expected)
+            .map(|(a, e)| (a - e).abs() / scale)
+            .fold(0.0f32, f32::max)
+    }
+
     /// The fused NdArray depthwise conv + SiLU against Burn's own `Conv2d` (groups = channels)
     /// and `silu`, on odd sizes, a 1 × 1 map, with and without bias, k = 3 and 5.
     #[test]
     fn depthwise_conv_silu_matches_burns_conv2d_and_silu() {
-        type B = NdArray;
         let device = Default::default();
         for (batch, height, width, channels, k, bias) in [
             (2, 5, 7, 13, 3, true),
@@ -333,18 +367,7 @@ mod tests {
                 .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
                 .with_bias(bias)
                 .init::<B>(&device);
-            let w = rng.vec(channels * k * k, -1.0, 1.0);
-            conv.weight = Param::from_tensor(Tensor::from_data(
-                TensorData::new(w, [channels, 1, k, k]),
-                &device,
-            ));
-            if bias {
-                let b = rng.vec(channels, -1.0, 1.0);
-                conv.bias = Some(Param::from_tensor(Tensor::from_data(
-                    TensorData::new(b, [channels]),
-                    &device,
-                )));
-            }
+            randomise(&mut conv, &mut rng);
             let x = Tensor::<B, 4>::from_data(
                 TensorData::new(
                     rng.vec(batch * height * width * channels, -3.0, 3.0),
@@ -364,15 +387,7 @@ mod tests {
                     .map(|b| b.val().into_primitive().tensor()),
             )
             .expect("NdArray fuses odd square depthwise kernels");
-            let fused = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(fused));
-            assert_eq!(fused.dims(), [batch, channels, height, width]);
-            let fused = fused.into_data().to_vec::<f32>().unwrap();
-            let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let worst = fused
-                .iter()
-                .zip(&expected)
-                .map(|(a, e)| (a - e).abs() / scale)
-                .fold(0.0f32, f32::max);
+            let worst = worst_error(fused, [batch, channels, height, width], &expected);
             assert!(
                 worst <= 1e-6,
                 "{:?}: off by {worst:e}",
@@ -386,7 +401,6 @@ mod tests {
     /// without bias.
     #[test]
     fn conv2d_dense_matches_burns_conv2d() {
-        type B = NdArray;
         let device = Default::default();
         for (batch, c_in, c_out, height, width, k, stride, padding, bias) in [
             (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
@@ -402,17 +416,7 @@ mod tests {
                 .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
                 .with_bias(bias)
                 .init::<B>(&device);
-            let w = rng.vec(c_out * c_in * k[0] * k[1], -1.0, 1.0);
-            conv.weight = Param::from_tensor(Tensor::from_data(
-                TensorData::new(w, [c_out, c_in, k[0], k[1]]),
-                &device,
-            ));
-            if bias {
-                conv.bias = Some(Param::from_tensor(Tensor::from_data(
-                    TensorData::new(rng.vec(c_out, -1.0, 1.0), [c_out]),
-                    &device,
-                )));
-            }
+            randomise(&mut conv, &mut rng);
             let x = Tensor::<B, 4>::from_data(
                 TensorData::new(
                     rng.vec(batch * c_in * height * width, -3.0, 3.0),
@@ -433,15 +437,7 @@ mod tests {
                 padding,
             )
             .expect("NdArray runs dense convolutions natively");
-            let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
-            assert_eq!(native.dims(), dims);
-            let native = native.into_data().to_vec::<f32>().unwrap();
-            let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let worst = native
-                .iter()
-                .zip(&expected)
-                .map(|(a, e)| (a - e).abs() / scale)
-                .fold(0.0f32, f32::max);
+            let worst = worst_error(native, dims, &expected);
             assert!(
                 worst <= 1e-6,
                 "{:?}: off by {worst:e}",
