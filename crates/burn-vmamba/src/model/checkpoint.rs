@@ -313,7 +313,10 @@ impl<B: Backend> ModuleVisitor<B> for Exporter {
         } else {
             (tensor.dims().to_vec(), tensor.into_data())
         };
-        let values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let values = data
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("the data was converted to f32 on the line above");
         self.dict
             .tensors
             .insert(self.path.key(), StateTensor { shape, values });
@@ -337,8 +340,9 @@ impl<B: Backend> ModuleMapper<B> for Loader {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let linear = self.path.is_linear_weight();
-        let Some(entry) = self.values.remove(&self.path.key()) else {
-            return param; // unreachable: every key was checked before mapping
+        let key = self.path.key();
+        let Some(entry) = self.values.remove(&key) else {
+            unreachable!("{key}: every parameter's key is matched before the loader runs");
         };
         param.map(|old| {
             // The entry is in upstream layout; Burn's linear weight is its transpose.
