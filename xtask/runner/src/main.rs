@@ -64,8 +64,10 @@ The bench dir is $VMAMBA_BENCH_DIR, else the workspace's target/bench.
 ";
 
 fn main() -> ExitCode {
-    // As `classify` and `train` run (freed memory reused, not returned to the OS).
+    // As `classify` and `train` run: freed memory reused, not returned to the OS, and CubeCL's
+    // persistent kernel cache in the per-user directory (or `$VMAMBA_CACHE_DIR`).
     vmamba::runtime::keep_freed_memory();
+    vmamba::runtime::configure_caches();
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("$ cargo xtask {}", args.join(" "));
     if args.iter().any(|a| a == "-h" || a == "--help") {
