@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::{Distribution, Tensor, activation, backend::Backend};
+use burn::tensor::{Distribution, Tensor, TensorPrimitive, activation, backend::Backend};
 
 use super::config::{Layout, VssBlockConfig};
 use super::init;
@@ -20,12 +20,26 @@ pub struct Mlp<B: Backend> {
     pub fc2: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: SelectiveScanBackend> Mlp<B> {
     /// # Shapes
-    /// - `x`: `[..., hidden_dim]` → `[..., hidden_dim]`
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(activation::gelu(self.fc1.forward(x)))
+    /// - `x`: channel-last `[batch, height, width, hidden_dim]` → the same
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let device = x.device();
+        let h = profile::scope::<B, _>("mlp.fc1", &device, || linear_4d(&self.fc1, x));
+        let h = profile::scope::<B, _>("mlp.gelu", &device, || gelu(h));
+        profile::scope::<B, _>("mlp.fc2", &device, || linear_4d(&self.fc2, h))
     }
+}
+
+/// The exact GELU: the backend's native one for inference where it has one
+/// ([`SelectiveScanBackend::gelu_exact`]), else `activation::gelu`.
+pub fn gelu<B: SelectiveScanBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if !B::ad_enabled(&x.device())
+        && let Some(y) = B::gelu_exact(x.clone().into_primitive().tensor())
+    {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
+    activation::gelu(x)
 }
 
 /// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
@@ -109,9 +123,7 @@ impl<B: SelectiveScanBackend> VssBlock<B> {
         }
         if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
             let h = profile::scope::<B, _>("block.norm", &device, || norm2.forward(x.clone()));
-            let h = profile::scope::<B, _>("mlp.fc1", &device, || linear_4d(&mlp.fc1, h));
-            let h = profile::scope::<B, _>("mlp.gelu", &device, || activation::gelu(h));
-            let h = profile::scope::<B, _>("mlp.fc2", &device, || linear_4d(&mlp.fc2, h));
+            let h = mlp.forward(h);
             x = profile::scope::<B, _>("block.residual", &device, || {
                 x + drop_path(h, self.drop_path)
             });

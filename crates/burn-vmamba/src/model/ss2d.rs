@@ -154,7 +154,7 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             None => y,
         };
         let y = if self.out_act {
-            profile::scope::<B, _>("ss2d.out_act", &device, || activation::gelu(y))
+            profile::scope::<B, _>("ss2d.out_act", &device, || super::block::gelu(y))
         } else {
             y
         };

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use burn::tensor::{Tensor, activation, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use super::block::{VssBlock, linear_4d};
 use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
@@ -37,7 +37,7 @@ impl<B: SelectiveScanBackend> PatchEmbed<B> {
             .forward(conv2d(&self.conv1, x).permute([0, 2, 3, 1]));
         match (&self.conv2, &self.norm2) {
             (Some(conv2), Some(norm2)) => {
-                let x = activation::gelu(x.permute([0, 3, 1, 2]));
+                let x = super::block::gelu(x.permute([0, 3, 1, 2]));
                 norm2.forward(conv2d(conv2, x).permute([0, 2, 3, 1]))
             }
             _ => x,

@@ -214,6 +214,14 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// The exact GELU, `x · (1 + erf(x / √2)) / 2`, for inference, in one pass. `None` (the
+    /// default, and always under autodiff) leaves it to `activation::gelu`; NdArray implements
+    /// it natively with Burn's own operation sequence (so the same bits), one pass over the
+    /// buffer on every core instead of five tensor ops.
+    fn gelu_exact(_x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// A dense 2-D convolution (groups 1, dilation 1) for inference: `x [batch, C_in, H, W]`,
     /// `weight [C_out, C_in, kh, kw]`, optional `bias [C_out]`, `stride [sh, sw]`, zero
     /// `padding [top, left, bottom, right]` → `[batch, C_out, H', W']`, as `Conv2d::forward`

@@ -242,6 +242,24 @@ where
         Some(tensor(y, &[batch, channels, height, width]))
     }
 
+    fn gelu_exact(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        use rayon::prelude::*;
+        let shape = x.shape().to_vec();
+        let values = values(&x);
+        let mut y = vec![0.0f32; values.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(values.par_chunks(1 << 14))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    // Burn's `gelu` on NdArray, op by op: f32 division, erf in f64 (libm),
+                    // f32 add, multiply and halving.
+                    let e = libm::erf(f64::from(x / std::f32::consts::SQRT_2)) as f32;
+                    *y = x * (e + 1.0) / 2.0;
+                }
+            });
+        Some(tensor(y, &shape))
+    }
+
     fn conv2d_dense(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -444,5 +462,30 @@ mod tests {
                 (batch, c_in, c_out, height, width, k, stride, padding)
             );
         }
+    }
+
+    /// The native GELU gives Burn's own bits (odd length, values across erf's range).
+    #[test]
+    fn gelu_equals_burns_gelu_bit_for_bit() {
+        let device = Default::default();
+        let mut rng = SplitMix64::new(11);
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new(rng.vec(3 * 7 * 1001, -9.0, 9.0), [3, 7, 1001]),
+            &device,
+        );
+        let expected = activation::gelu(x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let native = B::gelu_exact(x.into_primitive().tensor()).expect("NdArray has a native GELU");
+        let native = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(native));
+        assert_eq!(native.dims(), [3, 7, 1001]);
+        let native = native.into_data().to_vec::<f32>().unwrap();
+        assert!(
+            native
+                .iter()
+                .zip(&expected)
+                .all(|(a, e)| a.to_bits() == e.to_bits())
+        );
     }
 }
