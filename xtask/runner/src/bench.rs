@@ -22,7 +22,7 @@ use burn_vmamba::SelectiveScanBackend;
 use rayon::prelude::*;
 
 use crate::backends::{self, Backend};
-use crate::device_floor;
+use crate::device_floor::{self, DeviceFloor, sync};
 use crate::parse_flags;
 
 struct Bench {
@@ -378,12 +378,6 @@ fn peak_heap_bytes(f: impl FnOnce()) -> usize {
     crate::alloc::peak().saturating_sub(start)
 }
 
-fn sync<R: Runtime>(client: &ComputeClient<R>) {
-    if let Err(e) = cubecl::future::block_on(client.sync()) {
-        panic!("device sync failed: {e:?}");
-    }
-}
-
 #[derive(serde::Serialize)]
 struct Record {
     shape: &'static str,
@@ -544,8 +538,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         gbps: triad_all,
         exps_per_s: Some(exp_all),
     };
-    let mut device_bw = vec![];
-    let mut device_floors = vec![];
+    let mut device_floors: Vec<(Backend, DeviceFloor)> = vec![];
     for backend in &backends {
         let floor = match backend {
             Backend::Wgpu => device_floor::measure(&backends::wgpu_client(), 32 << 20, 1 << 16),
@@ -566,14 +559,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             tried.join("; "),
             floor.exps_per_s / 1e9
         );
-        device_bw.push((
-            *backend,
-            Floor {
-                gbps: floor.copy_gbps,
-                exps_per_s: Some(floor.exps_per_s),
-            },
-        ));
-        device_floors.push((backend.name(), floor));
+        device_floors.push((*backend, floor));
     }
 
     let mut records = vec![];
@@ -606,7 +592,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 });
             }
         };
-        for (backend, bw) in &device_bw {
+        for (backend, floor) in &device_floors {
             let result = match backend {
                 Backend::Wgpu => bench_cube(&backends::wgpu_client(), &p, repeats),
                 #[cfg(feature = "cuda")]
@@ -616,7 +602,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
             };
             let (forward, both) =
                 result.map_err(|e| format!("{} on {}: {e}", bench.name, backend.name()))?;
-            push(format!("{}-cubecl", backend.name()), forward, both, *bw);
+            let floor = Floor {
+                gbps: floor.copy_gbps,
+                exps_per_s: Some(floor.exps_per_s),
+            };
+            push(format!("{}-cubecl", backend.name()), forward, both, floor);
         }
         if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
@@ -668,7 +658,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             r.median_ms / r.floor_ms
         );
     }
-    let floors: std::collections::BTreeMap<_, _> = device_floors.into_iter().collect();
+    let floors: std::collections::BTreeMap<_, _> = device_floors
+        .iter()
+        .map(|(backend, floor)| (backend.name(), floor))
+        .collect();
     let json = serde_json::json!({
         "cpu": {
             "triad_gbps_1_thread": triad_1,

@@ -63,7 +63,8 @@ fn exp_chains(output: &mut Array<f32>, #[comptime] rounds: usize) {
     }
 }
 
-fn sync<R: Runtime>(client: &ComputeClient<R>) {
+/// Waits for everything queued on `client`'s device (the benches time whole passes).
+pub fn sync<R: Runtime>(client: &ComputeClient<R>) {
     if let Err(e) = cubecl::future::block_on(client.sync()) {
         panic!("device sync failed: {e:?}");
     }

@@ -3,10 +3,10 @@
 //!
 //! - `parity`: the scan on every compiled-in backend against the f64 reference or fixtures;
 //!   its built-in cases and the committed fixtures also run as tests here (`cargo test`).
-//! - `bench`: `bench scan` times the scan implementations (`target/bench/scan.json`);
+//! - `bench`: `bench scan` times the scan implementations (`<bench dir>/scan.json`, see [`bench_dir`]);
 //!   `bench model` times a VMamba preset (inference, training step, per-op breakdown;
-//!   `target/bench/model.json`); `bench train` trains the default task with the exact scan and with the wrong shortcut as a
-//!   control, for the same budget (`target/bench/train.json`).
+//!   `<bench dir>/model.json`); `bench train` trains the default task with the exact scan and with the wrong shortcut as a
+//!   control, for the same budget (`<bench dir>/train.json`).
 
 mod alloc;
 mod backends;
@@ -53,12 +53,12 @@ commands:
       (default ndarray): inference at each batch, one training step (forward,
       cross-entropy, backward, AdamW) at --train-batch (default 8; 0 skips it), and the
       top-10 ops of a profiled inference pass at batch 1 (src/model_bench.rs); JSON at
-      target/bench/model.json.
+      <bench dir>/model.json.
   bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
       Trains the `train` example's default task (synthetic corner matching, NdArray)
       for M minutes (default 10) with the exact scan, then with the scan replaced by
       the zero-state / last-position-C shortcut (a negative control); prints both
-      validation accuracies, JSON at target/bench/train.json.
+      validation accuracies, JSON at <bench dir>/train.json.
 
 The bench dir is $VMAMBA_BENCH_DIR, else the workspace's target/bench.
 ";

@@ -3,7 +3,7 @@
 //! step (forward, cross-entropy, backward, AdamW step on every parameter) at batch 8, each the
 //! median of `--repeats` after a warm-up. Then a per-op breakdown of one inference pass at
 //! batch 1 (`burn_vmamba::model::profile`: each op timed between device synchronisations) with
-//! the top ten ops by total time. JSON at `target/bench/model.json`.
+//! the top ten ops by total time. JSON at `<bench dir>/model.json` (`crate::bench_dir`).
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! trained twice for the same budget, once with the exact selective scan and once with the
 //! scan replaced by the zero-state / last-position-C shortcut (`burn_vmamba::ops::shortcut`, a
 //! negative control that users cannot switch on). Prints both validation accuracies and writes
-//! `target/bench/train.json`.
+//! `<bench dir>/train.json` (`crate::bench_dir`).
 
 use std::time::Duration;
 

@@ -18,7 +18,7 @@
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::ops::PadMode;
+use burn::tensor::ops::{FloatTensor, PadMode};
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
 
 use crate::ops::SelectiveScanBackend;
@@ -32,12 +32,11 @@ pub fn conv2d<B: SelectiveScanBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Ten
         return conv.forward(x);
     }
     if let (1, [1, 1], Some(padding)) = (conv.groups, conv.dilation, explicit_padding(conv)) {
+        let (weight, bias) = native_params(conv);
         let native = B::conv2d_dense(
             x.clone().into_primitive().tensor(),
-            conv.weight.val().into_primitive().tensor(),
-            conv.bias
-                .as_ref()
-                .map(|b| b.val().into_primitive().tensor()),
+            weight,
+            bias,
             conv.stride,
             padding,
         );
@@ -46,6 +45,19 @@ pub fn conv2d<B: SelectiveScanBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Ten
         }
     }
     conv2d_by_tensor_ops(conv, x)
+}
+
+/// A conv's weight and bias as backend tensors, for the backends' native ops
+/// ([`SelectiveScanBackend::conv2d_dense`], [`SelectiveScanBackend::depthwise_conv_silu`]).
+pub(crate) fn native_params<B: Backend>(
+    conv: &Conv2d<B>,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    (
+        conv.weight.val().into_primitive().tensor(),
+        conv.bias
+            .as_ref()
+            .map(|b| b.val().into_primitive().tensor()),
+    )
 }
 
 /// `[top, left, bottom, right]` of an explicit or valid padding.

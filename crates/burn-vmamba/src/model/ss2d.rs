@@ -10,7 +10,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
 use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
-use super::conv::conv2d;
+use super::conv::{conv2d, native_params};
 use super::cross_scan::{cross_merge, cross_scan};
 use super::init::{self, K};
 use super::profile;
@@ -125,13 +125,8 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             .filter(|_| !B::ad_enabled(&device))
             .and_then(|conv| {
                 profile::scope::<B, _>("ss2d.conv2d+silu", &device, || {
-                    B::depthwise_conv_silu(
-                        x.clone().into_primitive().tensor(),
-                        conv.weight.val().into_primitive().tensor(),
-                        conv.bias
-                            .as_ref()
-                            .map(|b| b.val().into_primitive().tensor()),
-                    )
+                    let (weight, bias) = native_params(conv);
+                    B::depthwise_conv_silu(x.clone().into_primitive().tensor(), weight, bias)
                 })
             });
         let x = match fused {

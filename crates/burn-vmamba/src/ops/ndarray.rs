@@ -332,6 +332,7 @@ mod tests {
     use selective_scan::SplitMix64;
 
     use crate::SelectiveScanBackend;
+    use crate::model::conv::native_params;
 
     type B = NdArray;
 
@@ -397,14 +398,9 @@ mod tests {
                 .into_data()
                 .to_vec::<f32>()
                 .unwrap();
-            let fused = B::depthwise_conv_silu(
-                x.into_primitive().tensor(),
-                conv.weight.val().into_primitive().tensor(),
-                conv.bias
-                    .as_ref()
-                    .map(|b| b.val().into_primitive().tensor()),
-            )
-            .expect("NdArray fuses odd square depthwise kernels");
+            let (weight, bias) = native_params(&conv);
+            let fused = B::depthwise_conv_silu(x.into_primitive().tensor(), weight, bias)
+                .expect("NdArray fuses odd square depthwise kernels");
             let worst = worst_error(fused, [batch, channels, height, width], &expected);
             assert!(
                 worst <= 1e-6,
@@ -445,16 +441,10 @@ mod tests {
             let expected = conv.forward(x.clone());
             let dims = expected.dims();
             let expected = expected.into_data().to_vec::<f32>().unwrap();
-            let native = B::conv2d_dense(
-                x.into_primitive().tensor(),
-                conv.weight.val().into_primitive().tensor(),
-                conv.bias
-                    .as_ref()
-                    .map(|b| b.val().into_primitive().tensor()),
-                stride,
-                padding,
-            )
-            .expect("NdArray runs dense convolutions natively");
+            let (weight, bias) = native_params(&conv);
+            let native =
+                B::conv2d_dense(x.into_primitive().tensor(), weight, bias, stride, padding)
+                    .expect("NdArray runs dense convolutions natively");
             let worst = worst_error(native, dims, &expected);
             assert!(
                 worst <= 1e-6,
