@@ -3,10 +3,11 @@
 //! compiler turns the selects into blends).
 //!
 //! `exp` is Cephes' `expf` (range reduction by `ln 2` split in two, degree-6 polynomial on
-//! `[−ln2/2, ln2/2]`, scaling by building the exponent bits); `ln` is Cephes' `logf`
-//! (mantissa in `[√½, √2)`, degree-9 polynomial). Measured against f64 over the ranges used
-//! (see the tests): relative error ≤ 2e-7 for `exp` on [−87, 88], for `softplus` and for
-//! `sigmoid`, with or without fused multiply-adds (worst seen: 8.2e-8, 1.7e-7, 1.9e-7).
+//! `[−ln2/2, ln2/2]`, scaling by building the exponent bits); softplus' `ln(1 + z)` is Cephes'
+//! `logf` polynomial (degree 9 on `[√½ − 1, √2 − 1)`), with the reduction done on `z` itself
+//! (no division, no exponent bits: see [`ln_1p_unit`]). Measured against f64 over the ranges
+//! used (see the tests): relative error ≤ 2e-7 for `exp` on [−87, 88], for `softplus` and for
+//! `sigmoid`, with or without fused multiply-adds (worst seen: 8.2e-8, 1.3e-7, 1.9e-7).
 //! Like libm, `exp` rounds to subnormals down to −104 and is 0 below, +∞ above 88.72.
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -58,18 +59,20 @@ pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     if input > 88.72 { f32::INFINITY } else { y }
 }
 
-/// Natural log for `x ∈ [1, 2^126)`, f32, branch-free (Cephes `logf`).
+/// `√2 − 1`: where `ln(1 + z)` switches from `t = z` to `t = (z − 1)/2` (Cephes' `logf` range).
+const SQRT2_M1: f32 = std::f32::consts::SQRT_2 - 1.0;
+
+/// `ln(1 + z)` for `z ∈ [0, 1]` (softplus' `z = e^{−|x|}`), branch-free and without a division:
+/// Cephes' `logf` polynomial on `t`, where `1 + z = 2^e (1 + t)` with `t ∈ [√½ − 1, √2 − 1)`.
+/// Below `√2 − 1`, `e = 0` and `t = z` exactly (so tiny `z` keeps its precision); above,
+/// `e = 1` and `t = (z − 1)/2`, exact for `z ≥ ½` (Sterbenz) and within `2^−26` below. NaN in,
+/// NaN out.
 #[inline(always)]
-fn ln_ge_one<const FMA: bool>(x: f32) -> f32 {
+fn ln_1p_unit<const FMA: bool>(z: f32) -> f32 {
     let madd = madd::<FMA>;
-    let bits = x.to_bits() as i32;
-    let mut e = ((bits >> 23) & 0xff) - 127;
-    let mut m = f32::from_bits(((bits & 0x007f_ffff) | 0x3f80_0000) as u32); // [1, 2)
-    let big = m > std::f32::consts::SQRT_2;
-    m = if big { m * 0.5 } else { m };
-    e += i32::from(big);
-    let e = e as f32;
-    let t = m - 1.0;
+    let big = z >= SQRT2_M1;
+    let t = if big { (z - 1.0) * 0.5 } else { z };
+    let e = if big { 1.0 } else { 0.0 };
     let mut p = 7.037_683_6e-2f32;
     p = madd(p, t, -1.151_461e-1);
     p = madd(p, t, 1.167_699_9e-1);
@@ -84,13 +87,6 @@ fn ln_ge_one<const FMA: bool>(x: f32) -> f32 {
     y = madd(e, LN2_LO, y);
     y = madd(t2, -0.5, y);
     madd(e, LN2_HI, t + y)
-}
-
-/// `ln(1 + z)` for `z ∈ [0, 1]`, accurate also for tiny `z` (the `(1+z) − 1` correction).
-#[inline(always)]
-fn ln_1p_unit<const FMA: bool>(z: f32) -> f32 {
-    let w = 1.0 + z;
-    ln_ge_one::<FMA>(w) + (z - (w - 1.0)) / w
 }
 
 /// `softplus(x) = ln(1 + e^x)`, computed as `max(x, 0) + ln(1 + e^{−|x|})`. Above 20 this is

@@ -328,7 +328,10 @@ where
             bias: t(bias, [s.channels], device),
         }
     }
-    fn run<B: SelectiveScanBackend>(x: &Leaves<B>) -> Tensor<B, 1> {
+    /// The op alone: `y`. (The backward is seeded from `y` itself, which Burn does with
+    /// `dy = 1`: the gradient of `sum(y)` without timing a sum and its backward, which cost
+    /// another two passes over `[B, D, L]`: the op's, not a loss's, time is measured.)
+    fn run<B: SelectiveScanBackend>(x: &Leaves<B>) -> Tensor<B, 3> {
         burn_vmamba::selective_scan(
             x.u.clone(),
             x.delta.clone(),
@@ -339,7 +342,6 @@ where
             Some(x.bias.clone()),
             true,
         )
-        .sum()
     }
     // Inputs are created outside the timed region; CPU backends compute eagerly, so no
     // read-back is needed (it would dominate the time).
