@@ -5,8 +5,9 @@ ours (median of repeats after a warm-up, `torch.set_num_threads` = the cores the
 - mamba.py's pure-PyTorch parallel scan (PyPI `mambapy`, `mambapy.pscan.pscan`, inside the
   lines of its `MambaBlock.selective_scan`: `exp(Δ·A)`, `Δ·B·u`, pscan, `· C`, `+ D·u`) on the
   bench's CPU scan shapes C1 and C2 (`(Bt, D, L, N, G)`; `B`/`C` shared by the `D/G` channels of
-  a group), softplus on `delta + delta_bias` first as in our bench; forward, and forward +
-  backward of `sum(y)` with every input tracked;
+  a group), softplus on `delta + delta_bias` first as in our bench; forward (`y`), and
+  forward + backward from `y` with `dy = 1` (the gradient of `sum(y)`, without timing a sum)
+  with every input tracked;
 - upstream VMamba's own PyTorch model (`classification/models/vmamba.py` of a MzeroMiko/VMamba
   checkout, `vmamba_tiny_s1l8`, upstream's initialisation) at 224²: inference (eval,
   `no_grad`) at batch 1 and 8, and one training step (train mode, cross-entropy, backward,
@@ -65,8 +66,7 @@ def mambapy_scan(repeats):
             delta_a = torch.exp(delta.unsqueeze(-1) * a)
             bx = delta.unsqueeze(-1) * b * x["u"].unsqueeze(-1)
             hs = pscan(delta_a, bx)
-            y = (hs * c).sum(-1) + x["dd"] * x["u"]
-            return y.sum()
+            return (hs * c).sum(-1) + x["dd"] * x["u"]
 
         with torch.no_grad():
             forward = median_ms(lambda: run(leaves), repeats)
@@ -75,7 +75,8 @@ def mambapy_scan(repeats):
         def both():
             for v in tracked.values():
                 v.grad = None
-            run(tracked).backward()
+            y = run(tracked)
+            y.backward(torch.ones_like(y))
 
         out[name] = dict(forward_ms=forward, forward_backward_ms=median_ms(both, repeats))
         print(f"mamba.py pscan {name}: forward {forward:.2f} ms, forward+backward "

@@ -345,7 +345,10 @@ fn run_on<B: SelectiveScanBackend>(
             VssmConfig::preset(preset).map_err(|e| format!("--preset: {e}"))?,
             preset.clone(),
         ),
-        (None, None) => (VssmConfig::preset("tiny-s1")?, "tiny-s1".to_string()),
+        (None, None) => (
+            VssmConfig::preset("tiny-s1").map_err(|e| e.to_string())?,
+            "tiny-s1".to_string(),
+        ),
     };
     config
         .validate()

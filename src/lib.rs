@@ -8,15 +8,17 @@
 //!   the native CPU scan, the f64 sequential reference, validation and host helpers.
 //! - [`burn_vmamba`]: the Burn layer: `selective_scan` on any backend with autodiff, and the
 //!   VMamba model (`burn_vmamba::model`: SS2D, VSS block, VSSM, configs, presets, checkpoints).
-//! - [`classify`]: the logic of the `classify` example (the README's main job).
+//! - [`classify`] (feature `classify`, on by default): the logic of the `classify` example (the
+//!   README's main job).
 //! - [`runtime`]: CubeCL's persistent kernel cache in a per-user directory, set up by the
 //!   command-line tools before a GPU runtime starts.
-//! - [`train`]: the logic of the `train` example: burn-train's `Learner` with upstream's
+//! - [`train`] (feature `train`, on by default): the logic of the `train` example: burn-train's `Learner` with upstream's
 //!   recipe, ImageFolder data or a synthetic long-range task, one or several devices.
 //!
 //! See the repository README for the backend matrix and the `cargo xtask` commands.
 #![warn(missing_docs)]
 
+#[cfg(feature = "classify")]
 pub mod classify;
 pub mod runtime;
 #[cfg(feature = "train")]

@@ -135,7 +135,7 @@ fn config_files_may_be_upstream_keywords_or_a_burn_config() {
     std::fs::remove_file(&path).ok();
     assert_eq!(read.to_string(), preset.to_string());
     assert!(
-        err.contains("forward_type \"v9\"") && err.contains("nor a burn-vmamba VssmConfig"),
+        err.contains("forward_type: \"v9\"") && err.contains("nor a burn-vmamba VssmConfig"),
         "{err}"
     );
 }

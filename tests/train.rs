@@ -429,6 +429,7 @@ fn resumed_run_continues_at_the_same_step_and_learning_rate() {
     );
 }
 
+#[cfg(feature = "classify")]
 #[rstest]
 #[case::one_device("1")]
 #[case::two_device_handles("2")]

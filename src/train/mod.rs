@@ -482,7 +482,9 @@ impl Args {
         if let Some(root) = &self.data {
             let size = self.image_size.unwrap_or(224);
             let (classes, _, _) = data::image_folders(root)?;
-            let model = VssmConfig::preset("tiny-s1")?.with_num_classes(classes.len());
+            let model = VssmConfig::preset("tiny-s1")
+                .map_err(|e| e.to_string())?
+                .with_num_classes(classes.len());
             config = TrainConfig::new(
                 model,
                 Task::ImageFolder {

@@ -14,8 +14,8 @@ use burn_cubecl::CubeBackend;
 use burn_fusion::Fusion;
 use burn_vmamba::SelectiveScanBackend;
 use burn_vmamba::model::{
-    DtRank, ForwardType, Layout, Ss2dConfig, StateDict, StateTensor, VssmConfig, cross_merge,
-    cross_scan, drop_path, load_state_dict, state_dict,
+    ConfigError, DtRank, ForwardType, Layout, Ss2dConfig, StateDict, StateTensor, VssmConfig,
+    cross_merge, cross_scan, drop_path, load_state_dict, state_dict,
 };
 use rstest::rstest;
 
@@ -166,9 +166,17 @@ fn preset_names_of_upstream_are_accepted_and_unknown_ones_listed() {
     let by_ckpt = VssmConfig::preset("vssm1_tiny_0230s").unwrap();
     assert_eq!(by_factory.depths, by_ckpt.depths);
     let err = VssmConfig::preset("tiny").unwrap_err();
+    match &err {
+        ConfigError::UnknownPreset { name, known } => {
+            assert_eq!(name, "tiny");
+            assert!(known.contains(&"tiny-s1") && known.contains(&"vanilla-base"));
+        }
+        other => panic!("expected UnknownPreset, got {other:?}"),
+    }
+    let message = err.to_string();
     assert!(
-        err.contains("\"tiny\"") && err.contains("tiny-s1") && err.contains("vanilla-base"),
-        "{err}"
+        message.contains("\"tiny\"") && message.contains("tiny-s1"),
+        "{message}"
     );
 }
 
@@ -195,8 +203,27 @@ fn upstream_keywords_with_unsupported_values_name_key_value_and_choices() {
         "dims": [8, 16], "depths": [1, 1, 1]
     });
     let err = VssmConfig::from_upstream(&kwargs).unwrap_err();
+    let fields: Vec<String> = err
+        .clone()
+        .problems()
+        .into_iter()
+        .map(|p| p.field)
+        .collect();
+    for field in [
+        "typo_key",
+        "dims",
+        "norm_layer",
+        "downsample_version",
+        "forward_type",
+    ] {
+        assert!(
+            fields.iter().any(|f| f == field),
+            "no problem names {field}: {fields:?}"
+        );
+    }
+    let err = err.to_string();
     for needle in [
-        "forward_type \"v052d\"",
+        "forward_type: \"v052d\"",
         "v05",
         "_noz",
         "norm_layer",

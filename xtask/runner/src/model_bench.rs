@@ -63,7 +63,7 @@ where
     B: AutodiffBackend + SelectiveScanBackend,
     B::InnerBackend: SelectiveScanBackend,
 {
-    let config = VssmConfig::preset(&plan.preset)?;
+    let config = VssmConfig::preset(&plan.preset).map_err(|e| format!("--preset: {e}"))?;
     let classes = config.num_classes;
     let size = plan.image_size;
     let model = config.init::<B>(device);

@@ -1,15 +1,41 @@
 //! The VSS block: `x + drop_path(SS2D(norm(x)))`, then
 //! `x + drop_path(MLP(norm2(x)))`; either branch can be off.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Distribution, Tensor, TensorPrimitive, activation, backend::Backend};
 
-use super::config::{Layout, VssBlockConfig};
+use super::config::Layout;
 use super::init;
 use super::profile;
-use super::ss2d::Ss2d;
+use super::ss2d::{Ss2d, Ss2dConfig};
 use crate::ops::SelectiveScanBackend;
+
+/// One VSS block: `x + drop_path(SS2D(norm(x)))`, then `x + drop_path(MLP(norm2(x)))`.
+#[derive(Config, Debug)]
+pub struct VssBlockConfig {
+    /// Channels.
+    pub hidden_dim: usize,
+    /// The SS2D branch; `None` when upstream's `ssm_ratio <= 0`.
+    pub ss2d: Option<Ss2dConfig>,
+    /// MLP hidden width is `int(hidden_dim · mlp_ratio)`; `<= 0` removes the branch.
+    #[config(default = 4.0)]
+    pub mlp_ratio: f64,
+    /// Stochastic depth rate of both branches (per-sample, training only).
+    #[config(default = 0.0)]
+    pub drop_path: f64,
+    /// Layout of `forward`'s input and output.
+    #[config(default = "Layout::ChannelLast")]
+    pub layout: Layout,
+}
+
+impl VssBlockConfig {
+    /// MLP hidden width, or `None` when the branch is off.
+    pub fn mlp_hidden(&self) -> Option<usize> {
+        (self.mlp_ratio > 0.0).then_some((self.hidden_dim as f64 * self.mlp_ratio) as usize)
+    }
+}
 
 /// `fc1 → GELU (exact, erf) → fc2`, with biases (upstream `Mlp`; dropout 0).
 #[derive(Module, Debug)]

@@ -22,7 +22,7 @@
 // A load error lists every bad key and is returned once per file: its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -30,23 +30,8 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, RecorderError};
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
+use super::state_dict::{StateDict, StateTensor};
 use super::vssm::Vssm;
-
-/// One tensor of a state dict, f32, row-major, in upstream's layout.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StateTensor {
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Values, row-major.
-    pub values: Vec<f32>,
-}
-
-/// Upstream-named tensors (`layers.0.blocks.0.op.A_logs` → tensor).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StateDict {
-    /// The tensors by key.
-    pub tensors: BTreeMap<String, StateTensor>,
-}
 
 /// A checkpoint that could not be read or does not fit the model.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -66,7 +51,7 @@ pub struct LoadError {
 }
 
 impl LoadError {
-    fn read(path: &Path, message: impl fmt::Display) -> Self {
+    pub(super) fn read(path: &Path, message: impl fmt::Display) -> Self {
         Self {
             path: Some(path.to_path_buf()),
             read: Some(message.to_string()),
@@ -121,101 +106,6 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-impl StateDict {
-    /// Reads `.safetensors`, or a PyTorch file (`.pth`, `.pt`, `.bin`, `.ckpt`): a release
-    /// checkpoint's `model` entry when it has one, else the whole file as a state dict.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let path = path.as_ref();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_lowercase();
-        match ext.as_str() {
-            "safetensors" => Self::read_safetensors(path),
-            "pth" | "pt" | "bin" | "ckpt" => Self::read_pytorch(path),
-            _ => Err(LoadError::read(
-                path,
-                format!(
-                    "unknown extension {ext:?}: expected .safetensors, .pth, .pt, .bin or .ckpt"
-                ),
-            )),
-        }
-    }
-
-    fn read_safetensors(path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|e| LoadError::read(path, e))?;
-        let file =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoadError::read(path, e))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in file.tensors() {
-            let values = decode(view.dtype(), view.data())
-                .map_err(|e| LoadError::read(path, format!("tensor {name}: {e}")))?;
-            tensors.insert(
-                name,
-                StateTensor {
-                    shape: view.shape().to_vec(),
-                    values,
-                },
-            );
-        }
-        Ok(Self { tensors })
-    }
-
-    fn read_pytorch(path: &Path) -> Result<Self, LoadError> {
-        let tensors = super::pth::read(path).map_err(|e| LoadError::read(path, e))?;
-        Ok(Self {
-            tensors: tensors
-                .into_iter()
-                .map(|(name, shape, values)| (name, StateTensor { shape, values }))
-                .collect(),
-        })
-    }
-
-    /// Writes the tensors as f32 `.safetensors`.
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                let bytes: &[u8] = bytemuck::cast_slice(&t.values);
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    t.shape.clone(),
-                    bytes,
-                )
-                .map_err(std::io::Error::other)?;
-                Ok((k.clone(), view))
-            })
-            .collect::<std::io::Result<_>>()?;
-        safetensors::serialize_to_file(views, None, path.as_ref()).map_err(std::io::Error::other)
-    }
-}
-
-fn decode(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
-    use safetensors::Dtype;
-    let chunks = |n: usize| bytes.chunks_exact(n);
-    Ok(match dtype {
-        Dtype::F32 => chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => chunks(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
-            .collect(),
-        Dtype::F16 => chunks(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => chunks(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(format!(
-                "dtype {other:?} is not a float type (expected F32, F64, F16 or BF16)"
-            ));
-        }
-    })
-}
-
 /// The upstream name of a Burn field, given the struct that owns it.
 pub fn upstream_name<'a>(container: &str, field: &'a str) -> &'a str {
     match (container, field) {
@@ -229,7 +119,8 @@ pub fn upstream_name<'a>(container: &str, field: &'a str) -> &'a str {
         ("Struct:PatchEmbed", "norm2") => "7",
         ("Struct:ConvDownsample", "conv") => "1",
         ("Struct:ConvDownsample", "norm") => "3",
-        ("Struct:Stage", "downsample_conv") => "downsample",
+        // An enum module's variant is a level of Burn's path, not of upstream's key.
+        (container, _) if container.starts_with("Enum:") => "",
         _ => field,
     }
 }
@@ -254,7 +145,13 @@ impl PathTracker {
     }
 
     fn key(&self) -> String {
-        self.names.join(".")
+        let names: Vec<&str> = self
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !n.is_empty())
+            .collect();
+        names.join(".")
     }
 
     fn is_linear_weight(&self) -> bool {

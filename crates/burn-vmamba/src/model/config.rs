@@ -1,12 +1,91 @@
-//! Typed configuration of SS2D, the VSS block and the VSSM backbone (Burn `Config` types, JSON
-//! serialisable), the variants as enums, and the presets of the released models.
+//! The model's variants as enums (shared by the configs of SS2D, the VSS block and the VSSM
+//! backbone, which live beside their modules: [`Ss2dConfig`](super::Ss2dConfig) in `ss2d.rs`,
+//! [`VssBlockConfig`](super::VssBlockConfig) in `block.rs`, [`VssmConfig`] in `vssm.rs`) and
+//! the presets of the released models.
 //!
 //! Upstream's string options (`forward_type = "v05_noz"`, `norm_layer = "ln2d"`, …) are parsed
 //! once, at the edge, by [`crate::model::upstream`].
 
-use burn::config::Config;
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
+
+use super::vssm::VssmConfig;
+
+/// Why a config could not be made, or why it cannot build a model. `Display` gives the message:
+/// one line per problem, each naming the field (or upstream keyword), what was expected and
+/// what was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// [`VssmConfig::preset`]: no preset has this name.
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+        /// The canonical names of the presets.
+        known: Vec<&'static str>,
+    },
+    /// [`VssmConfig::validate`], [`VssmConfig::from_upstream`] and
+    /// [`ForwardType::parse`](super::ForwardType::parse): every problem found, at once.
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl ConfigError {
+    /// The problems of an [`ConfigError::Invalid`] (empty for an unknown preset).
+    pub fn problems(self) -> Vec<ConfigProblem> {
+        match self {
+            Self::Invalid(problems) => problems,
+            Self::UnknownPreset { .. } => Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownPreset { name, known } => write!(
+                f,
+                "unknown preset {name:?}; expected one of {}",
+                known.join(", ")
+            ),
+            Self::Invalid(problems) => {
+                for (i, problem) in problems.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(f)?;
+                    }
+                    write!(f, "{problem}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One problem of a config: the field (or upstream keyword) and what is wrong with it
+/// (`"expected …, found …"`). Displayed as `field: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The field of the config or the upstream keyword, e.g. `dims`, `forward_type`.
+    pub field: String,
+    /// What was expected and what was found.
+    pub message: String,
+}
+
+impl ConfigProblem {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
 
 /// `dt_rank`: upstream's `"auto"` is `ceil(d_model / 16)` (from `d_model`, not `d_inner`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,207 +190,18 @@ pub enum DownsampleVersion {
     None,
 }
 
-/// SS2D: the 2-D selective-scan token mixer.
-#[derive(Config, Debug)]
-pub struct Ss2dConfig {
-    /// Channels in and out (`d_model`).
-    pub d_model: usize,
-    /// State size N per channel.
-    #[config(default = 16)]
-    pub d_state: usize,
-    /// `d_inner = int(ssm_ratio · d_model)`.
-    #[config(default = 2.0)]
-    pub ssm_ratio: f64,
-    /// Rank of the Δ projection.
-    #[config(default = "DtRank::Auto")]
-    pub dt_rank: DtRank,
-    /// Depthwise conv kernel size; below 2 means no conv (SiLU still applies).
-    #[config(default = 3)]
-    pub d_conv: usize,
-    /// Whether the depthwise conv has a bias.
-    #[config(default = true)]
-    pub conv_bias: bool,
-    /// Gate branch.
-    #[config(default = "Gate::Silu")]
-    pub gate: Gate,
-    /// Norm on the merged output.
-    #[config(default = "OutNorm::LayerNorm")]
-    pub out_norm: OutNorm,
-    /// Exact GELU after the out norm (`_oact`).
-    #[config(default = false)]
-    pub out_act: bool,
-    /// Layout of `forward`'s input and output.
-    #[config(default = "Layout::ChannelLast")]
-    pub layout: Layout,
-    /// Initialisation of the scan parameters.
-    #[config(default = "SsmInit::V0")]
-    pub init: SsmInit,
-}
-
-impl Ss2dConfig {
-    /// Inner width `int(ssm_ratio · d_model)` (Python's truncation).
-    pub fn d_inner(&self) -> usize {
-        (self.ssm_ratio * self.d_model as f64) as usize
-    }
-
-    /// Rank R of the Δ projection.
-    pub fn dt_rank(&self) -> usize {
-        self.dt_rank.resolve(self.d_model)
-    }
-
-    /// Rows of one direction's `x_proj`: `R + 2N`.
-    pub fn x_proj_rows(&self) -> usize {
-        self.dt_rank() + 2 * self.d_state
-    }
-}
-
-/// One VSS block: `x + drop_path(SS2D(norm(x)))`, then `x + drop_path(MLP(norm2(x)))`.
-#[derive(Config, Debug)]
-pub struct VssBlockConfig {
-    /// Channels.
-    pub hidden_dim: usize,
-    /// The SS2D branch; `None` when upstream's `ssm_ratio <= 0`.
-    pub ss2d: Option<Ss2dConfig>,
-    /// MLP hidden width is `int(hidden_dim · mlp_ratio)`; `<= 0` removes the branch.
-    #[config(default = 4.0)]
-    pub mlp_ratio: f64,
-    /// Stochastic depth rate of both branches (per-sample, training only).
-    #[config(default = 0.0)]
-    pub drop_path: f64,
-    /// Layout of `forward`'s input and output.
-    #[config(default = "Layout::ChannelLast")]
-    pub layout: Layout,
-}
-
-impl VssBlockConfig {
-    /// MLP hidden width, or `None` when the branch is off.
-    pub fn mlp_hidden(&self) -> Option<usize> {
-        (self.mlp_ratio > 0.0).then_some((self.hidden_dim as f64 * self.mlp_ratio) as usize)
-    }
-}
-
-/// The VSSM classification backbone. Field names and defaults are upstream's `VSSM(...)`
-/// keywords; the string options are typed.
-#[derive(Config, Debug)]
-pub struct VssmConfig {
-    /// Blocks per stage.
-    #[config(default = "vec![2, 2, 9, 2]")]
-    pub depths: Vec<usize>,
-    /// Channels per stage.
-    #[config(default = "vec![96, 192, 384, 768]")]
-    pub dims: Vec<usize>,
-    /// Patch size of the stem (total stride).
-    #[config(default = 4)]
-    pub patch_size: usize,
-    /// Input channels.
-    #[config(default = 3)]
-    pub in_chans: usize,
-    /// Classifier outputs.
-    #[config(default = 1000)]
-    pub num_classes: usize,
-    /// SS2D state size N.
-    #[config(default = 16)]
-    pub ssm_d_state: usize,
-    /// SS2D expansion; `<= 0` removes the SS2D branch.
-    #[config(default = 2.0)]
-    pub ssm_ratio: f64,
-    /// Rank of the Δ projection.
-    #[config(default = "DtRank::Auto")]
-    pub ssm_dt_rank: DtRank,
-    /// Depthwise conv kernel size.
-    #[config(default = 3)]
-    pub ssm_conv: usize,
-    /// Whether the depthwise conv has a bias.
-    #[config(default = true)]
-    pub ssm_conv_bias: bool,
-    /// Scan parameter initialisation.
-    #[config(default = "SsmInit::V0")]
-    pub ssm_init: SsmInit,
-    /// SS2D gate (from `forward_type`).
-    #[config(default = "Gate::Silu")]
-    pub gate: Gate,
-    /// SS2D out norm (from `forward_type`).
-    #[config(default = "OutNorm::LayerNorm")]
-    pub out_norm: OutNorm,
-    /// GELU after the out norm (`_oact`).
-    #[config(default = false)]
-    pub out_act: bool,
-    /// MLP expansion; `<= 0` removes the MLP branch.
-    #[config(default = 4.0)]
-    pub mlp_ratio: f64,
-    /// Largest stochastic depth rate (rates rise linearly from 0 over all blocks).
-    #[config(default = 0.1)]
-    pub drop_path_rate: f64,
-    /// Layout of the blocks' tensors (`norm_layer`: `ln` or `ln2d`); both compute the same
-    /// function, [`crate::model::Vssm`] itself runs channel-last.
-    #[config(default = "Layout::ChannelLast")]
-    pub norm_layer: Layout,
-    /// Downsampling between stages.
-    #[config(default = "DownsampleVersion::V2")]
-    pub downsample_version: DownsampleVersion,
-    /// Stem.
-    #[config(default = "PatchEmbedVersion::V1")]
-    pub patchembed_version: PatchEmbedVersion,
-}
-
 impl VssmConfig {
-    /// The SS2D config of a stage, or `None` when the SS2D branch is off.
-    pub fn ss2d(&self, stage: usize) -> Option<Ss2dConfig> {
-        (self.ssm_ratio > 0.0).then(|| {
-            Ss2dConfig::new(self.dims[stage])
-                .with_d_state(self.ssm_d_state)
-                .with_ssm_ratio(self.ssm_ratio)
-                .with_dt_rank(self.ssm_dt_rank)
-                .with_d_conv(self.ssm_conv)
-                .with_conv_bias(self.ssm_conv_bias)
-                .with_gate(self.gate)
-                .with_out_norm(self.out_norm)
-                .with_out_act(self.out_act)
-                .with_init(self.ssm_init)
-                .with_layout(Layout::ChannelLast)
-        })
-    }
-
-    /// Stochastic depth rate of every block, `linspace(0, drop_path_rate, sum(depths))`.
-    pub fn drop_path_rates(&self) -> Vec<f64> {
-        let total: usize = self.depths.iter().sum();
-        (0..total)
-            .map(|i| match total {
-                1 => 0.0,
-                _ => self.drop_path_rate * i as f64 / (total - 1) as f64,
-            })
-            .collect()
-    }
-
-    /// The block configs of a stage, in order.
-    pub fn blocks(&self, stage: usize) -> Vec<VssBlockConfig> {
-        let rates = self.drop_path_rates();
-        let first: usize = self.depths[..stage].iter().sum();
-        (0..self.depths[stage])
-            .map(|j| {
-                VssBlockConfig::new(self.dims[stage])
-                    .with_ss2d(self.ss2d(stage))
-                    .with_mlp_ratio(self.mlp_ratio)
-                    .with_drop_path(rates[first + j])
-                    .with_layout(Layout::ChannelLast)
-            })
-            .collect()
-    }
-
     /// A released model by name: `vanilla-{tiny,small,base}`, `{tiny,small,base}-s2`
     /// (T s2l5, S/B s2l15), `{tiny,small,base}-s1` (T s1l8, S/B s1l20). Upstream's factory
     /// names (`vmamba_tiny_s1l8`, …) and checkpoint stems (`vssm1_tiny_0230s`, …) are
     /// accepted too. The error lists the known names.
-    pub fn preset(name: &str) -> Result<Self, String> {
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
         let preset = PRESETS
             .iter()
             .find(|p| p.names.contains(&name))
-            .ok_or_else(|| {
-                let known: Vec<_> = PRESETS.iter().map(|p| p.names[0]).collect();
-                format!(
-                    "unknown preset {name:?}; expected one of {}",
-                    known.join(", ")
-                )
+            .ok_or_else(|| ConfigError::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS.iter().map(|p| p.names[0]).collect(),
             })?;
         Ok(preset.config())
     }

@@ -12,7 +12,8 @@ use burn::module::Param;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
 
-use super::config::{Ss2dConfig, SsmInit};
+use super::config::SsmInit;
+use super::ss2d::Ss2dConfig;
 
 /// Directions of the cross-scan, K.
 pub const K: usize = 4;

@@ -3,15 +3,16 @@
 //!
 //! | file | contents |
 //! |---|---|
-//! | [`config`] | typed configs (`Ss2dConfig`, `VssBlockConfig`, `VssmConfig`), variant enums, presets |
+//! | [`config`] | the variant enums and the presets of the released models |
 //! | [`upstream`] | upstream's `VSSM(...)` keywords and `forward_type` strings → configs |
 //! | [`conv`] | the convolutions as tensor ops, for backends whose `conv2d` is slow (NdArray) |
 //! | [`cross_scan`](mod@cross_scan) | the four scan directions and their adjoint |
-//! | [`ss2d`] | SS2D: one `selective_scan` call with G = 4 groups |
-//! | [`block`] | `VssBlock`, `Mlp`, `drop_path` |
-//! | [`vssm`] | stem, downsamples, stages, classifier, `Vssm` |
+//! | [`ss2d`] | `Ss2dConfig` and SS2D: one `selective_scan` call with G = 4 groups |
+//! | [`block`] | `VssBlockConfig`, `VssBlock`, `Mlp`, `drop_path` |
+//! | [`vssm`] | `VssmConfig` (with `validate`), stem, downsamples, stages, classifier, `Vssm` |
 //! | [`init`] | upstream's initialisers |
-//! | [`checkpoint`] | `.pth` / `.safetensors` import with upstream names, strict errors, export |
+//! | [`checkpoint`] | upstream key names ↔ Burn parameters: strict loading (every problem listed), export |
+//! | [`state_dict`](mod@state_dict) | the file formats: `StateDict` from `.safetensors` / `.pth`, to `.safetensors`; one float decoder |
 //! | `pth` (private) | a lenient reader of `torch.save` zip files (tensors only; no code runs) |
 //!
 //! ```
@@ -35,19 +36,26 @@ pub mod init;
 pub mod profile;
 mod pth;
 pub mod ss2d;
+pub mod state_dict;
 pub mod upstream;
 pub mod vssm;
 
+pub use block::VssBlockConfig;
 pub use block::{Mlp, VssBlock, drop_path};
 pub use checkpoint::{
-    LoadError, ParameterKey, StateDict, StateTensor, expected_keys, load_record, load_state_dict,
-    parameter_keys, save_record, state_dict,
+    LoadError, ParameterKey, expected_keys, load_record, load_state_dict, parameter_keys,
+    save_record, state_dict,
 };
 pub use config::{
-    DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, Ss2dConfig, SsmInit,
-    VssBlockConfig, VssmConfig,
+    ConfigError, ConfigProblem, DownsampleVersion, DtRank, Gate, Layout, OutNorm,
+    PatchEmbedVersion, SsmInit,
 };
 pub use cross_scan::{cross_merge, cross_scan};
 pub use ss2d::Ss2d;
+pub use ss2d::Ss2dConfig;
+pub use state_dict::{FloatDtype, StateDict, StateTensor};
 pub use upstream::ForwardType;
-pub use vssm::{Classifier, ConvDownsample, InputError, PatchEmbed, PatchMerging, Stage, Vssm};
+pub use vssm::VssmConfig;
+pub use vssm::{
+    Classifier, ConvDownsample, Downsample, InputError, PatchEmbed, PatchMerging, Stage, Vssm,
+};

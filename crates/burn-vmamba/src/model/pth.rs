@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
+use super::state_dict::FloatDtype;
+
 /// A tensor found in the pickle, before its storage is read.
 #[derive(Debug, Clone, PartialEq)]
 struct TensorRef {
@@ -98,15 +100,8 @@ pub fn read(path: &Path) -> Result<Vec<NamedTensor>, String> {
 }
 
 fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
-    let (width, decode): (usize, fn(&[u8]) -> f32) = match t.dtype.as_str() {
-        "FloatStorage" => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        "DoubleStorage" => (8, |b| {
-            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-        }),
-        "HalfStorage" => (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        "BFloat16Storage" => (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        other => return Err(format!("storage type {other} is not a float type")),
-    };
+    let dtype = FloatDtype::of_torch_storage(&t.dtype)?;
+    let width = dtype.width();
     let numel: usize = t.size.iter().product();
     let mut values = Vec::with_capacity(numel);
     let mut index = vec![0usize; t.size.len()];
@@ -121,7 +116,7 @@ fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
         let chunk = bytes
             .get(at..at + width)
             .ok_or("storage too short for the tensor's size and strides")?;
-        values.push(decode(chunk));
+        values.push(dtype.decode(chunk));
         for axis in (0..index.len()).rev() {
             index[axis] += 1;
             if index[axis] < t.size[axis] {
@@ -131,6 +126,124 @@ fn gather(bytes: &[u8], t: &TensorRef) -> Result<Vec<f32>, String> {
         }
     }
     Ok(values)
+}
+
+/// The pickle opcodes this reader evaluates (protocols 0–5 as `torch.save` writes them), by
+/// their names in CPython's `pickletools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Proto,
+    Frame,
+    Stop,
+    Mark,
+    EmptyDict,
+    EmptyList,
+    EmptyTuple,
+    /// `EMPTY_SET`, read as a list.
+    EmptySet,
+    Tuple,
+    Tuple1,
+    Tuple2,
+    Tuple3,
+    None,
+    NewTrue,
+    NewFalse,
+    BinInt,
+    BinInt1,
+    BinInt2,
+    Long1,
+    Long4,
+    BinFloat,
+    BinUnicode,
+    ShortBinUnicode,
+    BinUnicode8,
+    BinString,
+    ShortBinString,
+    BinBytes,
+    ShortBinBytes,
+    BinBytes8,
+    Global,
+    StackGlobal,
+    Reduce,
+    NewObj,
+    NewObjEx,
+    Build,
+    BinPut,
+    LongBinPut,
+    Memoize,
+    BinGet,
+    LongBinGet,
+    Append,
+    Appends,
+    /// `ADDITEMS` (to a set), read as appends.
+    AddItems,
+    /// `FROZENSET`, read as a list.
+    FrozenSet,
+    SetItem,
+    SetItems,
+    BinPersId,
+    Pop,
+    PopMark,
+    Dup,
+}
+
+impl Op {
+    /// The opcode of a byte, or `None` for one this reader does not evaluate.
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0x80 => Self::Proto,
+            0x95 => Self::Frame,
+            b'.' => Self::Stop,
+            b'(' => Self::Mark,
+            b'}' => Self::EmptyDict,
+            b']' => Self::EmptyList,
+            b')' => Self::EmptyTuple,
+            0x8f => Self::EmptySet,
+            b't' => Self::Tuple,
+            0x85 => Self::Tuple1,
+            0x86 => Self::Tuple2,
+            0x87 => Self::Tuple3,
+            b'N' => Self::None,
+            0x88 => Self::NewTrue,
+            0x89 => Self::NewFalse,
+            b'J' => Self::BinInt,
+            b'K' => Self::BinInt1,
+            b'M' => Self::BinInt2,
+            0x8a => Self::Long1,
+            0x8b => Self::Long4,
+            b'G' => Self::BinFloat,
+            b'X' => Self::BinUnicode,
+            0x8c => Self::ShortBinUnicode,
+            0x8d => Self::BinUnicode8,
+            b'T' => Self::BinString,
+            b'U' => Self::ShortBinString,
+            b'B' => Self::BinBytes,
+            b'C' => Self::ShortBinBytes,
+            0x8e => Self::BinBytes8,
+            b'c' => Self::Global,
+            0x93 => Self::StackGlobal,
+            b'R' => Self::Reduce,
+            0x81 => Self::NewObj,
+            0x92 => Self::NewObjEx,
+            b'b' => Self::Build,
+            b'q' => Self::BinPut,
+            b'r' => Self::LongBinPut,
+            0x94 => Self::Memoize,
+            b'h' => Self::BinGet,
+            b'j' => Self::LongBinGet,
+            b'a' => Self::Append,
+            b'e' => Self::Appends,
+            0x90 => Self::AddItems,
+            0x91 => Self::FrozenSet,
+            b's' => Self::SetItem,
+            b'u' => Self::SetItems,
+            b'Q' => Self::BinPersId,
+            b'0' => Self::Pop,
+            b'1' => Self::PopMark,
+            b'2' => Self::Dup,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -179,26 +292,32 @@ impl Machine {
     fn run(mut self, data: &[u8]) -> Result<Value, String> {
         let mut r = Reader { data, at: 0 };
         loop {
-            let op = r.u8()?;
+            let byte = r.u8()?;
+            let op = Op::from_byte(byte).ok_or_else(|| {
+                format!(
+                    "unsupported pickle opcode 0x{byte:02x} at byte {}",
+                    r.at - 1
+                )
+            })?;
             match op {
-                0x80 => {
-                    r.u8()?; // PROTO
+                Op::Proto => {
+                    r.u8()?;
                 }
-                0x95 => {
-                    r.take(8)?; // FRAME
+                Op::Frame => {
+                    r.take(8)?;
                 }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Value::Mark),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET
-                b't' => {
+                Op::Stop => return self.pop(),
+                Op::Mark => self.stack.push(Value::Mark),
+                Op::EmptyDict => self.stack.push(Value::Dict(Vec::new())),
+                Op::EmptyList => self.stack.push(Value::List(Vec::new())),
+                Op::EmptyTuple => self.stack.push(Value::Tuple(Vec::new())),
+                Op::EmptySet => self.stack.push(Value::List(Vec::new())),
+                Op::Tuple => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(items));
                 }
-                0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
+                Op::Tuple1 | Op::Tuple2 | Op::Tuple3 => {
+                    let n = usize::from(byte - 0x84);
                     let at = self
                         .stack
                         .len()
@@ -207,18 +326,18 @@ impl Machine {
                     let items = self.stack.split_off(at);
                     self.stack.push(Value::Tuple(items));
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => self
+                Op::None => self.stack.push(Value::None),
+                Op::NewTrue => self.stack.push(Value::Bool(true)),
+                Op::NewFalse => self.stack.push(Value::Bool(false)),
+                Op::BinInt => self
                     .stack
                     .push(Value::Int(i64::from(i32::from_le_bytes(r.array()?)))),
-                b'K' => self.stack.push(Value::Int(i64::from(r.u8()?))),
-                b'M' => self
+                Op::BinInt1 => self.stack.push(Value::Int(i64::from(r.u8()?))),
+                Op::BinInt2 => self
                     .stack
                     .push(Value::Int(i64::from(u16::from_le_bytes(r.array()?)))),
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
+                Op::Long1 | Op::Long4 => {
+                    let n = if op == Op::Long1 {
                         usize::from(r.u8()?)
                     } else {
                         u32::from_le_bytes(r.array()?) as usize
@@ -233,29 +352,42 @@ impl Machine {
                     }
                     self.stack.push(Value::Int(v));
                 }
-                b'G' => self
+                Op::BinFloat => self
                     .stack
                     .push(Value::Float(f64::from_be_bytes(r.array()?))),
-                b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' | 0x8e => {
+                Op::BinUnicode
+                | Op::ShortBinUnicode
+                | Op::BinUnicode8
+                | Op::BinString
+                | Op::ShortBinString
+                | Op::BinBytes
+                | Op::ShortBinBytes
+                | Op::BinBytes8 => {
                     let n = match op {
-                        0x8c | b'U' | b'C' => usize::from(r.u8()?),
-                        0x8d | 0x8e => u64::from_le_bytes(r.array()?) as usize,
+                        Op::ShortBinUnicode | Op::ShortBinString | Op::ShortBinBytes => {
+                            usize::from(r.u8()?)
+                        }
+                        Op::BinUnicode8 | Op::BinBytes8 => u64::from_le_bytes(r.array()?) as usize,
                         _ => u32::from_le_bytes(r.array()?) as usize,
                     };
                     let bytes = r.take(n)?.to_vec();
                     self.stack.push(match op {
-                        b'X' | 0x8c | 0x8d | b'T' | b'U' => {
+                        Op::BinUnicode
+                        | Op::ShortBinUnicode
+                        | Op::BinUnicode8
+                        | Op::BinString
+                        | Op::ShortBinString => {
                             Value::Str(String::from_utf8_lossy(&bytes).into_owned())
                         }
                         _ => Value::Bytes(bytes),
                     });
                 }
-                b'c' => {
+                Op::Global => {
                     let module = r.line()?;
                     let name = r.line()?;
                     self.stack.push(Value::Global(module, name));
                 }
-                0x93 => {
+                Op::StackGlobal => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
@@ -263,15 +395,15 @@ impl Machine {
                         _ => return Err("STACK_GLOBAL needs two strings".into()),
                     }
                 }
-                b'R' => {
+                Op::Reduce => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
                     let value = reduce(callable, args)?;
                     self.stack.push(value);
                 }
-                0x81 | 0x92 => {
-                    if op == 0x92 {
-                        self.pop()?; // kwargs of NEWOBJ_EX
+                Op::NewObj | Op::NewObjEx => {
+                    if op == Op::NewObjEx {
+                        self.pop()?; // kwargs
                     }
                     let _args = self.pop()?;
                     let class = self.pop()?;
@@ -280,26 +412,26 @@ impl Machine {
                         items: Vec::new(),
                     });
                 }
-                b'b' => {
+                Op::Build => {
                     let _state = self.pop()?; // BUILD: object state is irrelevant to tensors
                 }
-                b'q' => {
+                Op::BinPut => {
                     let i = u32::from(r.u8()?);
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                b'r' => {
+                Op::LongBinPut => {
                     let i = u32::from_le_bytes(r.array()?);
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                0x94 => {
+                Op::Memoize => {
                     let i = self.memo.len() as u32;
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                b'h' | b'j' => {
-                    let i = if op == b'h' {
+                Op::BinGet | Op::LongBinGet => {
+                    let i = if op == Op::BinGet {
                         u32::from(r.u8()?)
                     } else {
                         u32::from_le_bytes(r.array()?)
@@ -311,7 +443,7 @@ impl Machine {
                         .ok_or_else(|| format!("pickle memo {i} missing"))?;
                     self.stack.push(v);
                 }
-                b'a' => {
+                Op::Append => {
                     let v = self.pop()?;
                     match self.top()? {
                         Value::List(l) => l.push(v),
@@ -319,7 +451,7 @@ impl Machine {
                         other => return Err(format!("APPEND on {}", kind(other))),
                     }
                 }
-                b'e' | 0x90 => {
+                Op::Appends | Op::AddItems => {
                     let items = self.pop_mark()?;
                     match self.top()? {
                         Value::List(l) => l.extend(items),
@@ -327,38 +459,32 @@ impl Machine {
                         other => return Err(format!("APPENDS on {}", kind(other))),
                     }
                 }
-                0x91 => {
+                Op::FrozenSet => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::List(items));
                 }
-                b's' => {
+                Op::SetItem => {
                     let v = self.pop()?;
                     let k = self.pop()?;
                     self.set_items(vec![k, v])?;
                 }
-                b'u' => {
+                Op::SetItems => {
                     let items = self.pop_mark()?;
                     self.set_items(items)?;
                 }
-                b'Q' => {
+                Op::BinPersId => {
                     let pid = self.pop()?;
                     self.stack.push(Value::Persistent(Box::new(pid)));
                 }
-                b'0' => {
+                Op::Pop => {
                     self.pop()?;
                 }
-                b'1' => {
+                Op::PopMark => {
                     self.pop_mark()?;
                 }
-                b'2' => {
+                Op::Dup => {
                     let v = self.top()?.clone();
                     self.stack.push(v);
-                }
-                other => {
-                    return Err(format!(
-                        "unsupported pickle opcode 0x{other:02x} at byte {}",
-                        r.at - 1
-                    ));
                 }
             }
         }

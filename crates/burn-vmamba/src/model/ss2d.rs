@@ -4,17 +4,72 @@
 //! selective_scan (G = 4 groups, one call) → cross-merge → out_norm → (GELU) → (· gate) →
 //! out_proj`. Parameter names and shapes are upstream's (`op.*` keys of a VSS block).
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
-use super::config::{Gate, Layout, OutNorm, Ss2dConfig};
+use super::config::{DtRank, Gate, Layout, OutNorm, SsmInit};
 use super::conv::{conv2d, native_params};
 use super::cross_scan::{cross_merge, cross_scan};
 use super::init::{self, K};
 use super::profile;
 use crate::ops::{SelectiveScanBackend, selective_scan};
+
+/// SS2D: the 2-D selective-scan token mixer.
+#[derive(Config, Debug)]
+pub struct Ss2dConfig {
+    /// Channels in and out (`d_model`).
+    pub d_model: usize,
+    /// State size N per channel.
+    #[config(default = 16)]
+    pub d_state: usize,
+    /// `d_inner = int(ssm_ratio · d_model)`.
+    #[config(default = 2.0)]
+    pub ssm_ratio: f64,
+    /// Rank of the Δ projection.
+    #[config(default = "DtRank::Auto")]
+    pub dt_rank: DtRank,
+    /// Depthwise conv kernel size; below 2 means no conv (SiLU still applies).
+    #[config(default = 3)]
+    pub d_conv: usize,
+    /// Whether the depthwise conv has a bias.
+    #[config(default = true)]
+    pub conv_bias: bool,
+    /// Gate branch.
+    #[config(default = "Gate::Silu")]
+    pub gate: Gate,
+    /// Norm on the merged output.
+    #[config(default = "OutNorm::LayerNorm")]
+    pub out_norm: OutNorm,
+    /// Exact GELU after the out norm (`_oact`).
+    #[config(default = false)]
+    pub out_act: bool,
+    /// Layout of `forward`'s input and output.
+    #[config(default = "Layout::ChannelLast")]
+    pub layout: Layout,
+    /// Initialisation of the scan parameters.
+    #[config(default = "SsmInit::V0")]
+    pub init: SsmInit,
+}
+
+impl Ss2dConfig {
+    /// Inner width `int(ssm_ratio · d_model)` (Python's truncation).
+    pub fn d_inner(&self) -> usize {
+        (self.ssm_ratio * self.d_model as f64) as usize
+    }
+
+    /// Rank R of the Δ projection.
+    pub fn dt_rank(&self) -> usize {
+        self.dt_rank.resolve(self.d_model)
+    }
+
+    /// Rows of one direction's `x_proj`: `R + 2N`.
+    pub fn x_proj_rows(&self) -> usize {
+        self.dt_rank() + 2 * self.d_state
+    }
+}
 
 /// SS2D with upstream's parameters.
 #[derive(Module, Debug)]

@@ -14,9 +14,9 @@
 
 use serde_json::{Map, Value};
 
-use super::config::{
-    DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, SsmInit, VssmConfig,
-};
+use super::config::{DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, SsmInit};
+use super::vssm::VssmConfig;
+use super::{ConfigError, ConfigProblem};
 
 /// The base forward types that compute SS2D's cross-2D scan; they differ only in
 /// upstream's implementation (einsum vs grouped conv, which CUDA extension).
@@ -40,7 +40,7 @@ pub struct ForwardType {
 
 impl ForwardType {
     /// Parses upstream's `forward_type`, e.g. `"v05_noz"`, `"v0"`, `"v2"`, `"v3_noz"`.
-    pub fn parse(value: &str) -> Result<Self, String> {
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
         let mut rest = value;
         let mut strip = |suffix: &str| match rest.strip_suffix(suffix) {
             Some(r) => {
@@ -56,19 +56,23 @@ impl ForwardType {
         let nozact = strip("_nozact");
         let onnone = strip("_onnone");
         if !FORWARD_TYPE_BASES.contains(&rest) {
-            return Err(format!(
-                "forward_type {value:?} is not supported: expected one of {} with optional \
-                 suffixes {} (the other variants — unidi/bidi/cascade scans, xv*, m0, \
-                 _ondwconv3/_oncnorm/_onsoftmax/_onsigmoid — are not implemented)",
-                FORWARD_TYPE_BASES.join(", "),
-                FORWARD_TYPE_SUFFIXES.join(", ")
-            ));
+            return Err(ConfigError::Invalid(vec![ConfigProblem::new(
+                "forward_type",
+                format!(
+                    "{value:?} is not supported: expected one of {} with optional suffixes {} \
+                     (the other variants — unidi/bidi/cascade scans, xv*, m0, \
+                     _ondwconv3/_oncnorm/_onsoftmax/_onsigmoid — are not implemented)",
+                    FORWARD_TYPE_BASES.join(", "),
+                    FORWARD_TYPE_SUFFIXES.join(", ")
+                ),
+            )]));
         }
         let vanilla = rest == "v0";
         if vanilla && (value != "v0") {
-            return Err(format!(
-                "forward_type {value:?}: upstream's v0 takes no suffix (expected \"v0\")"
-            ));
+            return Err(ConfigError::Invalid(vec![ConfigProblem::new(
+                "forward_type",
+                format!("{value:?}: upstream's v0 takes no suffix (expected \"v0\")"),
+            )]));
         }
         let gate = match (noz, nozact) {
             (true, _) => Gate::None,
@@ -125,10 +129,13 @@ impl VssmConfig {
     /// Builds a config from upstream's `VSSM(...)` keyword arguments as a JSON object (missing
     /// keys take upstream's defaults). Every problem is reported at once, naming the key, the
     /// value and what is supported.
-    pub fn from_upstream(kwargs: &Value) -> Result<Self, String> {
-        let map = kwargs
-            .as_object()
-            .ok_or_else(|| format!("VSSM keywords: expected a JSON object, found {kwargs}"))?;
+    pub fn from_upstream(kwargs: &Value) -> Result<Self, ConfigError> {
+        let map = kwargs.as_object().ok_or_else(|| {
+            ConfigError::Invalid(vec![ConfigProblem::new(
+                "kwargs",
+                format!("expected a JSON object of VSSM keywords, found {kwargs}"),
+            )])
+        })?;
         let mut p = Parser {
             map,
             errors: Vec::new(),
@@ -139,10 +146,15 @@ impl VssmConfig {
             .cloned()
             .collect();
         if !unknown.is_empty() {
-            p.errors.push(format!(
-                "unknown keys {unknown:?}; VSSM keywords are {}",
-                UPSTREAM_KEYS.join(", ")
-            ));
+            for key in unknown {
+                p.errors.push(ConfigProblem::new(
+                    key,
+                    format!(
+                        "unknown keyword; VSSM keywords are {}",
+                        UPSTREAM_KEYS.join(", ")
+                    ),
+                ));
+            }
         }
         let mut config = VssmConfig::new();
         if let Some(depths) = p.usize_list("depths") {
@@ -153,9 +165,10 @@ impl VssmConfig {
             None => {}
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(c) => config.dims = (0..stages).map(|i| (c as usize) << i).collect(),
-                None => p
-                    .errors
-                    .push(format!("dims: expected an integer or a list, found {n}")),
+                None => p.errors.push(ConfigProblem::new(
+                    "dims",
+                    format!("expected an integer or a list, found {n}"),
+                )),
             },
             Some(_) => {
                 if let Some(dims) = p.usize_list("dims") {
@@ -164,9 +177,12 @@ impl VssmConfig {
             }
         }
         if config.dims.len() != stages {
-            p.errors.push(format!(
-                "dims: expected {stages} entries (one per entry of depths), found {}",
-                config.dims.len()
+            p.errors.push(ConfigProblem::new(
+                "dims",
+                format!(
+                    "expected {stages} entries (one per entry of depths), found {}",
+                    config.dims.len()
+                ),
             ));
         }
         p.usize("patch_size", &mut config.patch_size);
@@ -179,8 +195,9 @@ impl VssmConfig {
             Some(Value::String(s)) if s == "auto" => config.ssm_dt_rank = DtRank::Auto,
             Some(v) => match v.as_u64() {
                 Some(r) if r > 0 => config.ssm_dt_rank = DtRank::Fixed(r as usize),
-                _ => p.errors.push(format!(
-                    "ssm_dt_rank: expected \"auto\" or a positive integer, found {v}"
+                _ => p.errors.push(ConfigProblem::new(
+                    "ssm_dt_rank",
+                    format!("expected \"auto\" or a positive integer, found {v}"),
                 )),
             },
         }
@@ -236,8 +253,10 @@ impl VssmConfig {
             None => Some("v2".to_string()),
             Some(Value::String(s)) => Some(s.clone()),
             Some(v) => {
-                p.errors
-                    .push(format!("forward_type: expected a string, found {v}"));
+                p.errors.push(ConfigProblem::new(
+                    "forward_type",
+                    format!("expected a string, found {v}"),
+                ));
                 None
             }
         };
@@ -252,28 +271,28 @@ impl VssmConfig {
                         config.ssm_conv = 3;
                         config.ssm_init = SsmInit::V0;
                         if config.norm_layer == Layout::ChannelFirst {
-                            p.errors.push(
-                                "forward_type \"v0\" works channel-last only: norm_layer must \
-                                 be \"ln\", found \"ln2d\""
-                                    .into(),
-                            );
+                            p.errors.push(ConfigProblem::new(
+                                "norm_layer",
+                                "forward_type \"v0\" works channel-last only: expected \"ln\", \
+                                 found \"ln2d\"",
+                            ));
                         }
                     }
                 }
-                Err(e) => p.errors.push(e),
+                Err(e) => p.errors.extend(e.problems()),
             }
         }
         if p.errors.is_empty() {
             Ok(config)
         } else {
-            Err(p.errors.join("\n"))
+            Err(ConfigError::Invalid(p.errors))
         }
     }
 }
 
 struct Parser<'a> {
     map: &'a Map<String, Value>,
-    errors: Vec<String>,
+    errors: Vec<ConfigProblem>,
 }
 
 impl Parser<'_> {
@@ -281,9 +300,10 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_u64() {
                 Some(n) => *out = n as usize,
-                None => self
-                    .errors
-                    .push(format!("{key}: expected an integer, found {v}")),
+                None => self.errors.push(ConfigProblem::new(
+                    key,
+                    format!("expected an integer, found {v}"),
+                )),
             }
         }
     }
@@ -296,8 +316,10 @@ impl Parser<'_> {
                 .collect::<Option<Vec<_>>>()
         });
         if list.is_none() {
-            self.errors
-                .push(format!("{key}: expected a list of integers, found {v}"));
+            self.errors.push(ConfigProblem::new(
+                key,
+                format!("expected a list of integers, found {v}"),
+            ));
         }
         list
     }
@@ -306,9 +328,10 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_f64() {
                 Some(x) => *out = x,
-                None => self
-                    .errors
-                    .push(format!("{key}: expected a number, found {v}")),
+                None => self.errors.push(ConfigProblem::new(
+                    key,
+                    format!("expected a number, found {v}"),
+                )),
             }
         }
     }
@@ -317,9 +340,10 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key) {
             match v.as_bool() {
                 Some(b) => *out = b,
-                None => self
-                    .errors
-                    .push(format!("{key}: expected true or false, found {v}")),
+                None => self.errors.push(ConfigProblem::new(
+                    key,
+                    format!("expected true or false, found {v}"),
+                )),
             }
         }
     }
@@ -328,8 +352,9 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key)
             && v.as_f64() != Some(0.0)
         {
-            self.errors.push(format!(
-                "{key}: only 0.0 is supported (no release uses dropout), found {v}"
+            self.errors.push(ConfigProblem::new(
+                key,
+                format!("only 0.0 is supported (no release uses dropout), found {v}"),
             ));
         }
     }
@@ -338,8 +363,10 @@ impl Parser<'_> {
         if let Some(v) = self.map.get(key)
             && *v != expected
         {
-            self.errors
-                .push(format!("{key}: only {what} is supported, found {v}"));
+            self.errors.push(ConfigProblem::new(
+                key,
+                format!("only {what} is supported, found {v}"),
+            ));
         }
     }
 
@@ -355,9 +382,9 @@ impl Parser<'_> {
         match s {
             Some(s) if supported.contains(&s.as_str()) => Some(s),
             _ => {
-                self.errors.push(format!(
-                    "{key}: unsupported value {v}; supported: {}",
-                    supported.join(", ")
+                self.errors.push(ConfigProblem::new(
+                    key,
+                    format!("unsupported value {v}; supported: {}", supported.join(", ")),
                 ));
                 None
             }

@@ -1,17 +1,129 @@
 //! The VSSM classification backbone: stem → 4 stages of (VSS blocks, downsample) →
 //! classifier. Runs channel-last internally; both upstream layouts compute this function.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::block::{VssBlock, linear_4d};
-use super::config::{DownsampleVersion, PatchEmbedVersion, VssmConfig};
+use super::block::{VssBlock, VssBlockConfig, linear_4d};
+use super::config::{DownsampleVersion, DtRank, Gate, Layout, OutNorm, PatchEmbedVersion, SsmInit};
 use super::conv::conv2d;
 use super::init;
 use super::profile;
+use super::ss2d::Ss2dConfig;
+use super::{ConfigError, ConfigProblem};
 use crate::ops::SelectiveScanBackend;
+
+/// The VSSM classification backbone. Field names and defaults are upstream's `VSSM(...)`
+/// keywords; the string options are typed.
+#[derive(Config, Debug)]
+pub struct VssmConfig {
+    /// Blocks per stage.
+    #[config(default = "vec![2, 2, 9, 2]")]
+    pub depths: Vec<usize>,
+    /// Channels per stage.
+    #[config(default = "vec![96, 192, 384, 768]")]
+    pub dims: Vec<usize>,
+    /// Patch size of the stem (total stride).
+    #[config(default = 4)]
+    pub patch_size: usize,
+    /// Input channels.
+    #[config(default = 3)]
+    pub in_chans: usize,
+    /// Classifier outputs.
+    #[config(default = 1000)]
+    pub num_classes: usize,
+    /// SS2D state size N.
+    #[config(default = 16)]
+    pub ssm_d_state: usize,
+    /// SS2D expansion; `<= 0` removes the SS2D branch.
+    #[config(default = 2.0)]
+    pub ssm_ratio: f64,
+    /// Rank of the Δ projection.
+    #[config(default = "DtRank::Auto")]
+    pub ssm_dt_rank: DtRank,
+    /// Depthwise conv kernel size.
+    #[config(default = 3)]
+    pub ssm_conv: usize,
+    /// Whether the depthwise conv has a bias.
+    #[config(default = true)]
+    pub ssm_conv_bias: bool,
+    /// Scan parameter initialisation.
+    #[config(default = "SsmInit::V0")]
+    pub ssm_init: SsmInit,
+    /// SS2D gate (from `forward_type`).
+    #[config(default = "Gate::Silu")]
+    pub gate: Gate,
+    /// SS2D out norm (from `forward_type`).
+    #[config(default = "OutNorm::LayerNorm")]
+    pub out_norm: OutNorm,
+    /// GELU after the out norm (`_oact`).
+    #[config(default = false)]
+    pub out_act: bool,
+    /// MLP expansion; `<= 0` removes the MLP branch.
+    #[config(default = 4.0)]
+    pub mlp_ratio: f64,
+    /// Largest stochastic depth rate (rates rise linearly from 0 over all blocks).
+    #[config(default = 0.1)]
+    pub drop_path_rate: f64,
+    /// Layout of the blocks' tensors (`norm_layer`: `ln` or `ln2d`); both compute the same
+    /// function, [`crate::model::Vssm`] itself runs channel-last.
+    #[config(default = "Layout::ChannelLast")]
+    pub norm_layer: Layout,
+    /// Downsampling between stages.
+    #[config(default = "DownsampleVersion::V2")]
+    pub downsample_version: DownsampleVersion,
+    /// Stem.
+    #[config(default = "PatchEmbedVersion::V1")]
+    pub patchembed_version: PatchEmbedVersion,
+}
+
+impl VssmConfig {
+    /// The SS2D config of a stage, or `None` when the SS2D branch is off.
+    pub fn ss2d(&self, stage: usize) -> Option<Ss2dConfig> {
+        (self.ssm_ratio > 0.0).then(|| {
+            Ss2dConfig::new(self.dims[stage])
+                .with_d_state(self.ssm_d_state)
+                .with_ssm_ratio(self.ssm_ratio)
+                .with_dt_rank(self.ssm_dt_rank)
+                .with_d_conv(self.ssm_conv)
+                .with_conv_bias(self.ssm_conv_bias)
+                .with_gate(self.gate)
+                .with_out_norm(self.out_norm)
+                .with_out_act(self.out_act)
+                .with_init(self.ssm_init)
+                .with_layout(Layout::ChannelLast)
+        })
+    }
+
+    /// Stochastic depth rate of every block, `linspace(0, drop_path_rate, sum(depths))`.
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        let total: usize = self.depths.iter().sum();
+        (0..total)
+            .map(|i| match total {
+                1 => 0.0,
+                _ => self.drop_path_rate * i as f64 / (total - 1) as f64,
+            })
+            .collect()
+    }
+
+    /// The block configs of a stage, in order.
+    pub fn blocks(&self, stage: usize) -> Vec<VssBlockConfig> {
+        let rates = self.drop_path_rates();
+        let first: usize = self.depths[..stage].iter().sum();
+        (0..self.depths[stage])
+            .map(|j| {
+                VssBlockConfig::new(self.dims[stage])
+                    .with_ss2d(self.ss2d(stage))
+                    .with_mlp_ratio(self.mlp_ratio)
+                    .with_drop_path(rates[first + j])
+                    .with_layout(Layout::ChannelLast)
+            })
+            .collect()
+    }
+}
 
 /// The stem. v1: `conv1` (k = s = patch) → `norm1`. v2: `conv1` (→ C/2, k = patch/2 + 1,
 /// s = patch/2, pad 1) → `norm1` → GELU → `conv2` (→ C, same) → `norm2`. Upstream keys
@@ -105,10 +217,29 @@ impl<B: SelectiveScanBackend> ConvDownsample<B> {
 pub struct Stage<B: Backend> {
     /// The VSS blocks (`layers.i.blocks.j`).
     pub blocks: Vec<VssBlock<B>>,
-    /// Downsample v1 (`layers.i.downsample.{norm, reduction}`).
-    pub downsample: Option<PatchMerging<B>>,
-    /// Downsample v2/v3 (`layers.i.downsample.{1, 3}`).
-    pub downsample_conv: Option<ConvDownsample<B>>,
+    /// The downsample after the stage, if any (`layers.i.downsample`).
+    pub downsample: Option<Downsample<B>>,
+}
+
+/// The downsample between two stages, by upstream's `downsample_version`.
+#[derive(Module, Debug)]
+pub enum Downsample<B: Backend> {
+    /// v1: Swin patch merging (`downsample.{norm, reduction}`).
+    Merge(PatchMerging<B>),
+    /// v2/v3: strided conv → LN (`downsample.{1, 3}`).
+    Conv(ConvDownsample<B>),
+}
+
+impl<B: SelectiveScanBackend> Downsample<B> {
+    /// # Shapes
+    /// - `x`: channel-last `[batch, height, width, channels]` → `[batch, ⌈height/2⌉,
+    ///   ⌈width/2⌉, next channels]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Self::Merge(merge) => merge.forward(x),
+            Self::Conv(conv) => conv.forward(x),
+        }
+    }
 }
 
 /// `LN → mean over space → Linear` (upstream `classifier.{norm, head}`).
@@ -133,68 +264,86 @@ pub struct Vssm<B: Backend> {
 
 impl VssmConfig {
     /// Checks the config's internal consistency (lengths, sizes), naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         if self.depths.is_empty() {
-            errors.push("depths: expected at least one stage, found []".to_string());
+            errors.push(ConfigProblem::new(
+                "depths",
+                "expected at least one stage, found []".to_string(),
+            ));
         }
         if self.dims.len() != self.depths.len() {
-            errors.push(format!(
-                "dims: expected {} entries (one per stage of depths), found {}",
-                self.depths.len(),
-                self.dims.len()
+            errors.push(ConfigProblem::new(
+                "dims",
+                format!(
+                    "expected {} entries (one per stage of depths), found {}",
+                    self.depths.len(),
+                    self.dims.len()
+                ),
             ));
         }
         if self.dims.contains(&0) {
-            errors.push(format!(
-                "dims: expected positive sizes, found {:?}",
-                self.dims
+            errors.push(ConfigProblem::new(
+                "dims",
+                format!("expected positive sizes, found {:?}", self.dims),
             ));
         }
         if self.patch_size == 0
             || (self.patchembed_version == PatchEmbedVersion::V2 && self.patch_size < 2)
         {
-            errors.push(format!(
-                "patch_size: expected ≥ 1 (≥ 2 for patch embed v2), found {}",
-                self.patch_size
+            errors.push(ConfigProblem::new(
+                "patch_size",
+                format!(
+                    "expected ≥ 1 (≥ 2 for patch embed v2), found {}",
+                    self.patch_size
+                ),
             ));
         }
         if self.patchembed_version == PatchEmbedVersion::V2
             && self.dims.first().is_some_and(|d| d % 2 != 0)
         {
-            errors.push(format!(
-                "dims[0]: patch embed v2 needs an even width, found {}",
-                self.dims[0]
+            errors.push(ConfigProblem::new(
+                "dims[0]",
+                format!("patch embed v2 needs an even width, found {}", self.dims[0]),
             ));
         }
         if self.downsample_version == DownsampleVersion::None
             && self.dims.windows(2).any(|w| w[0] != w[1])
         {
-            errors.push(format!(
-                "dims: without downsampling every stage must have the same width, found {:?}",
-                self.dims
+            errors.push(ConfigProblem::new(
+                "dims",
+                format!(
+                    "without downsampling every stage must have the same width, found {:?}",
+                    self.dims
+                ),
             ));
         }
         if self.ssm_ratio > 0.0 && self.ssm_d_state == 0 {
-            errors.push("ssm_d_state: expected ≥ 1, found 0".to_string());
+            errors.push(ConfigProblem::new(
+                "ssm_d_state",
+                "expected ≥ 1, found 0".to_string(),
+            ));
         }
         if self.ssm_ratio > 0.0 && self.ssm_d_state > selective_scan::MAX_D_STATE {
-            errors.push(format!(
-                "ssm_d_state: expected ≤ {}, found {}",
-                selective_scan::MAX_D_STATE,
-                self.ssm_d_state
+            errors.push(ConfigProblem::new(
+                "ssm_d_state",
+                format!(
+                    "expected ≤ {}, found {}",
+                    selective_scan::MAX_D_STATE,
+                    self.ssm_d_state
+                ),
             ));
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
-            errors.push(format!(
-                "drop_path_rate: expected in [0, 1), found {}",
-                self.drop_path_rate
+            errors.push(ConfigProblem::new(
+                "drop_path_rate",
+                format!("expected in [0, 1), found {}", self.drop_path_rate),
             ));
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("\n"))
+            Err(ConfigError::Invalid(errors))
         }
     }
 
@@ -245,23 +394,16 @@ impl VssmConfig {
                         .init(device),
                     norm: ln(next),
                 };
-                let (downsample, downsample_conv) = match (self.downsample_version, next) {
-                    (_, None) | (DownsampleVersion::None, _) => (None, None),
-                    (DownsampleVersion::V1, Some(next)) => (
-                        Some(PatchMerging {
-                            norm: ln(4 * dim),
-                            reduction: init::linear(4 * dim, next, false, device),
-                        }),
-                        None,
-                    ),
-                    (DownsampleVersion::V2, Some(next)) => (None, Some(conv(2, 0, next))),
-                    (DownsampleVersion::V3, Some(next)) => (None, Some(conv(3, 1, next))),
+                let downsample = match (self.downsample_version, next) {
+                    (_, None) | (DownsampleVersion::None, _) => None,
+                    (DownsampleVersion::V1, Some(next)) => Some(Downsample::Merge(PatchMerging {
+                        norm: ln(4 * dim),
+                        reduction: init::linear(4 * dim, next, false, device),
+                    })),
+                    (DownsampleVersion::V2, Some(next)) => Some(Downsample::Conv(conv(2, 0, next))),
+                    (DownsampleVersion::V3, Some(next)) => Some(Downsample::Conv(conv(3, 1, next))),
                 };
-                Stage {
-                    blocks,
-                    downsample,
-                    downsample_conv,
-                }
+                Stage { blocks, downsample }
             })
             .collect();
         let features = self.dims[stages - 1];
@@ -397,11 +539,12 @@ impl<B: Backend> Vssm<B> {
             size = through(conv2, "patch_embed.5".into(), size)?;
         }
         for (i, stage) in self.layers.iter().enumerate() {
-            if stage.downsample.is_some() {
-                size = [size[0].div_ceil(2), size[1].div_ceil(2)];
-            }
-            if let Some(down) = &stage.downsample_conv {
-                size = through(&down.conv, format!("layers.{i}.downsample.1"), size)?;
+            match &stage.downsample {
+                Some(Downsample::Merge(_)) => size = [size[0].div_ceil(2), size[1].div_ceil(2)],
+                Some(Downsample::Conv(down)) => {
+                    size = through(&down.conv, format!("layers.{i}.downsample.1"), size)?;
+                }
+                None => {}
             }
         }
         Ok(())
@@ -459,10 +602,7 @@ impl<B: SelectiveScanBackend> Vssm<B> {
             for block in &stage.blocks {
                 x = block.forward(x);
             }
-            if let Some(merge) = &stage.downsample {
-                x = profile::scope::<B, _>("downsample", &device, || merge.forward(x));
-            }
-            if let Some(down) = &stage.downsample_conv {
+            if let Some(down) = &stage.downsample {
                 x = profile::scope::<B, _>("downsample", &device, || down.forward(x));
             }
         }
