@@ -12,13 +12,7 @@ use vmamba::classify::{Args, class_name, run};
 
 fn main() {
     vmamba::runtime::keep_freed_memory();
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::from_env();
     match run(&args) {
         Ok(report) => {
             println!("{}", report.setup);

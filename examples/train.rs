@@ -17,13 +17,7 @@ use vmamba::train::{Args, Progress, run};
 
 fn main() {
     vmamba::runtime::keep_freed_memory();
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::from_env();
     let progress = if std::io::stdout().is_terminal() {
         Progress::Default
     } else {

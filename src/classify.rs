@@ -32,9 +32,10 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Which Burn backend runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendName {
     /// `burn::backend::NdArray` (CPU; the native fused scan).
+    #[value(name = "ndarray")]
     NdArray,
     /// `burn::backend::Wgpu` (Vulkan / Metal / DX12; the CubeCL kernels).
     Wgpu,
@@ -124,67 +125,51 @@ pub(crate) fn read_f32<B: burn::tensor::backend::Backend, const D: usize>(
         .map_err(|e| format!("reading a {D}-D tensor back: {e:?}"))
 }
 
-/// Command-line arguments of `classify`.
-#[derive(Debug, Clone, PartialEq)]
+/// Command-line arguments of `classify` (clap; `--help` prints these descriptions).
+#[derive(Debug, Clone, PartialEq, clap::Parser)]
+#[command(
+    name = "classify",
+    about = "Classify images with VMamba on any backend.",
+    long_about = "Classify images with VMamba on any backend. With no arguments: VMamba-T \
+                  (tiny-s1), random weights, a generated image, on NdArray."
+)]
 pub struct Args {
-    /// Backend.
+    /// Backend (cuda and rocm need the crate's `cuda` / `rocm` features).
+    #[arg(long, value_enum, default_value = "ndarray")]
     pub backend: BackendName,
-    /// A preset name ([`VssmConfig::preset`]).
+    /// A preset name (`VssmConfig::preset`: tiny-s1, small-s2, vanilla-base, upstream's factory
+    /// names, …); default tiny-s1.
+    #[arg(long, value_name = "NAME", conflicts_with = "config")]
     pub preset: Option<String>,
-    /// A config file (upstream keywords or a Burn `VssmConfig`).
+    /// A config file: upstream's VSSM keywords or a Burn `VssmConfig`, as JSON.
+    #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
-    /// A checkpoint (`.pth` release file or `.safetensors`).
+    /// A checkpoint (`.pth` release file or `.safetensors`); random weights without it.
+    #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
-    /// An image to classify.
+    /// An image to classify (resized to 256, centre-cropped to 224, ImageNet-normalised).
+    #[arg(long, value_name = "FILE", conflicts_with = "input")]
     pub image: Option<PathBuf>,
-    /// A safetensors file holding `x` `[batch, 3, height, width]`.
+    /// A safetensors file holding `x` `[batch, 3, height, width]`, used as is.
+    #[arg(long, value_name = "FILE.safetensors")]
     pub input: Option<PathBuf>,
-    /// Where to write the logits (tensor `logits`).
+    /// Where to write the logits (tensor `logits`, safetensors).
+    #[arg(long, value_name = "FILE.safetensors")]
     pub output: Option<PathBuf>,
 }
 
-/// Usage text.
-pub const USAGE: &str = "usage: classify [--backend ndarray|wgpu|cuda|rocm] \
-[--preset NAME | --config FILE.json] [--weights FILE.pth|FILE.safetensors] \
-[--image FILE | --input FILE.safetensors] [--output FILE.safetensors]";
-
 impl Args {
-    /// Parses the arguments after the program name.
+    /// Parses the arguments after the program name; an error (or `--help`) comes back as the
+    /// text clap would print.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
-        let mut parsed = Args {
-            backend: BackendName::NdArray,
-            preset: None,
-            config: None,
-            weights: None,
-            image: None,
-            input: None,
-            output: None,
-        };
-        let mut args = args.into_iter();
-        while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-            };
-            match flag.as_str() {
-                "--backend" => parsed.backend = BackendName::parse(&value()?)?,
-                "--preset" => parsed.preset = Some(value()?),
-                "--config" => parsed.config = Some(value()?.into()),
-                "--weights" => parsed.weights = Some(value()?.into()),
-                "--image" => parsed.image = Some(value()?.into()),
-                "--input" => parsed.input = Some(value()?.into()),
-                "--output" => parsed.output = Some(value()?.into()),
-                "-h" | "--help" => return Err(USAGE.to_string()),
-                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-            }
-        }
-        if parsed.preset.is_some() && parsed.config.is_some() {
-            return Err("--preset and --config are exclusive: give one".into());
-        }
-        if parsed.image.is_some() && parsed.input.is_some() {
-            return Err("--image and --input are exclusive: give one".into());
-        }
-        Ok(parsed)
+        <Self as clap::Parser>::try_parse_from(std::iter::once("classify".to_string()).chain(args))
+            .map_err(|e| e.render().to_string())
+    }
+
+    /// The process's arguments; prints help or the error and exits as clap does (0 for
+    /// `--help`, 2 for a bad argument).
+    pub fn from_env() -> Self {
+        <Self as clap::Parser>::parse()
     }
 }
 

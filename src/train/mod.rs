@@ -347,118 +347,100 @@ impl<B: SelectiveScanBackend> InferenceStep for VssmClassifier<B> {
     }
 }
 
-/// Command-line arguments of `train`.
-#[derive(Debug, Clone, PartialEq)]
+/// Command-line arguments of `train` (clap; `--help` prints these descriptions).
+#[derive(Debug, Clone, PartialEq, clap::Parser)]
+#[command(
+    name = "train",
+    about = "Train VMamba with burn-train's Learner and upstream's recipe.",
+    long_about = "Train VMamba with burn-train's Learner and upstream's recipe. With no \
+                  arguments: the synthetic corner-matching task with a small VMamba on NdArray, \
+                  into target/train."
+)]
 pub struct Args {
-    /// Backend.
+    /// Backend (cuda and rocm need the crate's `cuda` / `rocm` features).
+    #[arg(long, value_enum, default_value = "ndarray")]
     pub backend: BackendName,
-    /// Device indices (`--devices 2` = `[0, 1]`).
-    pub devices: Vec<usize>,
-    /// ImageFolder root; `None`: the synthetic task.
+    /// Devices: a count (`2` = indices 0 and 1) or a list of indices (`0,2`).
+    // `std::vec::Vec`: one value parsed into the list (clap would take `Vec<_>` as repeats).
+    #[arg(long, value_name = "N|LIST", default_value = "1", value_parser = parse_devices)]
+    pub devices: std::vec::Vec<usize>,
+    /// ImageFolder root (`train/` and `val/` of class folders); the synthetic task without it.
+    #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// A preset name.
+    /// A preset name (`VssmConfig::preset`).
+    #[arg(long, value_name = "NAME", conflicts_with = "config")]
     pub preset: Option<String>,
-    /// A model config file.
+    /// A model config file (upstream's VSSM keywords or a Burn `VssmConfig`, JSON).
+    #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
-    /// A checkpoint to fine-tune from.
+    /// A checkpoint to fine-tune from (`.pth` or `.safetensors`).
+    #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
-    /// Output folder.
+    /// Output folder (checkpoints, recipe, logs, weights).
+    #[arg(long, value_name = "DIR", default_value = "target/train")]
     pub out: PathBuf,
     /// Epochs of the schedule.
+    #[arg(long, value_name = "N")]
     pub epochs: Option<usize>,
     /// Stop at the end of the first epoch that ends after this many minutes.
+    #[arg(long, value_name = "M", value_parser = parse_minutes)]
     pub minutes: Option<f64>,
     /// Images per device and step.
+    #[arg(long, value_name = "N")]
     pub batch_size: Option<usize>,
     /// Base learning rate (for a total batch of 512).
+    #[arg(long, value_name = "BASE_LR")]
     pub lr: Option<f64>,
     /// Input side (ImageFolder) or image side (synthetic).
+    #[arg(long, value_name = "N")]
     pub image_size: Option<usize>,
     /// Seed.
+    #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
     /// Data-loader workers.
+    #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-    /// Continue the run in `out` from its last checkpoint.
+    /// Continue the run in `--out` from its last checkpoint (with the recipe saved there).
+    #[arg(long)]
     pub resume: bool,
 }
 
-/// Usage text.
-pub const USAGE: &str = "usage: train [--backend ndarray|wgpu|cuda|rocm] [--devices N|LIST] \
-[--data DIR] [--preset NAME | --config FILE.json] [--weights FILE.pth|FILE.safetensors] \
-[--out DIR] [--epochs N] [--minutes M] [--batch-size N] [--lr BASE_LR] [--image-size N] \
-[--seed N] [--workers N] [--resume]";
-
 impl Args {
-    /// Parses the arguments after the program name.
+    /// Parses the arguments after the program name; an error (or `--help`) comes back as the
+    /// text clap would print.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
-        let mut parsed = Args {
-            backend: BackendName::NdArray,
-            devices: vec![0],
-            data: None,
-            preset: None,
-            config: None,
-            weights: None,
-            out: PathBuf::from("target/train"),
-            epochs: None,
-            minutes: None,
-            batch_size: None,
-            lr: None,
-            image_size: None,
-            seed: None,
-            workers: None,
-            resume: false,
-        };
-        fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
-            value
-                .parse()
-                .map_err(|_| format!("{flag}: expected a number, found {value:?}"))
+        let args = <Self as clap::Parser>::try_parse_from(
+            std::iter::once("train".to_string()).chain(args),
+        )
+        .map_err(|e| e.render().to_string())?;
+        args.check()?;
+        Ok(args)
+    }
+
+    /// The process's arguments; prints help or the error and exits as clap does (0 for
+    /// `--help`, 2 for a bad argument).
+    pub fn from_env() -> Self {
+        let args = <Self as clap::Parser>::parse();
+        if let Err(message) = args.check() {
+            eprintln!("error: {message}");
+            std::process::exit(2);
         }
-        let mut args = args.into_iter();
-        while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-            };
-            match flag.as_str() {
-                "--backend" => parsed.backend = BackendName::parse(&value()?)?,
-                "--devices" => parsed.devices = parse_devices(&value()?)?,
-                "--data" => parsed.data = Some(value()?.into()),
-                "--preset" => parsed.preset = Some(value()?),
-                "--config" => parsed.config = Some(value()?.into()),
-                "--weights" => parsed.weights = Some(value()?.into()),
-                "--out" => parsed.out = value()?.into(),
-                "--epochs" => parsed.epochs = Some(number(&flag, &value()?)?),
-                "--minutes" => {
-                    let minutes: f64 = number(&flag, &value()?)?;
-                    if minutes.is_nan() || minutes <= 0.0 {
-                        return Err(format!("--minutes: expected > 0, found {minutes}"));
-                    }
-                    parsed.minutes = Some(minutes);
-                }
-                "--batch-size" => parsed.batch_size = Some(number(&flag, &value()?)?),
-                "--lr" => parsed.lr = Some(number(&flag, &value()?)?),
-                "--image-size" => parsed.image_size = Some(number(&flag, &value()?)?),
-                "--seed" => parsed.seed = Some(number(&flag, &value()?)?),
-                "--workers" => parsed.workers = Some(number(&flag, &value()?)?),
-                "--resume" => parsed.resume = true,
-                "-h" | "--help" => return Err(USAGE.to_string()),
-                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-            }
-        }
-        if parsed.preset.is_some() && parsed.config.is_some() {
-            return Err("--preset and --config are exclusive: give one".into());
-        }
-        if parsed.resume {
+        args
+    }
+
+    /// What clap cannot say: `--resume` takes the recipe from the run it continues.
+    fn check(&self) -> Result<(), String> {
+        if self.resume {
             let fixed = [
-                ("--data", parsed.data.is_some()),
-                ("--preset", parsed.preset.is_some()),
-                ("--config", parsed.config.is_some()),
-                ("--weights", parsed.weights.is_some()),
-                ("--epochs", parsed.epochs.is_some()),
-                ("--batch-size", parsed.batch_size.is_some()),
-                ("--lr", parsed.lr.is_some()),
-                ("--image-size", parsed.image_size.is_some()),
-                ("--seed", parsed.seed.is_some()),
+                ("--data", self.data.is_some()),
+                ("--preset", self.preset.is_some()),
+                ("--config", self.config.is_some()),
+                ("--weights", self.weights.is_some()),
+                ("--epochs", self.epochs.is_some()),
+                ("--batch-size", self.batch_size.is_some()),
+                ("--lr", self.lr.is_some()),
+                ("--image-size", self.image_size.is_some()),
+                ("--seed", self.seed.is_some()),
             ];
             let given: Vec<&str> = fixed
                 .iter()
@@ -468,12 +450,12 @@ impl Args {
             if !given.is_empty() {
                 return Err(format!(
                     "--resume continues with the recipe saved in {}/config.json; drop {}",
-                    parsed.out.display(),
+                    self.out.display(),
                     given.join(", ")
                 ));
             }
         }
-        Ok(parsed)
+        Ok(())
     }
 
     /// The recipe these arguments ask for (without `--resume`).
@@ -533,6 +515,14 @@ impl Args {
         }
         config.devices = self.devices.len();
         Ok(config)
+    }
+}
+
+/// `--minutes`: a positive number.
+fn parse_minutes(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(minutes) if minutes > 0.0 => Ok(minutes),
+        _ => Err(format!("--minutes: expected a number > 0, found {value:?}")),
     }
 }
 

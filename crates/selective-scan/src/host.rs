@@ -1,14 +1,17 @@
 //! Host convenience: upload a [`ScanProblem`], run the kernels, read the results back.
 //!
-//! Used by the tests and `cargo xtask parity`; a framework integration passes device handles to
+//! Used by the tests and `cargo xtask parity` (`forward_backward_host` only with the `testing`
+//! feature), and by [`probe`]; a framework integration passes device handles to
 //! [`crate::forward`] / [`crate::backward`] directly.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+#[cfg(any(test, feature = "testing"))]
+use crate::{BackwardOutput, ScanGrads};
 use crate::{
-    BackwardOutput, DeviceTensor, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanGrads,
-    ScanProblem, TensorRef, contiguous_strides,
+    DeviceTensor, ScanArgs, ScanConfig, ScanDtype, ScanError, ScanProblem, TensorRef,
+    contiguous_strides,
 };
 
 fn upload<R: Runtime>(client: &ComputeClient<R>, data: &[f32], dtype: ScanDtype) -> Handle {
@@ -124,6 +127,7 @@ pub fn forward_host<R: Runtime>(
     read(client, &out.y)
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Runs the forward and backward kernels on `problem` for the upstream gradient `dy`, and
 /// returns `y` and every gradient on the host.
 pub fn forward_backward_host<R: Runtime>(

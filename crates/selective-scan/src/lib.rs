@@ -50,6 +50,8 @@
 //! - [`kernel`]: the `#[cube]` kernels; [`launch`] validates and dispatches them.
 //! - [`host`]: upload/run/read for host data ([`ScanProblem`]).
 //! - [`ScanError`]: every refusal names the argument and the expected vs actual value.
+//! - Feature `testing`: the test scaffolding (seeded random problems `RandomSpec` /
+//!   `ScanProblem::random`, `host::forward_backward_host`), as this example uses it.
 //!
 //! ```
 //! use selective_scan::{reference, ScanProblem, ScanShape, RandomSpec};
@@ -75,7 +77,9 @@ pub use launch::{
     BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, ScanArgs, ScanConfig, TensorRef,
     backward, check_index_range, forward, supports_dtype,
 };
-pub use problem::{RandomSpec, ScanGrads, ScanProblem, SplitMix64};
+#[cfg(any(test, feature = "testing"))]
+pub use problem::RandomSpec;
+pub use problem::{ScanGrads, ScanProblem, SplitMix64};
 pub use shape::{
     ArgShapes, MAX_D_STATE, ScanDtype, ScanShape, check_non_expanding, contiguous_strides,
 };

@@ -179,6 +179,7 @@ impl SplitMix64 {
 }
 
 /// How to draw a random problem: value ranges in the regime VMamba uses.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, PartialEq)]
 pub struct RandomSpec {
     /// Include the skip `D`.
@@ -193,6 +194,7 @@ pub struct RandomSpec {
     pub a_log_range: (f32, f32),
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Default for RandomSpec {
     /// VMamba's setting: D, bias and softplus on, raw delta in `[-3, 1]` (softplus gives
     /// `Δ ≈ 0.05–1.3`), `A_log` in `[-1, 1.5]`.
@@ -207,6 +209,7 @@ impl Default for RandomSpec {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl RandomSpec {
     /// Long-memory channels: `A = −exp(A_log)` with `A_log` in `[−30, −10]` (A from −9e−14 to
     /// −4.5e−5) and steps down to `Δ ≈ 1e-5`, so `|Δ·A|` spans 1e−19 to 1e−5 and the state is
@@ -223,6 +226,7 @@ impl RandomSpec {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl ScanProblem {
     /// A seeded random problem: `u, B, C` uniform in `[-1, 1]`, `D` in `[0.5, 1.5]`, bias in
     /// `[-1, 0]`, delta and `A = -exp(A_log)` from `spec`.

@@ -14,6 +14,7 @@ pub mod cube;
 pub mod fallback;
 pub mod fusion;
 pub mod ndarray;
+#[cfg(any(test, feature = "testing"))]
 pub mod problem;
 #[cfg(feature = "shortcut-control")]
 pub mod shortcut;
