@@ -3,15 +3,21 @@
 //!
 //! | backend | implementation |
 //! |---|---|
-//! | `CubeBackend<R, F, I, BT>` (WGPU, CUDA, ROCm) | the CubeCL kernels of `selective-scan` ([`cube`]) |
-//! | `Fusion<B>` (burn's default `Wgpu` with `fusion`) | a fusion custom op calling `B` ([`fusion`]) |
+//! | `CubeBackend<R, F, I, BT>` (WGPU, CUDA, ROCm) | the CubeCL kernels of `selective-scan` (`cube`) |
+//! | `Fusion<B>` (burn's default `Wgpu` with `fusion`) | a fusion custom op calling `B` (`fusion`) |
 //! | `NdArray` | the native fused CPU scan `selective_scan::cpu` ([`ndarray`]) |
 //! | `Flex`, or any backend that implements the trait with no body | the tensor-op fallback ([`fallback`]) |
 //! | `Autodiff<B, C>` | a custom `Backward` that calls `B`'s fused backward ([`autodiff`]) |
+//!
+//! The CubeCL impls (`cube`, `fusion`) are behind the `cubecl` feature, which every GPU
+//! runtime feature (`wgpu`, the default; `cuda`; `rocm`) turns on; NdArray, the fallback and
+//! autodiff are always there.
 
 pub mod autodiff;
+#[cfg(feature = "cubecl")]
 pub mod cube;
 pub mod fallback;
+#[cfg(feature = "cubecl")]
 pub mod fusion;
 pub mod ndarray;
 #[cfg(any(test, feature = "testing"))]
