@@ -23,7 +23,6 @@ use rayon::prelude::*;
 
 use crate::backends::{self, Backend};
 use crate::device_floor::{self, DeviceFloor, sync};
-use crate::parse_flags;
 
 struct Bench {
     name: &'static str,
@@ -452,36 +451,31 @@ fn bench_cube<R: Runtime>(
     }
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let (what, rest) = args
-        .split_first()
-        .ok_or("bench needs a target: `bench scan`, `bench model` or `bench train`")?;
-    if what == "train" {
-        return crate::train_bench::run(rest);
-    }
-    if what == "model" {
-        return crate::model_bench::run(rest);
-    }
-    if what != "scan" {
-        return Err(format!(
-            "unknown bench `{what}` (available: scan, model, train)"
-        ));
-    }
-    let flags = parse_flags(
-        rest,
-        &["--backend", "--repeats", "--shapes", "--implementations"],
-    )?;
-    let flag = |name: &str| crate::flag_value(&flags, name);
-    let repeats = match flag("--repeats") {
-        Some(r) => r
-            .parse::<usize>()
-            .map_err(|_| format!("--repeats must be a count, got `{r}`"))?,
-        None => 3,
-    };
-    let only: Option<Vec<String>> =
-        flag("--shapes").map(|s| s.split(',').map(str::to_string).collect());
+/// `bench scan` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// One GPU backend for the `cubecl` rows (default: every one compiled in).
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// Timed repeats after a warm-up (default 3).
+    #[arg(long, value_name = "N")]
+    pub repeats: Option<usize>,
+    /// Comma-separated shapes: C1, C2, C3, C4, G2, G4 (default: all for the devices present).
+    #[arg(long, value_name = "LIST")]
+    pub shapes: Option<String>,
+    /// Comma-separated subset of cubecl, ndarray-fused, fallback, reference (default: all).
+    #[arg(long, value_name = "LIST")]
+    pub implementations: Option<String>,
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let repeats = args.repeats.unwrap_or(3);
+    let only: Option<Vec<String>> = args
+        .shapes
+        .as_ref()
+        .map(|s| s.split(',').map(str::to_string).collect());
     let known = ["cubecl", "ndarray-fused", "fallback", "reference"];
-    let implementations: Vec<String> = match flag("--implementations") {
+    let implementations: Vec<String> = match &args.implementations {
         Some(list) => list.split(',').map(str::to_string).collect(),
         None => known.iter().map(|s| s.to_string()).collect(),
     };
@@ -496,7 +490,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let wanted = |name: &str| implementations.iter().any(|i| i == name);
     let backends = if wanted("cubecl") {
-        Backend::select(flag("--backend").as_deref())?
+        Backend::select(args.backend.as_deref())?
     } else {
         vec![]
     };

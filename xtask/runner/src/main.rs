@@ -23,45 +23,51 @@ mod vulkan;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [options]
-   or: cargo run --release -p xtask-runner [--features cuda|rocm] -- <command> [options]
+/// `cargo xtask <command>` (or `cargo run --release -p xtask-runner [--features cuda|rocm] --
+/// <command>`): parity and benchmarks of the scan and the model.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    after_help = "The bench dir is $VMAMBA_BENCH_DIR, else the workspace's target/bench."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
-      Runs the selective scan (forward + backward) on every backend compiled in
-      (wgpu always; cuda and rocm with `--features cuda` / `--features rocm`)
-      and prints the max relative error (max |x - ref| / max |ref|) per tensor.
-      Without --fixtures it uses built-in seeded cases and the f64 reference;
-      with --fixtures it reads DIR/*.safetensors (format: src/fixtures.rs) and compares with
-      the expected tensors stored there. --out DIR writes <case>.<backend>.safetensors.
-      Exits non-zero when any error exceeds the tolerance (default 2e-4).
-  model-parity [--backend LIST] [--fixtures DIR] [--tolerance X]
-      The model fixtures (default tests/fixtures/model: upstream config, checkpoint,
-      input and upstream's logits) through `classify` on NdArray and on each backend
-      of LIST (default: every GPU backend compiled in); logits against upstream's
-      (<= 1e-3) and against NdArray's (<= X, default 1e-5, the exact-f32 promise),
-      with the first forward's time; JSON at <bench dir>/model_parity.json.
-  bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST]
-      Times forward and forward+backward on shapes C1-C4, G2, G4 (src/bench.rs); markdown on
-      stdout, JSON (records and each device's floor: fastest copy, exp rate) at
-      <bench dir>/scan.json. LIST is a comma-separated subset
-      of cubecl,ndarray-fused,fallback,reference (default: all).
-  bench model [--backend ndarray,wgpu,cuda,rocm] [--preset NAME] [--image-size N]
-              [--batches 1,8] [--train-batch N|0] [--repeats N]
-      Images/s of a VMamba preset (default tiny-s1 = T s1l8, 224x224) per backend
-      (default ndarray): inference at each batch, one training step (forward,
-      cross-entropy, backward, AdamW) at --train-batch (default 8; 0 skips it), and the
-      top-10 ops of a profiled inference pass at batch 1 (src/model_bench.rs); JSON at
-      <bench dir>/model.json.
-  bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
-      Trains the `train` example's default task (synthetic corner matching, NdArray)
-      for M minutes (default 10) with the exact scan, then with the scan replaced by
-      the zero-state / last-position-C shortcut (a negative control); prints both
-      validation accuracies, JSON at <bench dir>/train.json.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Runs the selective scan (forward + backward) on every backend compiled in (wgpu always;
+    /// cuda and rocm with `--features cuda` / `--features rocm`) and prints the max relative
+    /// error (max |x - ref| / max |ref|) per tensor, against the f64 reference on built-in
+    /// seeded cases or against the fixtures' expected tensors; exits non-zero when any error
+    /// exceeds the tolerance.
+    Parity(parity::Args),
+    /// The model fixtures (upstream config, checkpoint, input and upstream's logits) through
+    /// `classify` on NdArray and on each backend; logits against upstream's (<= 1e-3) and
+    /// against NdArray's (<= the tolerance, the exact-f32 promise), with the first forward's
+    /// time; JSON at <bench dir>/model_parity.json.
+    ModelParity(model_parity::Args),
+    /// Benchmarks: `bench scan`, `bench model`, `bench train`.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
 
-The bench dir is $VMAMBA_BENCH_DIR, else the workspace's target/bench.
-";
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    /// Times forward and forward+backward on shapes C1-C4, G2, G4 (src/bench.rs): markdown on
+    /// stdout, JSON (records and each device's floor: fastest copy, exp rate) at
+    /// <bench dir>/scan.json.
+    Scan(bench::Args),
+    /// Images/s of a VMamba preset per backend: inference at each batch, one training step
+    /// (forward, cross-entropy, backward, AdamW), and the top-10 ops of a profiled inference
+    /// pass at batch 1 (src/model_bench.rs); JSON at <bench dir>/model.json.
+    Model(model_bench::Args),
+    /// Trains the `train` example's default task (synthetic corner matching, NdArray) with the
+    /// exact scan, then with the scan replaced by the zero-state / last-position-C shortcut (a
+    /// negative control); prints both validation accuracies, JSON at <bench dir>/train.json.
+    Train(train_bench::BenchTrainArgs),
+}
 
 fn main() -> ExitCode {
     // As `classify` and `train` run: freed memory reused, not returned to the OS, and CubeCL's
@@ -70,19 +76,13 @@ fn main() -> ExitCode {
     vmamba::runtime::configure_caches();
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("$ cargo xtask {}", args.join(" "));
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let result = match args.first().map(String::as_str) {
-        Some("parity") => parity::run(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
-        Some("model-parity") => model_parity::run(&args[1..]),
-        Some("help") | None => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    let cli = <Cli as clap::Parser>::parse();
+    let result = match &cli.command {
+        Command::Parity(args) => parity::run(args),
+        Command::ModelParity(args) => model_parity::run(args),
+        Command::Bench(BenchCommand::Scan(args)) => bench::run(args),
+        Command::Bench(BenchCommand::Model(args)) => model_bench::run(args),
+        Command::Bench(BenchCommand::Train(args)) => train_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,33 +130,6 @@ pub fn write_bench_json(name: &str, value: &impl serde::Serialize) -> Result<(),
     Ok(())
 }
 
-/// The value given for `name` in `parse_flags`' result (the first one, if repeated).
-pub fn flag_value(flags: &[(String, String)], name: &str) -> Option<String> {
-    flags
-        .iter()
-        .find(|(f, _)| f == name)
-        .map(|(_, v)| v.clone())
-}
-
-/// Parses `--flag value` pairs; `flags` lists the accepted names.
-pub fn parse_flags(args: &[String], flags: &[&str]) -> Result<Vec<(String, String)>, String> {
-    let mut out = vec![];
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        if !flags.contains(&flag.as_str()) {
-            return Err(format!(
-                "unknown option `{flag}` (expected one of {})",
-                flags.join(", ")
-            ));
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("option `{flag}` needs a value"))?;
-        out.push((flag.clone(), value.clone()));
-    }
-    Ok(out)
-}
-
 /// Parity as part of `cargo test --workspace` (the README's test command): the built-in seeded
 /// cases against the f64 reference and the committed fixtures, on every path compiled in.
 #[cfg(test)]
@@ -169,17 +142,16 @@ mod parity_tests {
 
     #[test]
     fn parity_on_the_built_in_cases() {
-        crate::parity::run(&[]).unwrap_or_else(|e| panic!("{e}"));
+        crate::parity::run(&Default::default()).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]
     fn parity_on_the_committed_fixtures() {
-        let args = [
-            "--fixtures".to_string(),
-            root().join("tests/fixtures/scan").display().to_string(),
-            "--out".to_string(),
-            root().join("target/parity").display().to_string(),
-        ];
+        let args = crate::parity::Args {
+            fixtures: Some(root().join("tests/fixtures/scan")),
+            out: Some(root().join("target/parity")),
+            ..Default::default()
+        };
         crate::parity::run(&args).unwrap_or_else(|e| panic!("{e}"));
     }
 }
@@ -191,9 +163,59 @@ mod train_bench_tests {
     #[test]
     #[ignore = "trains for minutes; `cargo xtask bench train` runs the same in release"]
     fn bench_train() {
-        let args: Vec<String> = std::env::var("BENCH_TRAIN_ARGS")
+        let argv: Vec<String> = std::env::var("BENCH_TRAIN_ARGS")
             .map(|a| a.split_whitespace().map(String::from).collect())
             .unwrap_or_default();
-        crate::train_bench::run(&args).unwrap_or_else(|e| panic!("{e}"));
+        let cli = <super::Cli as clap::Parser>::try_parse_from(
+            ["xtask-runner", "bench", "train"]
+                .into_iter()
+                .map(String::from)
+                .chain(argv),
+        )
+        .unwrap_or_else(|e| panic!("BENCH_TRAIN_ARGS: {e}"));
+        match &cli.command {
+            super::Command::Bench(super::BenchCommand::Train(args)) => {
+                crate::train_bench::run(args).unwrap_or_else(|e| panic!("{e}"))
+            }
+            other => unreachable!("parsed `bench train`, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::{BenchCommand, Cli, Command};
+    use clap::Parser;
+
+    fn parse(argv: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("xtask-runner").chain(argv.iter().copied()))
+            .map_err(|e| e.render().to_string())
+    }
+
+    #[test]
+    fn commands_and_their_options_parse_into_typed_args() {
+        let cli = parse(&["bench", "scan", "--shapes", "C1,C2", "--repeats", "7"]).unwrap();
+        match cli.command {
+            Command::Bench(BenchCommand::Scan(args)) => {
+                assert_eq!(args.shapes.as_deref(), Some("C1,C2"));
+                assert_eq!(args.repeats, Some(7));
+            }
+            other => panic!("expected bench scan, got {other:?}"),
+        }
+        let cli = parse(&["parity", "--tolerance", "1e-3"]).unwrap();
+        match cli.command {
+            Command::Parity(args) => assert_eq!(args.tolerance, Some(1e-3)),
+            other => panic!("expected parity, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_options_are_refused_naming_them() {
+        let err = parse(&["bench", "scan", "--frobnicate", "1"]).unwrap_err();
+        assert!(err.contains("--frobnicate"), "{err}");
+        let err = parse(&["bench", "scan", "--repeats", "many"]).unwrap_err();
+        assert!(err.contains("--repeats") && err.contains("many"), "{err}");
+        let err = parse(&["benchmark"]).unwrap_err();
+        assert!(err.contains("benchmark"), "{err}");
     }
 }

@@ -18,8 +18,6 @@ use burn_vmamba::model::{VssmConfig, profile};
 use selective_scan::SplitMix64;
 use serde::Serialize;
 
-use crate::parse_flags;
-
 #[derive(Serialize)]
 struct Op {
     op: &'static str,
@@ -151,19 +149,30 @@ where
     })
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(
-        args,
-        &[
-            "--backend",
-            "--preset",
-            "--image-size",
-            "--batches",
-            "--train-batch",
-            "--repeats",
-        ],
-    )?;
-    let flag = |name: &str| crate::flag_value(&flags, name);
+/// `bench model` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// Comma-separated backends: ndarray, wgpu, cuda, rocm (default ndarray).
+    #[arg(long, value_name = "LIST")]
+    pub backend: Option<String>,
+    /// The preset (default tiny-s1 = T s1l8).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Image side (default 224).
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<String>,
+    /// Comma-separated inference batch sizes (default 1,8).
+    #[arg(long, value_name = "LIST")]
+    pub batches: Option<String>,
+    /// Batch of the training step (default 8; 0 skips it).
+    #[arg(long, value_name = "N")]
+    pub train_batch: Option<String>,
+    /// Timed repeats (default 3).
+    #[arg(long, value_name = "N")]
+    pub repeats: Option<String>,
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
     let count = |name: &str, value: &str| {
         value
             .parse::<usize>()
@@ -172,24 +181,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .ok_or_else(|| format!("{name}: expected a positive count, found {value:?}"))
     };
     let plan = Plan {
-        preset: flag("--preset").unwrap_or_else(|| "tiny-s1".to_string()),
-        image_size: count(
-            "--image-size",
-            &flag("--image-size").unwrap_or("224".into()),
-        )?,
-        batches: flag("--batches")
-            .unwrap_or_else(|| "1,8".to_string())
+        preset: args.preset.clone().unwrap_or_else(|| "tiny-s1".to_string()),
+        image_size: count("--image-size", args.image_size.as_deref().unwrap_or("224"))?,
+        batches: args
+            .batches
+            .as_deref()
+            .unwrap_or("1,8")
             .split(',')
             .map(|b| count("--batches", b))
             .collect::<Result<_, _>>()?,
-        train_batch: match flag("--train-batch").as_deref() {
+        train_batch: match args.train_batch.as_deref() {
             Some("0") => None,
             Some(b) => Some(count("--train-batch", b)?),
             None => Some(8),
         },
-        repeats: count("--repeats", &flag("--repeats").unwrap_or("3".into()))?,
+        repeats: count("--repeats", args.repeats.as_deref().unwrap_or("3"))?,
     };
-    let wanted = flag("--backend").unwrap_or_else(|| "ndarray".to_string());
+    let wanted = args
+        .backend
+        .clone()
+        .unwrap_or_else(|| "ndarray".to_string());
     let mut records = vec![];
     for backend in wanted.split(',') {
         let record = match backend {

@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use burn_vmamba::model::StateDict;
-use vmamba::classify::{Args, BackendName};
-
-use crate::parse_flags;
+use vmamba::classify::BackendName;
 
 #[derive(Debug, serde::Serialize)]
 struct Record {
@@ -91,14 +89,26 @@ fn classify(dir: &Path, model: &str, backend: &str) -> Result<vmamba::classify::
         "--input".to_string(),
         file(".input.safetensors"),
     ];
-    let args = Args::parse(argv)?;
+    let args = vmamba::classify::Args::parse(argv)?;
     vmamba::classify::run(&args).map_err(|e| format!("{model} on {backend}: {e}"))
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["--backend", "--fixtures", "--tolerance"])?;
-    let flag = |name: &str| crate::flag_value(&flags, name);
-    let backends: Vec<String> = match flag("--backend") {
+/// `model-parity` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// Comma-separated backends to compare with NdArray (default: every GPU backend compiled in).
+    #[arg(long, value_name = "LIST")]
+    pub backend: Option<String>,
+    /// The model fixtures (default tests/fixtures/model).
+    #[arg(long, value_name = "DIR")]
+    pub fixtures: Option<PathBuf>,
+    /// Largest accepted relative difference from NdArray's logits (default 1e-5).
+    #[arg(long, value_name = "X")]
+    pub tolerance: Option<f64>,
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let backends: Vec<String> = match &args.backend {
         Some(list) => list.split(',').map(str::to_string).collect(),
         None => {
             let mut all = vec!["wgpu".to_string()];
@@ -114,13 +124,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for b in &backends {
         BackendName::parse(b)?;
     }
-    let tolerance = match flag("--tolerance") {
-        Some(t) => t
-            .parse::<f64>()
-            .map_err(|_| format!("--tolerance must be a number, got `{t}`"))?,
-        None => 1e-5,
-    };
-    let dir = flag("--fixtures").map_or_else(default_fixtures, PathBuf::from);
+    let tolerance = args.tolerance.unwrap_or(1e-5);
+    let dir = args.fixtures.clone().unwrap_or_else(default_fixtures);
     let mut records = vec![];
     let mut failures = vec![];
     for model in models(&dir)? {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use selective_scan::{RandomSpec, ScanGrads, ScanProblem, ScanShape, SplitMix64, reference};
 
 use crate::backends::Path as Backend;
-use crate::{fixtures, parse_flags};
+use crate::fixtures;
 
 const DEFAULT_TOLERANCE: f64 = 2e-4;
 
@@ -151,10 +151,27 @@ type Outputs = Vec<(&'static str, Vec<f64>)>;
 
 const COLUMNS: [&str; 8] = ["y", "du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias"];
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["--backend", "--fixtures", "--out", "--tolerance"])?;
-    let flag = |name: &str| crate::flag_value(&flags, name);
-    let backends = Backend::select(flag("--backend").as_deref())?;
+/// `parity` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Args {
+    /// One backend or path (`wgpu`, `cubecl-wgpu`, `cuda`, `cubecl-cuda`, …); default: every one
+    /// compiled in.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// Read the cases from DIR/*.safetensors (format: src/fixtures.rs) and compare with the
+    /// expected tensors stored there, instead of the built-in cases against the f64 reference.
+    #[arg(long, value_name = "DIR")]
+    pub fixtures: Option<PathBuf>,
+    /// Write each case's outputs to DIR/<case>.<backend>.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Largest accepted error (default 2e-4).
+    #[arg(long, value_name = "X")]
+    pub tolerance: Option<f64>,
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let backends = Backend::select(args.backend.as_deref())?;
     if backends.iter().any(|b| b.uses_wgpu()) {
         crate::vulkan::require_driver()?;
     }
@@ -163,18 +180,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for runtime in runtimes {
         runtime.probe()?;
     }
-    let tolerance = match flag("--tolerance") {
-        Some(t) => t
-            .parse::<f64>()
-            .map_err(|_| format!("--tolerance must be a number, got `{t}`"))?,
-        None => DEFAULT_TOLERANCE,
-    };
-    let out_dir = flag("--out").map(PathBuf::from);
+    let tolerance = args.tolerance.unwrap_or(DEFAULT_TOLERANCE);
+    let out_dir = args.out.clone();
     if let Some(dir) = &out_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let from_fixtures = flag("--fixtures").map(PathBuf::from);
+    let from_fixtures = args.fixtures.clone();
     let cases = match &from_fixtures {
         Some(dir) => fixture_cases(dir)?,
         None => builtin_cases(),

@@ -10,8 +10,6 @@ use burn_vmamba::ops::shortcut;
 use serde::Serialize;
 use vmamba::train::{Args, Progress, run_with};
 
-use crate::parse_flags;
-
 #[derive(Serialize)]
 struct Record {
     scan: &'static str,
@@ -22,16 +20,26 @@ struct Record {
     val_images: usize,
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let flags = parse_flags(args, &["--minutes", "--epochs", "--image-size", "--only"])?;
-    let flag = |name: &str| crate::flag_value(&flags, name);
-    let minutes: f64 = match flag("--minutes") {
-        Some(m) => m
-            .parse()
-            .map_err(|_| format!("--minutes: expected a number, found {m:?}"))?,
-        None => 10.0,
-    };
-    let variants: Vec<&'static str> = match flag("--only").as_deref() {
+/// `bench train` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BenchTrainArgs {
+    /// Minutes of training per variant (default 10).
+    #[arg(long, value_name = "M")]
+    pub minutes: Option<f64>,
+    /// Epochs of the schedule (the `train` example's default otherwise).
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<String>,
+    /// Image side of the synthetic task.
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<String>,
+    /// Only one variant: exact or shortcut (default both).
+    #[arg(long, value_name = "exact|shortcut")]
+    pub only: Option<String>,
+}
+
+pub fn run(args: &BenchTrainArgs) -> Result<(), String> {
+    let minutes: f64 = args.minutes.unwrap_or(10.0);
+    let variants: Vec<&'static str> = match args.only.as_deref() {
         None => vec!["exact", "shortcut"],
         Some("exact") => vec!["exact"],
         Some("shortcut") => vec!["shortcut"],
@@ -50,9 +58,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--minutes".to_string(),
             minutes.to_string(),
         ];
-        for name in ["--epochs", "--image-size"] {
-            if let Some(value) = flag(name) {
-                argv.extend([name.to_string(), value]);
+        for (name, value) in [
+            ("--epochs", &args.epochs),
+            ("--image-size", &args.image_size),
+        ] {
+            if let Some(value) = value {
+                argv.extend([name.to_string(), value.clone()]);
             }
         }
         let args = Args::parse(argv)?;
