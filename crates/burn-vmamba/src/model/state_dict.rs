@@ -3,6 +3,9 @@
 //! [`FloatDtype`], the one decoder of stored floats both formats use. Which key goes to which
 //! parameter is [`crate::model::checkpoint`]'s job.
 
+// A load error lists every bad key and is returned once per file: its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
