@@ -186,7 +186,9 @@ impl ScanSlices<'_> {
 /// the OS (calloc maps it untouched); on Linux it is marked for transparent huge pages before
 /// the first write, so filling it takes one fault per 2 MiB instead of one per 4 KiB page (on
 /// C2, `[8, 384, 3136]`, the 4 KiB faults of the forward and backward outputs cost more than a
-/// quarter of the whole forward+backward). Only a hint: memory and results are unchanged.
+/// quarter of the whole forward+backward; on C1's 4.8 MB outputs, a single-threaded backward
+/// went from 14 to 10 ms with the hint from 2 MiB up). Only a hint: memory and results are
+/// unchanged; whole 2 MiB pages inside the buffer are all it can cover.
 fn output_buffer(n: usize) -> Vec<f32> {
     let v = vec![0.0f32; n];
     #[cfg(target_os = "linux")]
@@ -196,7 +198,7 @@ fn output_buffer(n: usize) -> Vec<f32> {
 
 #[cfg(target_os = "linux")]
 fn advise_huge_pages(v: &[f32]) {
-    const MIN_BYTES: usize = 8 << 20;
+    const MIN_BYTES: usize = 2 << 20;
     let bytes = std::mem::size_of_val(v);
     if bytes < MIN_BYTES {
         return;
@@ -761,6 +763,75 @@ impl BackwardScratch {
     }
 }
 
+/// The task's lane arrays the backward reads, and the skip `D` per lane.
+struct BackwardInputs<'a> {
+    u: &'a [V],
+    dy: &'a [V],
+    dt: &'a [V],
+    /// softplus' slope `sigmoid(delta + bias)` (1 without softplus).
+    slope: &'a [V],
+    skip: V,
+}
+
+/// State `n` of the backward: the replay `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` into
+/// `(decay, h, du, dΔ)`'s first two, then the adjoint `ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t`
+/// from `t = L − 1` down with every gradient term; returns this state's `dA` lanes. `FIRST`:
+/// `du` starts at `D·dy` and `dΔ` at 0 here (no pass of their own) and `dD` is summed during the
+/// replay; `LAST`: `dΔ` leaves through softplus' slope and is summed into `dΔ_bias`. The bits
+/// are those of separate passes, but for `dΔ_bias`, summed from `t = L − 1` down.
+#[inline(always)]
+fn backward_state<const F: bool, const FIRST: bool, const LAST: bool>(
+    x: &BackwardInputs<'_>,
+    a_n: V,
+    (b_row, c_row): (&[f32], &[f32]),
+    (decay, h, du, ddt): (&mut [V], &mut [V], &mut [V], &mut [V]),
+    (db, dc): (&mut [f32], &mut [f32]),
+    (dd, dbias): (&mut BlockedSum, &mut BlockedSum),
+) -> V {
+    let l = x.u.len();
+    let (u, dy, dt, slope) = (x.u, x.dy, &x.dt[..l], &x.slope[..l]);
+    let (decay, h, du, ddt) = (&mut decay[..l], &mut h[..=l], &mut du[..l], &mut ddt[..l]);
+    let (b_row, c_row, db, dc) = (&b_row[..l], &c_row[..l], &mut db[..l], &mut dc[..l]);
+    let mut state = ZERO;
+    h[0] = ZERO;
+    for t in 0..l {
+        decay[t] = exp_v::<F>(mul(dt[t], a_n));
+        state = fma::<F>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
+        h[t + 1] = state;
+        if FIRST {
+            dd.add(mul(dy[t], u[t]));
+        }
+    }
+    let mut adj = ZERO;
+    let mut next_decay = ZERO;
+    let mut da = BlockedSum::new();
+    for t in (0..l).rev() {
+        adj = fma::<F>(next_decay, adj, mul(dy[t], splat(c_row[t])));
+        next_decay = decay[t];
+        let b_t = splat(b_row[t]);
+        let adj_dt = mul(adj, dt[t]);
+        let a_h = mul(decay[t], h[t]);
+        let (du_in, ddt_in) = if FIRST {
+            (mul(x.skip, dy[t]), ZERO)
+        } else {
+            (du[t], ddt[t])
+        };
+        du[t] = fma::<F>(adj_dt, b_t, du_in);
+        let g = fma::<F>(adj, fma::<F>(a_n, a_h, mul(b_t, u[t])), ddt_in);
+        ddt[t] = if LAST {
+            let g = mul(g, slope[t]);
+            dbias.add(g);
+            g
+        } else {
+            g
+        };
+        da.add(mul(adj_dt, a_h));
+        db[t] = hsum(mul(adj_dt, u[t]));
+        dc[t] = hsum(mul(dy[t], h[t + 1]));
+    }
+    da.sum()
+}
+
 #[inline(always)]
 fn backward_task<const F: bool>(
     isa: Isa,
@@ -797,60 +868,46 @@ fn backward_task<const F: bool>(
         &mut ddt[..l],
     );
     let h = &mut h[..=l];
-    let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
-    // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t;  dD = Σ_t dy_t u_t
-    let mut dd = BlockedSum::new();
-    for t in 0..l {
-        du[t] = mul(skip, dy[t]);
-        ddt[t] = ZERO;
-        dd.add(mul(dy[t], u[t]));
-    }
+    let inputs = BackwardInputs {
+        u,
+        dy,
+        dt,
+        slope,
+        skip: task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch])),
+    };
     let mut out = TaskOut {
         db: vec![0.0; n_state * l],
         dc: vec![0.0; n_state * l],
         da: vec![ZERO; n_state],
-        dd: dd.sum(),
+        dd: ZERO,
         dbias: ZERO,
     };
+    // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t and dD = Σ_t dy_t u_t start with the first state; dΔ
+    // leaves through softplus' slope (1 without softplus) with the last, dΔ_bias = Σ_t dΔ_t.
+    let (mut dd, mut dbias) = (BlockedSum::new(), BlockedSum::new());
     for n in 0..n_state {
         let a_n = task.lanes(0.0, |ch| p.a[ch * n_state + n]);
-        let (b_row, c_row) = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
-        // Replay: h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t.
-        let mut state = ZERO;
-        h[0] = ZERO;
-        for t in 0..l {
-            decay[t] = exp_v::<F>(mul(dt[t], a_n));
-            state = fma::<F>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
-            h[t + 1] = state;
-        }
-        // Backwards: ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t, and every gradient term.
-        let (db, dc) = (
+        let rows = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
+        let work = (&mut decay[..], &mut h[..], &mut du[..], &mut ddt[..]);
+        let grads = (
             &mut out.db[n * l..(n + 1) * l],
             &mut out.dc[n * l..(n + 1) * l],
         );
-        let mut adj = ZERO;
-        let mut next_decay = ZERO;
-        let mut da = BlockedSum::new();
-        for t in (0..l).rev() {
-            adj = fma::<F>(next_decay, adj, mul(dy[t], splat(c_row[t])));
-            next_decay = decay[t];
-            let b_t = splat(b_row[t]);
-            let adj_dt = mul(adj, dt[t]);
-            let a_h = mul(decay[t], h[t]);
-            du[t] = fma::<F>(adj_dt, b_t, du[t]);
-            ddt[t] = fma::<F>(adj, fma::<F>(a_n, a_h, mul(b_t, u[t])), ddt[t]);
-            da.add(mul(adj_dt, a_h));
-            db[t] = hsum(mul(adj_dt, u[t]));
-            dc[t] = hsum(mul(dy[t], h[t + 1]));
-        }
-        out.da[n] = da.sum();
+        let sums = (&mut dd, &mut dbias);
+        out.da[n] = match (n == 0, n + 1 == n_state) {
+            (true, true) => backward_state::<F, true, true>(&inputs, a_n, rows, work, grads, sums),
+            (true, false) => {
+                backward_state::<F, true, false>(&inputs, a_n, rows, work, grads, sums)
+            }
+            (false, true) => {
+                backward_state::<F, false, true>(&inputs, a_n, rows, work, grads, sums)
+            }
+            (false, false) => {
+                backward_state::<F, false, false>(&inputs, a_n, rows, work, grads, sums)
+            }
+        };
     }
-    // dΔ: through softplus when it is one (slope = 1 otherwise); dΔ_bias = Σ_t dΔ_t.
-    let mut dbias = BlockedSum::new();
-    for (g, s) in ddt.iter_mut().zip(slope.iter()) {
-        *g = mul(*g, *s);
-        dbias.add(*g);
-    }
+    out.dd = dd.sum();
     out.dbias = dbias.sum();
     scatter(isa, du, task.count, l, du_rows);
     scatter(isa, ddt, task.count, l, dd_rows);
