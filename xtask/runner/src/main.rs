@@ -202,6 +202,21 @@ mod cli_tests {
             }
             other => panic!("expected bench scan, got {other:?}"),
         }
+        let cli = parse(&["bench", "model"]).unwrap();
+        match cli.command {
+            Command::Bench(BenchCommand::Model(args)) => {
+                assert_eq!(
+                    (
+                        args.image_size,
+                        args.batches,
+                        args.train_batch,
+                        args.repeats
+                    ),
+                    (224, vec![1, 8], 8, 3)
+                );
+            }
+            other => panic!("expected bench model, got {other:?}"),
+        }
         let cli = parse(&["parity", "--tolerance", "1e-3"]).unwrap();
         match cli.command {
             Command::Parity(args) => assert_eq!(args.tolerance, Some(1e-3)),
@@ -215,6 +230,11 @@ mod cli_tests {
         assert!(err.contains("--frobnicate"), "{err}");
         let err = parse(&["bench", "scan", "--repeats", "many"]).unwrap_err();
         assert!(err.contains("--repeats") && err.contains("many"), "{err}");
+        let err = parse(&["bench", "model", "--batches", "1,0"]).unwrap_err();
+        assert!(
+            err.contains("--batches") && err.contains("positive"),
+            "{err}"
+        );
         let err = parse(&["benchmark"]).unwrap_err();
         assert!(err.contains("benchmark"), "{err}");
     }

@@ -39,14 +39,6 @@ struct Record {
     ops: Vec<Op>,
 }
 
-struct Plan {
-    preset: String,
-    image_size: usize,
-    batches: Vec<usize>,
-    train_batch: Option<usize>,
-    repeats: usize,
-}
-
 fn images<B: BurnBackend>(batch: usize, size: usize, device: &B::Device) -> Tensor<B, 4> {
     let values = SplitMix64::new(batch as u64).vec(batch * 3 * size * size, -2.0, 2.0);
     Tensor::from_data(TensorData::new(values, [batch, 3, size, size]), device)
@@ -56,51 +48,53 @@ fn sync<B: BurnBackend>(device: &B::Device) {
     B::sync(device).unwrap_or_else(|e| panic!("device sync failed: {e:?}"));
 }
 
-fn bench_backend<B>(name: &str, device: &B::Device, plan: &Plan) -> Result<Record, String>
+fn bench_backend<B>(name: &str, device: &B::Device, args: &Args) -> Result<Record, String>
 where
     B: AutodiffBackend + SelectiveScanBackend,
     B::InnerBackend: SelectiveScanBackend,
 {
-    let config = VssmConfig::preset(&plan.preset).map_err(|e| format!("--preset: {e}"))?;
+    let config = VssmConfig::preset(&args.preset).map_err(|e| format!("--preset: {e}"))?;
     let classes = config.num_classes;
-    let size = plan.image_size;
+    let size = args.image_size;
     let model = config.init::<B>(device);
     let inner = model.valid();
     let mut inference = vec![];
-    for &batch in &plan.batches {
+    for &batch in &args.batches {
         let x = images::<B::InnerBackend>(batch, size, device);
-        let ms = crate::median_ms(plan.repeats, || {
+        let ms = crate::median_ms(args.repeats, || {
             std::hint::black_box(inner.forward(x.clone()));
             sync::<B::InnerBackend>(device);
         });
         println!(
             "{name} {}: inference batch {batch}: {ms:.1} ms ({:.2} images/s)",
-            plan.preset,
+            args.preset,
             batch as f64 / ms * 1e3
         );
         inference.push((batch, ms, batch as f64 / ms * 1e3));
     }
-    let train_step = plan.train_batch.map(|batch| {
-        let x = images::<B>(batch, size, device);
-        let labels: Vec<i64> = (0..batch).map(|i| (i * 7 % classes) as i64).collect();
-        let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), device);
-        let loss_fn = CrossEntropyLossConfig::new().init(device);
-        let mut optim = AdamWConfig::new().with_weight_decay(0.05).init();
-        let mut model = Some(model.clone());
-        let ms = crate::median_ms(plan.repeats.div_ceil(2), || {
-            let m = model.take().expect("the model is put back after each step");
-            let loss = loss_fn.forward(m.forward(x.clone()), labels.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            model = Some(optim.step(1e-4, m, grads));
-            sync::<B>(device);
+    let train_step = (args.train_batch > 0)
+        .then_some(args.train_batch)
+        .map(|batch| {
+            let x = images::<B>(batch, size, device);
+            let labels: Vec<i64> = (0..batch).map(|i| (i * 7 % classes) as i64).collect();
+            let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), device);
+            let loss_fn = CrossEntropyLossConfig::new().init(device);
+            let mut optim = AdamWConfig::new().with_weight_decay(0.05).init();
+            let mut model = Some(model.clone());
+            let ms = crate::median_ms(args.repeats.div_ceil(2), || {
+                let m = model.take().expect("the model is put back after each step");
+                let loss = loss_fn.forward(m.forward(x.clone()), labels.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &m);
+                model = Some(optim.step(1e-4, m, grads));
+                sync::<B>(device);
+            });
+            println!(
+                "{name} {}: training step batch {batch}: {ms:.0} ms ({:.2} images/s)",
+                args.preset,
+                batch as f64 / ms * 1e3
+            );
+            (batch, ms, batch as f64 / ms * 1e3)
         });
-        println!(
-            "{name} {}: training step batch {batch}: {ms:.0} ms ({:.2} images/s)",
-            plan.preset,
-            batch as f64 / ms * 1e3
-        );
-        (batch, ms, batch as f64 / ms * 1e3)
-    });
     // Per-op breakdown of one inference pass at batch 1 (after the warm-ups above).
     let x = images::<B::InnerBackend>(1, size, device);
     profile::start();
@@ -125,7 +119,7 @@ where
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     println!(
         "{name} {}: profiled inference, batch 1: {:.1} ms in {} op kinds; top 10:",
-        plan.preset,
+        args.preset,
         total * 1e3,
         ops.len()
     );
@@ -141,7 +135,7 @@ where
     }
     Ok(Record {
         backend: name.to_string(),
-        preset: plan.preset.clone(),
+        preset: args.preset.clone(),
         image_size: size,
         inference,
         train_step,
@@ -150,74 +144,61 @@ where
 }
 
 /// `bench model` options.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Comma-separated backends: ndarray, wgpu, cuda, rocm (default ndarray).
-    #[arg(long, value_name = "LIST")]
-    pub backend: Option<String>,
-    /// The preset (default tiny-s1 = T s1l8).
-    #[arg(long, value_name = "NAME")]
-    pub preset: Option<String>,
-    /// Image side (default 224).
-    #[arg(long, value_name = "N")]
-    pub image_size: Option<String>,
-    /// Comma-separated inference batch sizes (default 1,8).
-    #[arg(long, value_name = "LIST")]
-    pub batches: Option<String>,
-    /// Batch of the training step (default 8; 0 skips it).
-    #[arg(long, value_name = "N")]
-    pub train_batch: Option<String>,
-    /// Timed repeats (default 3).
-    #[arg(long, value_name = "N")]
-    pub repeats: Option<String>,
+    /// Comma-separated backends: ndarray, wgpu, cuda, rocm.
+    #[arg(long, value_name = "LIST", default_value = "ndarray")]
+    pub backend: String,
+    /// The preset (tiny-s1 = T s1l8).
+    #[arg(long, value_name = "NAME", default_value = "tiny-s1")]
+    pub preset: String,
+    /// Image side.
+    #[arg(long, value_name = "N", default_value = "224", value_parser = positive)]
+    pub image_size: usize,
+    /// Comma-separated inference batch sizes.
+    // `std::vec::Vec`: one value parsed into the list (clap would take `Vec<_>` as repeats).
+    #[arg(long, value_name = "LIST", default_value = "1,8", value_parser = positive_list)]
+    pub batches: std::vec::Vec<usize>,
+    /// Batch of the training step (0 skips it).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub train_batch: usize,
+    /// Timed repeats.
+    #[arg(long, value_name = "N", default_value = "3", value_parser = positive)]
+    pub repeats: usize,
+}
+
+/// A count ≥ 1.
+fn positive(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("expected a positive count, found {value:?}"))
+}
+
+/// Comma-separated counts ≥ 1.
+fn positive_list(value: &str) -> Result<Vec<usize>, String> {
+    value.split(',').map(positive).collect()
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
-    let count = |name: &str, value: &str| {
-        value
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{name}: expected a positive count, found {value:?}"))
-    };
-    let plan = Plan {
-        preset: args.preset.clone().unwrap_or_else(|| "tiny-s1".to_string()),
-        image_size: count("--image-size", args.image_size.as_deref().unwrap_or("224"))?,
-        batches: args
-            .batches
-            .as_deref()
-            .unwrap_or("1,8")
-            .split(',')
-            .map(|b| count("--batches", b))
-            .collect::<Result<_, _>>()?,
-        train_batch: match args.train_batch.as_deref() {
-            Some("0") => None,
-            Some(b) => Some(count("--train-batch", b)?),
-            None => Some(8),
-        },
-        repeats: count("--repeats", args.repeats.as_deref().unwrap_or("3"))?,
-    };
-    let wanted = args
-        .backend
-        .clone()
-        .unwrap_or_else(|| "ndarray".to_string());
     let mut records = vec![];
-    for backend in wanted.split(',') {
+    for backend in args.backend.split(',') {
         let record = match backend {
-            "ndarray" => bench_backend::<Autodiff<NdArray>>("ndarray", &Default::default(), &plan)?,
+            "ndarray" => bench_backend::<Autodiff<NdArray>>("ndarray", &Default::default(), args)?,
             "wgpu" => {
                 crate::backends::Backend::Wgpu.probe()?;
-                bench_backend::<Autodiff<burn::backend::Wgpu>>("wgpu", &Default::default(), &plan)?
+                bench_backend::<Autodiff<burn::backend::Wgpu>>("wgpu", &Default::default(), args)?
             }
             #[cfg(feature = "cuda")]
             "cuda" => {
                 crate::backends::Backend::Cuda.probe()?;
-                bench_backend::<Autodiff<burn::backend::Cuda>>("cuda", &Default::default(), &plan)?
+                bench_backend::<Autodiff<burn::backend::Cuda>>("cuda", &Default::default(), args)?
             }
             #[cfg(feature = "rocm")]
             "rocm" => {
                 crate::backends::Backend::Rocm.probe()?;
-                bench_backend::<Autodiff<burn::backend::Rocm>>("rocm", &Default::default(), &plan)?
+                bench_backend::<Autodiff<burn::backend::Rocm>>("rocm", &Default::default(), args)?
             }
             other => {
                 return Err(format!(
