@@ -46,17 +46,11 @@ pub enum BackendName {
 }
 
 impl BackendName {
-    /// Parses `ndarray`, `wgpu`, `cuda` or `rocm`.
+    /// Parses `ndarray`, `wgpu`, `cuda` or `rocm` (the names `--backend` takes).
     pub fn parse(name: &str) -> Result<Self, String> {
-        match name {
-            "ndarray" => Ok(BackendName::NdArray),
-            "wgpu" => Ok(BackendName::Wgpu),
-            "cuda" => Ok(BackendName::Cuda),
-            "rocm" => Ok(BackendName::Rocm),
-            other => Err(format!(
-                "--backend: unknown backend {other:?}; expected ndarray, wgpu, cuda or rocm"
-            )),
-        }
+        <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
+            format!("--backend: unknown backend {name:?}; expected ndarray, wgpu, cuda or rocm")
+        })
     }
 }
 
@@ -125,6 +119,16 @@ pub(crate) fn read_f32<B: burn::tensor::backend::Backend, const D: usize>(
         .map_err(|e| format!("reading a {D}-D tensor back: {e:?}"))
 }
 
+/// `args` (after the program name) as `program`'s command line; an error or `--help` comes
+/// back as the text clap would print (`classify` and `train` share it).
+pub(crate) fn parse_args<T: clap::Parser>(
+    program: &str,
+    args: impl IntoIterator<Item = String>,
+) -> Result<T, String> {
+    T::try_parse_from(std::iter::once(program.to_string()).chain(args))
+        .map_err(|e| e.render().to_string())
+}
+
 /// Command-line arguments of `classify` (clap; `--help` prints these descriptions).
 #[derive(Debug, Clone, PartialEq, clap::Parser)]
 #[command(
@@ -162,8 +166,7 @@ impl Args {
     /// Parses the arguments after the program name; an error (or `--help`) comes back as the
     /// text clap would print.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
-        <Self as clap::Parser>::try_parse_from(std::iter::once("classify".to_string()).chain(args))
-            .map_err(|e| e.render().to_string())
+        parse_args("classify", args)
     }
 
     /// The process's arguments; prints help or the error and exits as clap does (0 for

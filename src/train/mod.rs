@@ -409,10 +409,7 @@ impl Args {
     /// Parses the arguments after the program name; an error (or `--help`) comes back as the
     /// text clap would print.
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, String> {
-        let args = <Self as clap::Parser>::try_parse_from(
-            std::iter::once("train".to_string()).chain(args),
-        )
-        .map_err(|e| e.render().to_string())?;
+        let args: Self = crate::classify::parse_args("train", args)?;
         args.check()?;
         Ok(args)
     }
