@@ -61,6 +61,13 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl From<ConfigProblem> for ConfigError {
+    /// A single problem.
+    fn from(problem: ConfigProblem) -> Self {
+        Self::Invalid(vec![problem])
+    }
+}
+
 /// One problem of a config: the field (or upstream keyword) and what is wrong with it
 /// (`"expected …, found …"`). Displayed as `field: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,7 +56,7 @@ impl ForwardType {
         let nozact = strip("_nozact");
         let onnone = strip("_onnone");
         if !FORWARD_TYPE_BASES.contains(&rest) {
-            return Err(ConfigError::Invalid(vec![ConfigProblem::new(
+            return Err(ConfigProblem::new(
                 "forward_type",
                 format!(
                     "{value:?} is not supported: expected one of {} with optional suffixes {} \
@@ -65,14 +65,16 @@ impl ForwardType {
                     FORWARD_TYPE_BASES.join(", "),
                     FORWARD_TYPE_SUFFIXES.join(", ")
                 ),
-            )]));
+            )
+            .into());
         }
         let vanilla = rest == "v0";
         if vanilla && (value != "v0") {
-            return Err(ConfigError::Invalid(vec![ConfigProblem::new(
+            return Err(ConfigProblem::new(
                 "forward_type",
                 format!("{value:?}: upstream's v0 takes no suffix (expected \"v0\")"),
-            )]));
+            )
+            .into());
         }
         let gate = match (noz, nozact) {
             (true, _) => Gate::None,
@@ -131,10 +133,10 @@ impl VssmConfig {
     /// value and what is supported.
     pub fn from_upstream(kwargs: &Value) -> Result<Self, ConfigError> {
         let map = kwargs.as_object().ok_or_else(|| {
-            ConfigError::Invalid(vec![ConfigProblem::new(
+            ConfigProblem::new(
                 "kwargs",
                 format!("expected a JSON object of VSSM keywords, found {kwargs}"),
-            )])
+            )
         })?;
         let mut p = Parser {
             map,
