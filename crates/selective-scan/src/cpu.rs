@@ -27,7 +27,9 @@
 //! aarch64) and, on x86-64, with AVX2 + FMA enabled (`#[target_feature]`), chosen at run time by
 //! [`Isa::detect`] (`is_x86_feature_detected!`). The lane arithmetic is written on `[f32; 8]`
 //! arrays, which LLVM turns into one AVX2 register (two SSE/NEON registers); no SIMD crate is
-//! needed, and the portable path is the same source. With FMA (AVX2 path; NEON, where FMA is
+//! needed, and the portable path is the same source (except the gathers' and scatters' 8 × 8
+//! transposes, which LLVM did not vectorise: written with AVX intrinsics, module `transpose`,
+//! used on the AVX2 path only). With FMA (AVX2 path; NEON, where FMA is
 //! baseline) the multiply-adds are fused, so the bits differ from the portable path's, each
 //! within the same error bounds; a given machine always takes the same path. AVX-512 is not
 //! used: on the machines measured, 8 lanes already made the transcendentals the bound.
