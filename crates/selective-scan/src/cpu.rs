@@ -3,57 +3,57 @@
 //!
 //! # Layout: one SIMD lane per channel
 //! The recurrence `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` is sequential in `t` but independent
-//! across channels, so a task takes [`LANES`] = 8 consecutive channels of one `(batch, group)`
-//! and runs the time loop with one channel per lane: every step is a handful of 8-wide
-//! multiply-adds and one 8-wide `exp`, with no dependency between lanes. `B_t` and `C_t` are
-//! shared by the group's channels and are broadcast. The task gathers its rows of `u`, `delta`
-//! (and `dy`) into lane-major scratch `[L][8]` once, runs every state over it, and scatters its
-//! outputs back into the `[B, D, L]` rows (8 × 8 blocks transposed with AVX shuffles where the
-//! CPU has them, see `transpose`); a block with fewer than 8 channels (the group's last) fills
-//! the spare lanes with zeros (`u = dy = A = 0`), which contribute exact zeros to every sum.
+//! across channels, so a task takes `W` consecutive channels of one `(batch, group)` (`W` =
+//! [`Isa::lanes`] in the forward: 16 with AVX-512, 8 otherwise; 8 in every backward, see
+//! [`backward_on`]) and runs the time loop with one channel per
+//! lane: every step is a handful of `W`-wide multiply-adds and one `W`-wide `exp`, with no
+//! dependency between lanes. `B_t` and `C_t` are shared by the group's channels and are
+//! broadcast. The task gathers its rows of `u`, `delta` (and `dy`) into lane-major scratch
+//! `[L][W]` once, runs every state over it, and scatters its outputs back into the `[B, D, L]`
+//! rows (8 × 8 tiles transposed with AVX shuffles where the CPU has them, see `transpose`); a
+//! block with fewer than `W` channels (the group's last) fills the spare lanes with zeros
+//! (`u = dy = A = 0`), which contribute exact zeros to every sum.
 //! - Forward: `Δ` (softplus) per lane, then states in chunks of 4 (four independent recurrences
 //!   per step for instruction-level parallelism), `y_t = D u_t + Σ_n C_{n,t} h_{n,t}` accumulated
 //!   in state order.
-//! - Backward, per state: replay `h` forward into an `[L + 1][8]` buffer (keeping `exp(Δ_t A)`),
+//! - Backward, per state: replay `h` forward into an `[L + 1][W]` buffer (keeping `exp(Δ_t A)`),
 //!   then one backward pass for the adjoint `ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t` that also
 //!   accumulates every formula of [`crate::reference`]: `du`, `dΔ` per lane; `dB_t`, `dC_t` as
-//!   the sum over the 8 lanes (a fixed pairwise tree); `dA`, `dD`, `dΔ_bias` as sums over `t` in
-//!   blocks of [`SUM_BLOCK`]. `dB`/`dC` are summed over the task's lanes by the task and over
+//!   the sum over the `W` lanes (a fixed pairwise tree); `dA`, `dD`, `dΔ_bias` as sums over `t`
+//!   in blocks of [`SUM_BLOCK`]. `dB`/`dC` are summed over the task's lanes by the task and over
 //!   tasks afterwards, `dA`/`dD`/`ddelta_bias` over the batch afterwards, always in the same
 //!   order: the bits do not depend on the number of threads.
 //!
 //! # Instruction sets
-//! The same generic code is compiled twice: for the target's baseline (SSE2 on x86-64, NEON on
-//! aarch64) and, on x86-64, with AVX2 + FMA enabled (`#[target_feature]`), chosen at run time by
-//! [`Isa::detect`] (`is_x86_feature_detected!`). The lane arithmetic is written on `[f32; 8]`
-//! arrays, which LLVM turns into one AVX2 register (two SSE/NEON registers); no SIMD crate is
-//! needed, and the portable path is the same source (except the gathers' and scatters' 8 × 8
-//! transposes, which LLVM did not vectorise: written with AVX intrinsics, module `transpose`,
-//! used on the AVX2 path only). With FMA (AVX2 path; NEON, where FMA is
-//! baseline) the multiply-adds are fused, so the bits differ from the portable path's, each
-//! within the same error bounds; a given machine always takes the same path. AVX-512 is not
-//! used: on the machines measured, 8 lanes already made the transcendentals the bound.
-//! The transcendentals are [`crate::fastmath`]'s branch-free `exp`/`softplus`/`sigmoid`
-//! (≤ 2.5e-7 relative, with or without FMA).
+//! The same generic code (over the lane count `W`) is compiled for the target's baseline (SSE2
+//! on x86-64, NEON on aarch64) and, on x86-64, with AVX2 + FMA and with AVX-512F enabled
+//! (`#[target_feature]`), chosen at run time by [`Isa::detect`] (`is_x86_feature_detected!`).
+//! The lane arithmetic is written on `[f32; W]` arrays, which LLVM turns into one AVX2 or
+//! AVX-512 register (two SSE/NEON registers); no SIMD crate is needed, and the portable path is
+//! the same source (except the gathers' and scatters' 8 × 8 transposes, which LLVM did not
+//! vectorise: written with AVX intrinsics, module `transpose`, used on the AVX2 and AVX-512
+//! paths). With FMA (AVX2 and AVX-512 paths; NEON, where FMA is baseline) the multiply-adds are
+//! fused, so the bits differ from the portable path's, each within the same error bounds. A
+//! given machine always takes the same path, and every path is tested against the f64
+//! reference where the CPU has it. AVX-512 doubles the lanes of every instruction: on the
+//! 2-core development machine (Xeon with AVX-512) a 16-lane exp runs about 1.8× as many
+//! exponentials per second as an 8-lane one, and the 16-lane forward takes 0.8× the time of
+//! the 8-lane one (C2: 14.2 vs 18.5 ms). The backward stays on 8 lanes (AVX-512 machines run
+//! the AVX2 backward): with 16, LLVM's SLP vectoriser split its adjoint loop into 128-bit and
+//! scalar pieces and it was slower. Loops whose body is only lane arithmetic (no recurrence)
+//! are avoided: LLVM vectorised them across `t` instead, with AVX-512 gathers and scatters; such
+//! work is fused into the gathers or the first recurrence. The transcendentals are [`crate::fastmath`]'s
+//! branch-free `exp`/`softplus`/`sigmoid` (≤ 2.5e-7 relative, with or without FMA); the decays
+//! `exp(Δ·A)` (`Δ·A ≤ 0`, checked on entry) use its cheaper `exp_decay_with`.
 
 use rayon::prelude::*;
 
-use crate::fastmath::{exp_with, softplus_sigmoid_with, softplus_with};
+use crate::fastmath::{exp_decay_with, exp_with, softplus_sigmoid_with, softplus_with};
 use crate::{ScanError, ScanGrads, ScanProblem, ScanShape};
-
-/// SIMD lanes of the CPU scan: channels per task.
-pub const LANES: usize = 8;
-
-/// Channels per task (= [`LANES`]); fixed so results do not depend on the number of threads.
-pub const CHANNELS_PER_TASK: usize = LANES;
 
 /// Sums over `t` (`dA`, `dD`, `dΔ_bias`) add blocks of this many terms, then the blocks: the
 /// rounding error grows with `SUM_BLOCK + L / SUM_BLOCK` terms instead of `L`.
 pub const SUM_BLOCK: usize = 64;
-
-/// One value per lane (channel).
-type V = [f32; LANES];
-const ZERO: V = [0.0; LANES];
 
 /// The instruction set a CPU scan runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,14 +62,19 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2 and FMA (detected at run time).
     Avx2Fma,
+    /// x86-64 with AVX-512F (and AVX2, FMA): 16 lanes (detected at run time).
+    Avx512,
     /// aarch64's NEON with fused multiply-adds (baseline there).
     Neon,
 }
 
 impl Isa {
+    /// Every instruction set, portable first.
+    pub const ALL: [Self; 4] = [Self::Portable, Self::Avx2Fma, Self::Avx512, Self::Neon];
+
     /// The fastest set this CPU supports.
     pub fn detect() -> Self {
-        [Self::Avx2Fma, Self::Neon]
+        [Self::Avx512, Self::Avx2Fma, Self::Neon]
             .into_iter()
             .find(|isa| isa.is_available())
             .unwrap_or(Self::Portable)
@@ -84,18 +89,32 @@ impl Isa {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => {
+                Self::Avx2Fma.is_available() && std::arch::is_x86_feature_detected!("avx512f")
+            }
             Self::Neon => cfg!(target_arch = "aarch64"),
             #[allow(unreachable_patterns)]
             _ => false,
         }
     }
 
-    /// A short name for reports: `portable`, `avx2+fma`, `neon`.
+    /// A short name for reports: `portable`, `avx2+fma`, `avx512`, `neon`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
             Self::Avx2Fma => "avx2+fma",
+            Self::Avx512 => "avx512",
             Self::Neon => "neon",
+        }
+    }
+
+    /// SIMD lanes (channels per task) of the forward scan on this set: 16 with AVX-512, 8
+    /// otherwise (the backward runs 8 everywhere, see [`backward_on`]).
+    pub fn lanes(self) -> usize {
+        match self {
+            Self::Avx512 => 16,
+            _ => 8,
         }
     }
 
@@ -235,26 +254,34 @@ pub fn exp_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
     fn run_avx2(xs: &[f32], out: &mut [f32]) {
         run::<true>(xs, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn run_avx512(xs: &[f32], out: &mut [f32]) {
+        run::<true>(xs, out);
+    }
     match isa {
         // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { run_avx2(xs, out) },
+        // SAFETY: `isa.check()` found AVX-512F, AVX2 and FMA on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_avx512(xs, out) },
         Isa::Neon => run::<true>(xs, out),
         _ => run::<false>(xs, out),
     }
 }
 
-// ---- Lane arithmetic: `[f32; 8]`, written so that LLVM emits one vector op per line. ----
+// ---- Lane arithmetic: `[f32; W]`, written so that LLVM emits one vector op per line. ----
 
 #[inline(always)]
-fn splat(x: f32) -> V {
-    [x; LANES]
+fn splat<const W: usize>(x: f32) -> [f32; W] {
+    [x; W]
 }
 
 #[inline(always)]
-fn mul(a: V, b: V) -> V {
-    let mut o = ZERO;
-    for i in 0..LANES {
+fn mul<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
+    let mut o = [0.0; W];
+    for i in 0..W {
         o[i] = a[i] * b[i];
     }
     o
@@ -262,9 +289,9 @@ fn mul(a: V, b: V) -> V {
 
 /// `a · b + c` per lane, fused when `F` (see [`crate::fastmath::exp_with`]).
 #[inline(always)]
-fn fma<const F: bool>(a: V, b: V, c: V) -> V {
-    let mut o = ZERO;
-    for i in 0..LANES {
+fn fma<const F: bool, const W: usize>(a: [f32; W], b: [f32; W], c: [f32; W]) -> [f32; W] {
+    let mut o = [0.0; W];
+    for i in 0..W {
         o[i] = if F {
             a[i].mul_add(b[i], c[i])
         } else {
@@ -275,63 +302,95 @@ fn fma<const F: bool>(a: V, b: V, c: V) -> V {
 }
 
 #[inline(always)]
-fn add(a: V, b: V) -> V {
-    let mut o = ZERO;
-    for i in 0..LANES {
+fn add<const W: usize>(a: [f32; W], b: [f32; W]) -> [f32; W] {
+    let mut o = [0.0; W];
+    for i in 0..W {
         o[i] = a[i] + b[i];
     }
     o
 }
 
+/// `e^x` per lane for `x ≤ 0` (the decays, see [`exp_decay_with`]).
 #[inline(always)]
-fn exp_v<const F: bool>(x: V) -> V {
-    let mut o = ZERO;
-    for i in 0..LANES {
-        o[i] = exp_with::<F>(x[i]);
+fn exp_decay_v<const F: bool, const W: usize>(x: [f32; W]) -> [f32; W] {
+    let mut o = [0.0; W];
+    for i in 0..W {
+        o[i] = exp_decay_with::<F>(x[i]);
     }
     o
 }
 
-/// The sum of the 8 lanes, as a fixed pairwise tree.
+/// The sum of the lanes as a fixed pairwise tree (lane `i` + lane `i + W/2`, halving).
 #[inline(always)]
-fn hsum(v: V) -> f32 {
-    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-    (q[0] + q[2]) + (q[1] + q[3])
+fn hsum<const W: usize>(v: [f32; W]) -> f32 {
+    let mut v = v;
+    let mut n = W;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
 }
 
 /// A per-lane sum over `t` in blocks of [`SUM_BLOCK`] terms.
-struct BlockedSum {
-    block: V,
-    total: V,
+struct BlockedSum<const W: usize> {
+    block: [f32; W],
+    total: [f32; W],
     terms: usize,
 }
 
-impl BlockedSum {
+impl<const W: usize> BlockedSum<W> {
     fn new() -> Self {
         Self {
-            block: ZERO,
-            total: ZERO,
+            block: [0.0; W],
+            total: [0.0; W],
             terms: 0,
         }
     }
 
     #[inline(always)]
-    fn add(&mut self, x: V) {
+    fn add(&mut self, x: [f32; W]) {
         self.block = add(self.block, x);
         self.terms += 1;
         if self.terms == SUM_BLOCK {
             self.total = add(self.total, self.block);
-            self.block = ZERO;
+            self.block = [0.0; W];
             self.terms = 0;
         }
     }
 
-    fn sum(self) -> V {
+    fn sum(self) -> [f32; W] {
         add(self.total, self.block)
     }
 }
 
-// ---- Tasks: 8 consecutive channels of one (batch, group). ----
+/// One 64-byte line of scratch (an AVX-512 register, a cache line).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// Per-thread scratch of lane vectors, 64-byte aligned so that no vector load straddles two
+/// cache lines (unaligned 16-lane loads would straddle every time).
+#[derive(Default)]
+struct LaneBuf(Vec<Line>);
+
+impl LaneBuf {
+    /// The first `n` lane vectors of `W` lanes; grows the buffer (zeroed) if needed and never
+    /// shrinks it: the scratch is reused by every scan the thread runs, e.g. a model's stages.
+    fn get<const W: usize>(&mut self, n: usize) -> &mut [[f32; W]] {
+        let lines = (n * W).div_ceil(16);
+        if self.0.len() < lines {
+            self.0 = vec![Line([0.0; 16]); lines];
+        }
+        // SAFETY: the buffer holds `lines · 16 ≥ n · W` initialised f32, and `[f32; W]` has the
+        // alignment of f32 (the buffer's is 64) and no padding; the slice borrows `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<[f32; W]>(), n) }
+    }
+}
+
+// ---- Tasks: `W` consecutive channels of one (batch, group). ----
 
 /// Where a task's channels are.
 #[derive(Clone, Copy)]
@@ -340,30 +399,41 @@ struct Task {
     group: usize,
     /// First channel (in `0..channels`).
     first: usize,
-    /// Channels in this task (`LANES`, fewer for a group's last block).
+    /// Channels in this task (the lane count `W`, fewer for a group's last block).
     count: usize,
 }
 
 impl Task {
-    fn blocks(s: &ScanShape) -> usize {
-        s.channels_per_group().div_ceil(LANES)
+    fn blocks(s: &ScanShape, w: usize) -> usize {
+        s.channels_per_group().div_ceil(w)
     }
 
-    /// Task `index` in (batch, group, block) order: their rows are consecutive in `[B, D, L]`.
-    fn new(s: &ScanShape, index: usize) -> Self {
-        let (cpg, blocks) = (s.channels_per_group(), Self::blocks(s));
+    /// Task `index` in (batch, group, block) order for `w` lanes: their rows are consecutive
+    /// in `[B, D, L]`.
+    fn new(s: &ScanShape, w: usize, index: usize) -> Self {
+        let (cpg, blocks) = (s.channels_per_group(), Self::blocks(s, w));
         let (bg, block) = (index / blocks, index % blocks);
         let group = bg % s.groups;
         Self {
             batch: bg / s.groups,
             group,
-            first: group * cpg + block * LANES,
-            count: LANES.min(cpg - block * LANES),
+            first: group * cpg + block * w,
+            count: w.min(cpg - block * w),
         }
     }
 
-    fn count_all(s: &ScanShape) -> usize {
-        s.batch * s.groups * Self::blocks(s)
+    /// Every task of a scan with `w` lanes, each with its rows of `out` (`[B, D, L]`).
+    fn split<'a>(s: &ScanShape, w: usize, out: &'a mut [f32]) -> Vec<(Task, &'a mut [f32])> {
+        let count = s.batch * s.groups * Self::blocks(s, w);
+        let mut tasks = Vec::with_capacity(count);
+        let mut rest = out;
+        for index in 0..count {
+            let task = Self::new(s, w, index);
+            let (rows, next) = rest.split_at_mut(task.count * s.seq_len);
+            tasks.push((task, rows));
+            rest = next;
+        }
+        tasks
     }
 
     /// First row of `[B·D, L]`.
@@ -371,9 +441,15 @@ impl Task {
         self.batch * s.channels + self.first
     }
 
+    /// The task's `count` rows of a `[B, D, L]` tensor.
+    fn rows<'a>(&self, s: &ScanShape, all: &'a [f32]) -> &'a [f32] {
+        let l = s.seq_len;
+        &all[self.row(s) * l..(self.row(s) + self.count) * l]
+    }
+
     /// A per-channel value in each lane (`pad` in spare lanes).
-    fn lanes(&self, pad: f32, value: impl Fn(usize) -> f32) -> V {
-        let mut v = splat(pad);
+    fn lanes<const W: usize>(&self, pad: f32, value: impl Fn(usize) -> f32) -> [f32; W] {
+        let mut v = [pad; W];
         for (k, x) in v.iter_mut().enumerate().take(self.count) {
             *x = value(self.first + k);
         }
@@ -388,87 +464,131 @@ impl Task {
     }
 }
 
-/// Lane `k` of `out[t]` = `src[(row + k)·L + t]` for the task's channels, 0 in spare lanes.
+/// Side of the square tiles the gathers and scatters transpose.
+const TILE: usize = 8;
+
+/// Lane `k` of `out[t]` = `rows[k·L + t]` for the task's `count` rows `[count, L]`, 0 in spare
+/// lanes; plus `bias[k]` where given (`delta`'s bias: added here rather than in a loop of its
+/// own, which LLVM vectorised across `t` with AVX-512 gathers and scatters, slower than the
+/// gather itself).
 #[inline(always)]
-fn gather(isa: Isa, src: &[f32], task: &Task, s: &ScanShape, out: &mut [V]) {
-    let l = s.seq_len;
-    let out = &mut out[..l];
-    let rows: [&[f32]; LANES] = std::array::from_fn(|k| {
-        let row = task.row(s) + k.min(task.count - 1);
-        &src[row * l..(row + 1) * l]
-    });
-    // Full tasks: 8 × 8 blocks, transposed in registers.
-    let blocked = if task.count == LANES {
-        l / LANES * LANES
-    } else {
-        0
-    };
-    if !transpose::gather(isa, &rows, &mut out[..blocked]) {
-        for t0 in (0..blocked).step_by(LANES) {
-            let block: [V; LANES] = std::array::from_fn(|k| {
-                rows[k][t0..t0 + LANES]
-                    .try_into()
-                    .expect("a block is LANES long")
-            });
-            for (j, v) in out[t0..t0 + LANES].iter_mut().enumerate() {
-                *v = std::array::from_fn(|k| block[k][j]);
+fn gather<const W: usize>(
+    isa: Isa,
+    rows: &[f32],
+    count: usize,
+    l: usize,
+    out: &mut [[f32; W]],
+    bias: Option<[f32; W]>,
+) {
+    let (rows, out) = (&rows[..count * l], &mut out[..l]);
+    // Full tasks: 8 × 8 tiles (8 channels × 8 steps), transposed in registers.
+    let tiled = if count == W { l / TILE * TILE } else { 0 };
+    if tiled > 0 {
+        for lane0 in (0..W).step_by(TILE) {
+            let tile_rows: [&[f32]; TILE] =
+                std::array::from_fn(|k| &rows[(lane0 + k) * l..(lane0 + k + 1) * l]);
+            let tile_bias: Option<[f32; TILE]> =
+                bias.map(|b| std::array::from_fn(|k| b[lane0 + k]));
+            if transpose::gather(isa, &tile_rows, lane0, &mut out[..tiled], tile_bias) {
+                continue;
+            }
+            let tile_bias = tile_bias.unwrap_or([0.0; TILE]);
+            for t0 in (0..tiled).step_by(TILE) {
+                let block: [[f32; TILE]; TILE] = std::array::from_fn(|k| {
+                    tile_rows[k][t0..t0 + TILE]
+                        .try_into()
+                        .expect("a tile is TILE long")
+                });
+                for (j, v) in out[t0..t0 + TILE].iter_mut().enumerate() {
+                    for (k, b) in block.iter().enumerate() {
+                        v[lane0 + k] = if bias.is_some() {
+                            b[j] + tile_bias[k]
+                        } else {
+                            b[j]
+                        };
+                    }
+                }
             }
         }
     }
-    for (t, v) in out.iter_mut().enumerate().skip(blocked) {
-        *v = std::array::from_fn(|k| if k < task.count { rows[k][t] } else { 0.0 });
+    for (t, v) in out.iter_mut().enumerate().skip(tiled) {
+        *v = std::array::from_fn(|k| match (k < count, bias) {
+            (false, _) => 0.0,
+            (true, Some(b)) => rows[k * l + t] + b[k],
+            (true, None) => rows[k * l + t],
+        });
     }
 }
 
 /// The inverse of [`gather`] into the task's rows `dst [count, L]`.
 #[inline(always)]
-fn scatter(isa: Isa, src: &[V], count: usize, l: usize, dst: &mut [f32]) {
+fn scatter<const W: usize>(isa: Isa, src: &[[f32; W]], count: usize, l: usize, dst: &mut [f32]) {
     let (src, dst) = (&src[..l], &mut dst[..count * l]);
-    let blocked = if count == LANES { l / LANES * LANES } else { 0 };
-    if !transpose::scatter(isa, &src[..blocked], l, dst) {
-        for t0 in (0..blocked).step_by(LANES) {
-            // 8 × 8 block transposed, then 8 contiguous row stores.
-            let block: [V; LANES] =
-                std::array::from_fn(|k| std::array::from_fn(|j| src[t0 + j][k]));
-            for (k, row) in block.iter().enumerate() {
-                dst[k * l + t0..k * l + t0 + LANES].copy_from_slice(row);
+    let tiled = if count == W { l / TILE * TILE } else { 0 };
+    if tiled > 0 {
+        for lane0 in (0..W).step_by(TILE) {
+            let tile_dst = &mut dst[lane0 * l..(lane0 + TILE) * l];
+            if transpose::scatter(isa, &src[..tiled], lane0, l, tile_dst) {
+                continue;
+            }
+            for t0 in (0..tiled).step_by(TILE) {
+                // 8 × 8 block transposed, then 8 contiguous row stores.
+                let block: [[f32; TILE]; TILE] =
+                    std::array::from_fn(|k| std::array::from_fn(|j| src[t0 + j][lane0 + k]));
+                for (k, row) in block.iter().enumerate() {
+                    tile_dst[k * l + t0..k * l + t0 + TILE].copy_from_slice(row);
+                }
             }
         }
     }
     for k in 0..count {
-        for t in blocked..l {
+        for t in tiled..l {
             dst[k * l + t] = src[t][k];
         }
     }
 }
 
-/// The 8 × 8 block transposes of [`gather`] and [`scatter`] with AVX shuffles (24 per block
+/// The 8 × 8 tile transposes of [`gather`] and [`scatter`] with AVX shuffles (24 per tile
 /// instead of 64 scalar moves through the stack, which LLVM made of the portable loops and
 /// which took 40 % of the scan's time). Each returns `false` where the ISA has no such path
 /// (the caller then runs the portable loop); results are the same bits either way (a transpose
 /// only moves values).
 mod transpose {
-    use super::{Isa, LANES, V};
+    use super::{Isa, TILE};
 
-    /// `out[t][k] = rows[k][t]` for `t < out.len()` (a multiple of [`LANES`]).
+    /// `out[t][lane0 + k] = rows[k][t] (+ bias[k])` for `t < out.len()` (a multiple of
+    /// [`TILE`]), `k < 8`.
     #[inline(always)]
-    pub(super) fn gather(isa: Isa, rows: &[&[f32]; LANES], out: &mut [V]) -> bool {
+    pub(super) fn gather<const W: usize>(
+        isa: Isa,
+        rows: &[&[f32]; TILE],
+        lane0: usize,
+        out: &mut [[f32; W]],
+        bias: Option<[f32; TILE]>,
+    ) -> bool {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only run after `Isa::check` found AVX2 (hence AVX).
-            Isa::Avx2Fma => unsafe { avx::gather(rows, out) },
+            // SAFETY: the x86 ISAs but the portable one are only run after `Isa::check`
+            // found AVX2 (hence AVX).
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { avx::gather(rows, lane0, out, bias) },
             _ => return false,
         }
         true
     }
 
-    /// `dst[k·l + t] = src[t][k]` for `t < src.len()` (a multiple of [`LANES`]), `k < LANES`.
+    /// `dst[k·l + t] = src[t][lane0 + k]` for `t < src.len()` (a multiple of [`TILE`]), `k < 8`.
     #[inline(always)]
-    pub(super) fn scatter(isa: Isa, src: &[V], l: usize, dst: &mut [f32]) -> bool {
+    pub(super) fn scatter<const W: usize>(
+        isa: Isa,
+        src: &[[f32; W]],
+        lane0: usize,
+        l: usize,
+        dst: &mut [f32],
+    ) -> bool {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `gather`.
-            Isa::Avx2Fma => unsafe { avx::scatter(src, l, dst) },
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { avx::scatter(src, lane0, l, dst) },
             _ => return false,
         }
         true
@@ -476,12 +596,12 @@ mod transpose {
 
     #[cfg(target_arch = "x86_64")]
     mod avx {
-        use super::{LANES, V};
+        use super::TILE;
         use std::arch::x86_64::*;
 
         /// Rows `r[k]` to columns: `out[j][k] = r[k][j]` (unpack, shuffle, swap 128-bit halves).
         #[target_feature(enable = "avx")]
-        fn transpose(r: [__m256; LANES]) -> [__m256; LANES] {
+        fn transpose(r: [__m256; TILE]) -> [__m256; TILE] {
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
             let t1 = _mm256_unpackhi_ps(r[0], r[1]);
             let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -511,35 +631,55 @@ mod transpose {
         }
 
         #[target_feature(enable = "avx")]
-        pub(super) fn gather(rows: &[&[f32]; LANES], out: &mut [V]) {
-            for (b, block) in out.chunks_exact_mut(LANES).enumerate() {
-                let t0 = b * LANES;
-                let r: [__m256; LANES] = std::array::from_fn(|k| {
-                    let row: &[f32; LANES] = rows[k][t0..t0 + LANES]
+        pub(super) fn gather<const W: usize>(
+            rows: &[&[f32]; TILE],
+            lane0: usize,
+            out: &mut [[f32; W]],
+            bias: Option<[f32; TILE]>,
+        ) {
+            // SAFETY: the array holds 8 floats (unaligned load).
+            let add = bias.map(|b| unsafe { _mm256_loadu_ps(b.as_ptr()) });
+            for (b, block) in out.chunks_exact_mut(TILE).enumerate() {
+                let t0 = b * TILE;
+                let r: [__m256; TILE] = std::array::from_fn(|k| {
+                    let row: &[f32; TILE] = rows[k][t0..t0 + TILE]
                         .try_into()
-                        .expect("a block is LANES long");
-                    // SAFETY: `row` holds LANES floats (unaligned load).
+                        .expect("a tile is TILE long");
+                    // SAFETY: `row` holds 8 floats (unaligned load).
                     unsafe { _mm256_loadu_ps(row.as_ptr()) }
                 });
                 for (v, c) in block.iter_mut().zip(transpose(r)) {
-                    // SAFETY: `v` holds LANES floats (unaligned store).
-                    unsafe { _mm256_storeu_ps(v.as_mut_ptr(), c) };
+                    let c = add.map_or(c, |a| _mm256_add_ps(c, a));
+                    let lanes: &mut [f32; TILE] = (&mut v[lane0..lane0 + TILE])
+                        .try_into()
+                        .expect("a tile is TILE long");
+                    // SAFETY: `lanes` holds 8 floats (unaligned store).
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), c) };
                 }
             }
         }
 
         #[target_feature(enable = "avx")]
-        pub(super) fn scatter(src: &[V], l: usize, dst: &mut [f32]) {
-            for (b, block) in src.chunks_exact(LANES).enumerate() {
-                let t0 = b * LANES;
-                // SAFETY: each `V` holds LANES floats (unaligned load).
-                let r: [__m256; LANES] =
-                    std::array::from_fn(|j| unsafe { _mm256_loadu_ps(block[j].as_ptr()) });
-                for (k, c) in transpose(r).into_iter().enumerate() {
-                    let row: &mut [f32; LANES] = (&mut dst[k * l + t0..k * l + t0 + LANES])
+        pub(super) fn scatter<const W: usize>(
+            src: &[[f32; W]],
+            lane0: usize,
+            l: usize,
+            dst: &mut [f32],
+        ) {
+            for (b, block) in src.chunks_exact(TILE).enumerate() {
+                let t0 = b * TILE;
+                let r: [__m256; TILE] = std::array::from_fn(|j| {
+                    let lanes: &[f32; TILE] = block[j][lane0..lane0 + TILE]
                         .try_into()
-                        .expect("a block is LANES long");
-                    // SAFETY: `row` holds LANES floats (unaligned store).
+                        .expect("a tile is TILE long");
+                    // SAFETY: `lanes` holds 8 floats (unaligned load).
+                    unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
+                });
+                for (k, c) in transpose(r).into_iter().enumerate() {
+                    let row: &mut [f32; TILE] = (&mut dst[k * l + t0..k * l + t0 + TILE])
+                        .try_into()
+                        .expect("a tile is TILE long");
+                    // SAFETY: `row` holds 8 floats (unaligned store).
                     unsafe { _mm256_storeu_ps(row.as_mut_ptr(), c) };
                 }
             }
@@ -552,20 +692,30 @@ impl ScanSlices<'_> {
     /// given and Δ is a softplus (1 otherwise). Spare lanes hold softplus(0) or 0: finite, and
     /// multiplied by `u = 0` everywhere.
     #[inline(always)]
-    fn steps<const F: bool>(&self, isa: Isa, task: &Task, dt: &mut [V], slope: Option<&mut [V]>) {
+    fn steps<const F: bool, const W: usize>(
+        &self,
+        isa: Isa,
+        task: &Task,
+        dt: &mut [[f32; W]],
+        slope: Option<&mut [[f32; W]]>,
+    ) {
         let s = &self.shape;
-        gather(isa, self.delta, task, s, dt);
-        let bias = task.lanes(0.0, |ch| self.delta_bias.map_or(0.0, |v| v[ch]));
-        for d in dt.iter_mut() {
-            *d = add(*d, bias);
-        }
+        let bias = self.delta_bias.map(|v| task.lanes(0.0, |ch| v[ch]));
+        gather(
+            isa,
+            task.rows(s, self.delta),
+            task.count,
+            s.seq_len,
+            dt,
+            bias,
+        );
         if !self.delta_softplus {
             if let Some(slope) = slope {
-                slope.fill(splat(1.0));
+                slope.as_flattened_mut().fill(1.0);
             }
             return;
         }
-        // On the flattened `[L·8]` values: long loops vectorise, 8-lane ones did not here.
+        // On the flattened `[L·W]` values: long loops vectorise, W-lane ones did not here.
         let dt = dt.as_flattened_mut();
         match slope {
             Some(slope) => {
@@ -584,28 +734,12 @@ impl ScanSlices<'_> {
 
 // ---- Forward ----
 
-/// Per-thread scratch of the forward: `Δ·u`, `Δ`, `y`, each `[L][8]`.
+/// Per-thread scratch of the forward: `Δ·u`, `Δ`, `y`, each `[L][W]`.
 #[derive(Default)]
 struct ForwardScratch {
-    dtu: Vec<V>,
-    dt: Vec<V>,
-    y: Vec<V>,
-}
-
-/// Grows `v` to at least `l` lanes-vectors (never shrinks: the scratch is reused by every scan
-/// the thread runs, e.g. the four stages of a model).
-fn at_least(v: &mut Vec<V>, l: usize) {
-    if v.len() < l {
-        *v = vec![ZERO; l];
-    }
-}
-
-impl ForwardScratch {
-    fn fit(&mut self, l: usize) {
-        for v in [&mut self.dtu, &mut self.dt, &mut self.y] {
-            at_least(v, l);
-        }
-    }
+    dtu: LaneBuf,
+    dt: LaneBuf,
+    y: LaneBuf,
 }
 
 thread_local! {
@@ -616,7 +750,7 @@ thread_local! {
 }
 
 #[inline(always)]
-fn forward_task<const F: bool>(
+fn forward_task<const F: bool, const W: usize>(
     isa: Isa,
     p: &ScanSlices<'_>,
     task: &Task,
@@ -626,50 +760,64 @@ fn forward_task<const F: bool>(
     let s = &p.shape;
     let l = s.seq_len;
     let ForwardScratch { dtu, dt, y } = scratch;
-    let (dtu, dt, y) = (&mut dtu[..l], &mut dt[..l], &mut y[..l]);
-    gather(isa, p.u, task, s, dtu);
-    p.steps::<F>(isa, task, dt, None);
+    let (dtu, dt, y) = (dtu.get::<W>(l), dt.get::<W>(l), y.get::<W>(l));
+    gather(isa, task.rows(s, p.u), task.count, l, dtu, None);
+    p.steps::<F, W>(isa, task, dt, None);
     let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
-    for ((y, u), d) in y.iter_mut().zip(dtu.iter_mut()).zip(dt.iter()) {
-        *y = mul(skip, *u);
-        *u = mul(*u, *d);
-    }
+    // The first chunk of states starts `y` at `D·u` and turns `u` into `Δ·u` in place (inside
+    // its recurrence: a loop of its own was vectorised across `t` with AVX-512 gathers).
     let mut n = 0;
     while n + 4 <= s.d_state {
-        forward_states::<F, 4>(p, task, n, dt, dtu, y);
+        if n == 0 {
+            forward_states::<F, W, 4, true>(p, task, n, dt, dtu, y, skip);
+        } else {
+            forward_states::<F, W, 4, false>(p, task, n, dt, dtu, y, skip);
+        }
         n += 4;
     }
     while n < s.d_state {
-        forward_states::<F, 1>(p, task, n, dt, dtu, y);
+        if n == 0 {
+            forward_states::<F, W, 1, true>(p, task, n, dt, dtu, y, skip);
+        } else {
+            forward_states::<F, W, 1, false>(p, task, n, dt, dtu, y, skip);
+        }
         n += 1;
     }
-    scatter(isa, y, task.count, s.seq_len, y_rows);
+    scatter(isa, y, task.count, l, y_rows);
 }
 
 /// States `n0..n0 + NS` of the forward: `NS` independent recurrences per step, added to `y` in
-/// state order.
+/// state order. `FIRST`: `y` starts at `skip·u` and `dtu` holds `u`, replaced by `Δ·u`.
 #[inline(always)]
-fn forward_states<const F: bool, const NS: usize>(
+fn forward_states<const F: bool, const W: usize, const NS: usize, const FIRST: bool>(
     p: &ScanSlices<'_>,
     task: &Task,
     n0: usize,
-    dt: &[V],
-    dtu: &[V],
-    y: &mut [V],
+    dt: &[[f32; W]],
+    dtu: &mut [[f32; W]],
+    y: &mut [[f32; W]],
+    skip: [f32; W],
 ) {
     let s = &p.shape;
     let l = s.seq_len;
-    let a: [V; NS] = std::array::from_fn(|j| task.lanes(0.0, |ch| p.a[ch * s.d_state + n0 + j]));
+    let a: [[f32; W]; NS] =
+        std::array::from_fn(|j| task.lanes(0.0, |ch| p.a[ch * s.d_state + n0 + j]));
     let b: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.b, n0 + j));
     let c: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.c, n0 + j));
-    let (dt, dtu, y) = (&dt[..l], &dtu[..l], &mut y[..l]);
-    let mut h = [ZERO; NS];
+    let (dt, dtu, y) = (&dt[..l], &mut dtu[..l], &mut y[..l]);
+    let mut h = [[0.0; W]; NS];
     for t in 0..l {
-        let mut acc = y[t];
+        let (mut acc, dtu_t) = if FIRST {
+            let u = dtu[t];
+            dtu[t] = mul(u, dt[t]);
+            (mul(skip, u), dtu[t])
+        } else {
+            (y[t], dtu[t])
+        };
         for j in 0..NS {
-            let decay = exp_v::<F>(mul(dt[t], a[j]));
-            h[j] = fma::<F>(decay, h[j], mul(dtu[t], splat(b[j][t])));
-            acc = fma::<F>(splat(c[j][t]), h[j], acc);
+            let decay = exp_decay_v::<F, W>(mul(dt[t], a[j]));
+            h[j] = fma::<F, W>(decay, h[j], mul(dtu_t, splat(b[j][t])));
+            acc = fma::<F, W>(splat(c[j][t]), h[j], acc);
         }
         y[t] = acc;
     }
@@ -677,13 +825,24 @@ fn forward_states<const F: bool, const NS: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_task_avx2(
+fn forward_task_avx2<const W: usize>(
     p: &ScanSlices<'_>,
     task: &Task,
     y_rows: &mut [f32],
     scratch: &mut ForwardScratch,
 ) {
-    forward_task::<true>(Isa::Avx2Fma, p, task, y_rows, scratch);
+    forward_task::<true, W>(Isa::Avx2Fma, p, task, y_rows, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn forward_task_avx512<const W: usize>(
+    p: &ScanSlices<'_>,
+    task: &Task,
+    y_rows: &mut [f32],
+    scratch: &mut ForwardScratch,
+) {
+    forward_task::<true, W>(Isa::Avx512, p, task, y_rows, scratch);
 }
 
 /// Forward scan: `y [batch, channels, seq_len]`, with the fastest [`Isa`] of this CPU.
@@ -695,30 +854,30 @@ pub fn forward(p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
 pub fn forward_on(isa: Isa, p: &ScanSlices<'_>) -> Result<Vec<f32>, ScanError> {
     p.validate()?;
     isa.check()?;
+    Ok(match isa.lanes() {
+        16 => forward_lanes::<16>(isa, p),
+        _ => forward_lanes::<8>(isa, p),
+    })
+}
+
+fn forward_lanes<const W: usize>(isa: Isa, p: &ScanSlices<'_>) -> Vec<f32> {
     let s = p.shape;
-    let l = s.seq_len;
     let mut y = output_buffer(s.bdl_len());
-    let mut tasks = Vec::with_capacity(Task::count_all(&s));
-    let mut rest = &mut y[..];
-    for index in 0..Task::count_all(&s) {
-        let task = Task::new(&s, index);
-        let (rows, next) = rest.split_at_mut(task.count * l);
-        tasks.push((task, rows));
-        rest = next;
-    }
-    tasks.into_par_iter().for_each(|(task, rows)| {
-        FORWARD_SCRATCH.with_borrow_mut(|scratch| {
-            scratch.fit(l);
-            match isa {
-                // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
+    Task::split(&s, W, &mut y)
+        .into_par_iter()
+        .for_each(|(task, rows)| {
+            FORWARD_SCRATCH.with_borrow_mut(|scratch| match isa {
+                // SAFETY: `forward_on` ran `isa.check()`, which found AVX2 and FMA on this CPU.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { forward_task_avx2(p, &task, rows, scratch) },
-                Isa::Neon => forward_task::<true>(isa, p, &task, rows, scratch),
-                _ => forward_task::<false>(isa, p, &task, rows, scratch),
-            }
-        })
-    });
-    Ok(y)
+                Isa::Avx2Fma => unsafe { forward_task_avx2::<W>(p, &task, rows, scratch) },
+                // SAFETY: as above, with AVX-512F too.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { forward_task_avx512::<W>(p, &task, rows, scratch) },
+                Isa::Neon => forward_task::<true, W>(isa, p, &task, rows, scratch),
+                _ => forward_task::<false, W>(isa, p, &task, rows, scratch),
+            })
+        });
+    y
 }
 
 // ---- Backward ----
@@ -728,52 +887,44 @@ struct TaskOut {
     /// `dB`, `dC` partials of this task (summed over its lanes): `[d_state, seq_len]` each.
     db: Vec<f32>,
     dc: Vec<f32>,
-    /// `dA` of the task's lanes: `[d_state]` lane vectors.
-    da: Vec<V>,
-    dd: V,
-    dbias: V,
+    /// `dA` of the task's channels, `[d_state][count]`.
+    da: Vec<f32>,
+    /// `dD` and `dΔ_bias` of the task's channels, `[count]` each.
+    dd: Vec<f32>,
+    dbias: Vec<f32>,
 }
 
-/// Per-thread scratch of the backward, `[L][8]` each (`h` is `[L + 1][8]`: `h[t]` is
+/// Per-thread scratch of the backward, `[L][W]` each (`h` is `[L + 1][W]`: `h[t]` is
 /// `h_{t−1}`, `h[0] = 0`).
 #[derive(Default)]
 struct BackwardScratch {
-    u: Vec<V>,
-    dy: Vec<V>,
-    dt: Vec<V>,
-    slope: Vec<V>,
-    decay: Vec<V>,
-    h: Vec<V>,
-    du: Vec<V>,
-    ddt: Vec<V>,
-}
-
-impl BackwardScratch {
-    fn fit(&mut self, l: usize) {
-        for v in [
-            &mut self.u,
-            &mut self.dy,
-            &mut self.dt,
-            &mut self.slope,
-            &mut self.decay,
-            &mut self.du,
-            &mut self.ddt,
-        ] {
-            at_least(v, l);
-        }
-        at_least(&mut self.h, l + 1);
-    }
+    u: LaneBuf,
+    dy: LaneBuf,
+    dt: LaneBuf,
+    slope: LaneBuf,
+    decay: LaneBuf,
+    h: LaneBuf,
+    du: LaneBuf,
+    ddt: LaneBuf,
 }
 
 /// The task's lane arrays the backward reads, and the skip `D` per lane.
-struct BackwardInputs<'a> {
-    u: &'a [V],
-    dy: &'a [V],
-    dt: &'a [V],
+struct BackwardInputs<'a, const W: usize> {
+    u: &'a [[f32; W]],
+    dy: &'a [[f32; W]],
+    dt: &'a [[f32; W]],
     /// softplus' slope `sigmoid(delta + bias)` (1 without softplus).
-    slope: &'a [V],
-    skip: V,
+    slope: &'a [[f32; W]],
+    skip: [f32; W],
 }
+
+/// The lane buffers one state of the backward writes: `exp(Δ_t A)`, `h`, `du`, `dΔ`.
+type StateWork<'a, const W: usize> = (
+    &'a mut [[f32; W]],
+    &'a mut [[f32; W]],
+    &'a mut [[f32; W]],
+    &'a mut [[f32; W]],
+);
 
 /// State `n` of the backward: the replay `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` into
 /// `(decay, h, du, dΔ)`'s first two, then the adjoint `ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t`
@@ -782,44 +933,45 @@ struct BackwardInputs<'a> {
 /// replay; `LAST`: `dΔ` leaves through softplus' slope and is summed into `dΔ_bias`. The bits
 /// are those of separate passes, but for `dΔ_bias`, summed from `t = L − 1` down.
 #[inline(always)]
-fn backward_state<const F: bool, const FIRST: bool, const LAST: bool>(
-    x: &BackwardInputs<'_>,
-    a_n: V,
+fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: bool>(
+    x: &BackwardInputs<'_, W>,
+    a_n: [f32; W],
     (b_row, c_row): (&[f32], &[f32]),
-    (decay, h, du, ddt): (&mut [V], &mut [V], &mut [V], &mut [V]),
+    (decay, h, du, ddt): StateWork<'_, W>,
     (db, dc): (&mut [f32], &mut [f32]),
-    (dd, dbias): (&mut BlockedSum, &mut BlockedSum),
-) -> V {
+    (dd, dbias): (&mut BlockedSum<W>, &mut BlockedSum<W>),
+) -> [f32; W] {
     let l = x.u.len();
     let (u, dy, dt, slope) = (x.u, x.dy, &x.dt[..l], &x.slope[..l]);
     let (decay, h, du, ddt) = (&mut decay[..l], &mut h[..=l], &mut du[..l], &mut ddt[..l]);
     let (b_row, c_row, db, dc) = (&b_row[..l], &c_row[..l], &mut db[..l], &mut dc[..l]);
-    let mut state = ZERO;
-    h[0] = ZERO;
+    let zero = [0.0; W];
+    let mut state = zero;
+    h[0] = zero;
     for t in 0..l {
-        decay[t] = exp_v::<F>(mul(dt[t], a_n));
-        state = fma::<F>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
+        decay[t] = exp_decay_v::<F, W>(mul(dt[t], a_n));
+        state = fma::<F, W>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
         h[t + 1] = state;
         if FIRST {
             dd.add(mul(dy[t], u[t]));
         }
     }
-    let mut adj = ZERO;
-    let mut next_decay = ZERO;
+    let mut adj = zero;
+    let mut next_decay = zero;
     let mut da = BlockedSum::new();
     for t in (0..l).rev() {
-        adj = fma::<F>(next_decay, adj, mul(dy[t], splat(c_row[t])));
+        adj = fma::<F, W>(next_decay, adj, mul(dy[t], splat(c_row[t])));
         next_decay = decay[t];
         let b_t = splat(b_row[t]);
         let adj_dt = mul(adj, dt[t]);
         let a_h = mul(decay[t], h[t]);
         let (du_in, ddt_in) = if FIRST {
-            (mul(x.skip, dy[t]), ZERO)
+            (mul(x.skip, dy[t]), zero)
         } else {
             (du[t], ddt[t])
         };
-        du[t] = fma::<F>(adj_dt, b_t, du_in);
-        let g = fma::<F>(adj, fma::<F>(a_n, a_h, mul(b_t, u[t])), ddt_in);
+        du[t] = fma::<F, W>(adj_dt, b_t, du_in);
+        let g = fma::<F, W>(adj, fma::<F, W>(a_n, a_h, mul(b_t, u[t])), ddt_in);
         ddt[t] = if LAST {
             let g = mul(g, slope[t]);
             dbias.add(g);
@@ -834,11 +986,13 @@ fn backward_state<const F: bool, const FIRST: bool, const LAST: bool>(
     da.sum()
 }
 
+/// One task of the backward: reads its rows of `dy` (from `dy_rows`, or from `du_rows` when the
+/// scan writes `du` over `dy`), writes its rows of `du` and `dΔ`, returns its partial sums.
 #[inline(always)]
-fn backward_task<const F: bool>(
+fn backward_task<const F: bool, const W: usize>(
     isa: Isa,
     p: &ScanSlices<'_>,
-    dy_all: &[f32],
+    dy_rows: Option<&[f32]>,
     task: &Task,
     du_rows: &mut [f32],
     dd_rows: &mut [f32],
@@ -856,20 +1010,21 @@ fn backward_task<const F: bool>(
         du,
         ddt,
     } = scratch;
-    let (u, dy, dt, slope) = (&mut u[..l], &mut dy[..l], &mut dt[..l], &mut slope[..l]);
-    gather(isa, p.u, task, s, u);
-    gather(isa, dy_all, task, s, dy);
-    p.steps::<F>(isa, task, dt, Some(slope));
-    let (u, dy, dt, slope, decay, du, ddt) = (
-        &u[..],
-        &dy[..],
-        &dt[..],
-        &slope[..],
-        &mut decay[..l],
-        &mut du[..l],
-        &mut ddt[..l],
+    let (u, dy, dt, slope) = (
+        u.get::<W>(l),
+        dy.get::<W>(l),
+        dt.get::<W>(l),
+        slope.get::<W>(l),
     );
-    let h = &mut h[..=l];
+    let (decay, du, ddt, h) = (
+        decay.get::<W>(l),
+        du.get::<W>(l),
+        ddt.get::<W>(l),
+        h.get::<W>(l + 1),
+    );
+    gather(isa, task.rows(s, p.u), task.count, l, u, None);
+    gather(isa, dy_rows.unwrap_or(&*du_rows), task.count, l, dy, None);
+    p.steps::<F, W>(isa, task, dt, Some(slope));
     let inputs = BackwardInputs {
         u,
         dy,
@@ -877,13 +1032,9 @@ fn backward_task<const F: bool>(
         slope,
         skip: task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch])),
     };
-    let mut out = TaskOut {
-        db: vec![0.0; n_state * l],
-        dc: vec![0.0; n_state * l],
-        da: vec![ZERO; n_state],
-        dd: ZERO,
-        dbias: ZERO,
-    };
+    let mut db = vec![0.0; n_state * l];
+    let mut dc = vec![0.0; n_state * l];
+    let mut da = Vec::with_capacity(n_state * task.count);
     // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t and dD = Σ_t dy_t u_t start with the first state; dΔ
     // leaves through softplus' slope (1 without softplus) with the last, dΔ_bias = Σ_t dΔ_t.
     let (mut dd, mut dbias) = (BlockedSum::new(), BlockedSum::new());
@@ -891,42 +1042,46 @@ fn backward_task<const F: bool>(
         let a_n = task.lanes(0.0, |ch| p.a[ch * n_state + n]);
         let rows = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
         let work = (&mut decay[..], &mut h[..], &mut du[..], &mut ddt[..]);
-        let grads = (
-            &mut out.db[n * l..(n + 1) * l],
-            &mut out.dc[n * l..(n + 1) * l],
-        );
+        let grads = (&mut db[n * l..(n + 1) * l], &mut dc[n * l..(n + 1) * l]);
         let sums = (&mut dd, &mut dbias);
-        out.da[n] = match (n == 0, n + 1 == n_state) {
-            (true, true) => backward_state::<F, true, true>(&inputs, a_n, rows, work, grads, sums),
+        let da_n = match (n == 0, n + 1 == n_state) {
+            (true, true) => {
+                backward_state::<F, W, true, true>(&inputs, a_n, rows, work, grads, sums)
+            }
             (true, false) => {
-                backward_state::<F, true, false>(&inputs, a_n, rows, work, grads, sums)
+                backward_state::<F, W, true, false>(&inputs, a_n, rows, work, grads, sums)
             }
             (false, true) => {
-                backward_state::<F, false, true>(&inputs, a_n, rows, work, grads, sums)
+                backward_state::<F, W, false, true>(&inputs, a_n, rows, work, grads, sums)
             }
             (false, false) => {
-                backward_state::<F, false, false>(&inputs, a_n, rows, work, grads, sums)
+                backward_state::<F, W, false, false>(&inputs, a_n, rows, work, grads, sums)
             }
         };
+        da.extend_from_slice(&da_n[..task.count]);
     }
-    out.dd = dd.sum();
-    out.dbias = dbias.sum();
     scatter(isa, du, task.count, l, du_rows);
     scatter(isa, ddt, task.count, l, dd_rows);
-    out
+    TaskOut {
+        db,
+        dc,
+        da,
+        dd: dd.sum()[..task.count].to_vec(),
+        dbias: dbias.sum()[..task.count].to_vec(),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn backward_task_avx2(
+fn backward_task_avx2<const W: usize>(
     p: &ScanSlices<'_>,
-    dy_all: &[f32],
+    dy_rows: Option<&[f32]>,
     task: &Task,
     du_rows: &mut [f32],
     dd_rows: &mut [f32],
     scratch: &mut BackwardScratch,
 ) -> TaskOut {
-    backward_task::<true>(Isa::Avx2Fma, p, dy_all, task, du_rows, dd_rows, scratch)
+    backward_task::<true, W>(Isa::Avx2Fma, p, dy_rows, task, du_rows, dd_rows, scratch)
 }
 
 /// Backward scan for the upstream gradient `dy [batch, channels, seq_len]`, with the fastest
@@ -935,43 +1090,91 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
     backward_on(Isa::detect(), p, dy)
 }
 
-/// [`backward`] with the given instruction set (an error if this CPU lacks it).
+/// [`backward`] with the given instruction set (an error if this CPU lacks it). The backward
+/// runs 8 lanes on every set: [`Isa::Avx512`] runs the AVX2 + FMA backward.
 pub fn backward_on(isa: Isa, p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanError> {
+    backward_upstream(isa, p, Upstream::Borrowed(dy))
+}
+
+/// [`backward`] for a caller that owns `dy`: `du` is written into `dy`'s buffer (each task reads
+/// its rows of `dy` before it writes the same rows of `du`, and tasks own disjoint rows), one
+/// `[B, D, L]` allocation fewer (on Burn's NdArray backend, a fresh buffer costs a page fault
+/// per page and the kernel's zeroing). Same bits as [`backward`].
+pub fn backward_reusing(p: &ScanSlices<'_>, dy: Vec<f32>) -> Result<ScanGrads<f32>, ScanError> {
+    backward_reusing_on(Isa::detect(), p, dy)
+}
+
+/// [`backward_reusing`] with the given instruction set (an error if this CPU lacks it).
+pub fn backward_reusing_on(
+    isa: Isa,
+    p: &ScanSlices<'_>,
+    dy: Vec<f32>,
+) -> Result<ScanGrads<f32>, ScanError> {
+    backward_upstream(isa, p, Upstream::Owned(dy))
+}
+
+/// The upstream gradient `dy`: borrowed (`du` gets a new buffer) or owned (`du` reuses it).
+enum Upstream<'a> {
+    Borrowed(&'a [f32]),
+    Owned(Vec<f32>),
+}
+
+fn backward_upstream(
+    isa: Isa,
+    p: &ScanSlices<'_>,
+    dy: Upstream<'_>,
+) -> Result<ScanGrads<f32>, ScanError> {
     p.validate()?;
     isa.check()?;
     let s = p.shape;
-    if dy.len() != s.bdl_len() {
+    let actual = match &dy {
+        Upstream::Borrowed(dy) => dy.len(),
+        Upstream::Owned(dy) => dy.len(),
+    };
+    if actual != s.bdl_len() {
         return Err(ScanError::Length {
             arg: "dy",
             expected: s.bdl_len(),
-            actual: dy.len(),
+            actual,
         });
     }
+    // The backward runs 8 lanes everywhere: with 16, LLVM's SLP vectoriser split the adjoint
+    // loop's lane arithmetic into 128-bit and scalar pieces, and the AVX-512 backward was slower
+    // than AVX2's (C1 5.0 vs 4.1 ms, C2 34 vs 33 ms on 2 cores). AVX-512 machines run the AVX2
+    // backward (a subset of their features), so its bits are AVX2's.
+    let isa = match isa {
+        Isa::Avx512 => Isa::Avx2Fma,
+        other => other,
+    };
+    Ok(backward_lanes::<8>(isa, p, dy))
+}
+
+fn backward_lanes<const W: usize>(
+    isa: Isa,
+    p: &ScanSlices<'_>,
+    dy: Upstream<'_>,
+) -> ScanGrads<f32> {
+    let s = p.shape;
     let (l, n_state) = (s.seq_len, s.d_state);
-    let mut du = output_buffer(s.bdl_len());
+    let (mut du, dy) = match dy {
+        Upstream::Borrowed(dy) => (output_buffer(s.bdl_len()), Some(dy)),
+        Upstream::Owned(dy) => (dy, None),
+    };
     let mut ddelta = output_buffer(s.bdl_len());
     // A task's rows are consecutive in du/ddelta.
-    let mut tasks: Vec<(Task, &mut [f32], &mut [f32])> = vec![];
-    {
-        let (mut du_rest, mut dd_rest) = (&mut du[..], &mut ddelta[..]);
-        for index in 0..Task::count_all(&s) {
-            let task = Task::new(&s, index);
-            let (du_task, du_next) = du_rest.split_at_mut(task.count * l);
-            let (dd_task, dd_next) = dd_rest.split_at_mut(task.count * l);
-            tasks.push((task, du_task, dd_task));
-            (du_rest, dd_rest) = (du_next, dd_next);
-        }
-    }
+    let mut tasks: Vec<(Task, &mut [f32], &mut [f32])> = Task::split(&s, W, &mut du)
+        .into_iter()
+        .zip(Task::split(&s, W, &mut ddelta))
+        .map(|((task, du), (_, dd))| (task, du, dd))
+        .collect();
     let run = |(task, du, dd): &mut (Task, &mut [f32], &mut [f32])| {
-        BACKWARD_SCRATCH.with_borrow_mut(|scratch| {
-            scratch.fit(l);
-            match isa {
-                // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { backward_task_avx2(p, dy, task, du, dd, scratch) },
-                Isa::Neon => backward_task::<true>(isa, p, dy, task, du, dd, scratch),
-                _ => backward_task::<false>(isa, p, dy, task, du, dd, scratch),
-            }
+        let dy = dy.map(|dy| task.rows(&s, dy));
+        BACKWARD_SCRATCH.with_borrow_mut(|scratch| match isa {
+            // SAFETY: `backward_on` ran `isa.check()`, which found AVX2 and FMA on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { backward_task_avx2::<W>(p, dy, task, du, dd, scratch) },
+            Isa::Neon => backward_task::<true, W>(isa, p, dy, task, du, dd, scratch),
+            _ => backward_task::<false, W>(isa, p, dy, task, du, dd, scratch),
         })
     };
 
@@ -1003,12 +1206,12 @@ pub fn backward_on(isa: Isa, p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads
                 dd[ch] += out.dd[k];
                 dbias[ch] += out.dbias[k];
                 for n in 0..n_state {
-                    da[ch * n_state + n] += out.da[n][k];
+                    da[ch * n_state + n] += out.da[n * task.count + k];
                 }
             }
         }
     }
-    Ok(ScanGrads {
+    ScanGrads {
         du,
         ddelta,
         da,
@@ -1016,7 +1219,7 @@ pub fn backward_on(isa: Isa, p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads
         dc,
         dd: p.d.map(|_| dd),
         ddelta_bias: p.delta_bias.map(|_| dbias),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -1024,39 +1227,77 @@ mod tests {
     use super::*;
 
     /// The AVX 8 × 8 transposes move exactly the values the portable loops move, for full and
-    /// partial tasks and lengths that are not a multiple of the lane count.
+    /// partial tasks of 8 and 16 lanes and lengths that are not a multiple of the tile.
     #[test]
     fn avx_transposes_match_the_portable_loops() {
         if !Isa::Avx2Fma.is_available() {
             println!("no AVX2 on this CPU: only the portable transposes run");
             return;
         }
-        for (channels, l) in [(16, 37), (16, 8), (12, 21), (8, 1), (5, 16)] {
-            let s = ScanShape::new(2, channels, l, 1, 1);
-            let src: Vec<f32> = (0..s.bdl_len()).map(|i| i as f32 + 0.5).collect();
-            for index in 0..Task::count_all(&s) {
-                let task = Task::new(&s, index);
-                let mut portable = vec![ZERO; l];
-                let mut avx = vec![ZERO; l];
-                gather(Isa::Portable, &src, &task, &s, &mut portable);
-                gather(Isa::Avx2Fma, &src, &task, &s, &mut avx);
-                assert_eq!(portable, avx, "gather, {channels} channels, L = {l}");
-                for (t, v) in portable.iter().enumerate() {
-                    for k in 0..task.count {
-                        assert_eq!(v[k], src[(task.row(&s) + k) * l + t]);
+        check::<8>();
+        check::<16>();
+        fn check<const W: usize>() {
+            for (channels, l) in [(32, 37), (32, 8), (24, 21), (16, 1), (10, 16)] {
+                let s = ScanShape::new(2, channels, l, 1, 1);
+                let src: Vec<f32> = (0..s.bdl_len()).map(|i| i as f32 + 0.5).collect();
+                let count = s.batch * s.groups * Task::blocks(&s, W);
+                for index in 0..count {
+                    let task = Task::new(&s, W, index);
+                    let rows = task.rows(&s, &src);
+                    let mut portable = vec![[0.0f32; W]; l];
+                    let mut avx = vec![[0.0f32; W]; l];
+                    gather(Isa::Portable, rows, task.count, l, &mut portable, None);
+                    gather(Isa::Avx2Fma, rows, task.count, l, &mut avx, None);
+                    assert_eq!(
+                        portable, avx,
+                        "gather, W = {W}, {channels} channels, L = {l}"
+                    );
+                    for (t, v) in portable.iter().enumerate() {
+                        for (k, x) in v.iter().enumerate() {
+                            let expected = if k < task.count { rows[k * l + t] } else { 0.0 };
+                            assert_eq!(*x, expected);
+                        }
+                    }
+                    let mut rows_portable = vec![-1.0; task.count * l];
+                    let mut rows_avx = vec![-1.0; task.count * l];
+                    scatter(Isa::Portable, &portable, task.count, l, &mut rows_portable);
+                    scatter(Isa::Avx2Fma, &portable, task.count, l, &mut rows_avx);
+                    assert_eq!(
+                        rows_portable, rows_avx,
+                        "scatter, W = {W}, {channels} channels, L = {l}"
+                    );
+                    assert_eq!(rows_avx, rows);
+                    let bias: [f32; W] = std::array::from_fn(|k| 0.25 - k as f32);
+                    gather(
+                        Isa::Portable,
+                        rows,
+                        task.count,
+                        l,
+                        &mut portable,
+                        Some(bias),
+                    );
+                    gather(Isa::Avx2Fma, rows, task.count, l, &mut avx, Some(bias));
+                    assert_eq!(portable, avx, "gather + bias, W = {W}, L = {l}");
+                    for (t, v) in portable.iter().enumerate() {
+                        for (k, x) in v.iter().enumerate().take(task.count) {
+                            assert_eq!(*x, rows[k * l + t] + bias[k]);
+                        }
                     }
                 }
-                let mut rows_portable = vec![-1.0; task.count * l];
-                let mut rows_avx = vec![-1.0; task.count * l];
-                scatter(Isa::Portable, &portable, task.count, l, &mut rows_portable);
-                scatter(Isa::Avx2Fma, &portable, task.count, l, &mut rows_avx);
-                assert_eq!(
-                    rows_portable, rows_avx,
-                    "scatter, {channels} channels, L = {l}"
-                );
-                let start = task.row(&s) * l;
-                assert_eq!(rows_avx, src[start..start + task.count * l]);
             }
         }
+    }
+
+    /// The lane sum is the pairwise tree the docs state (lane `i` + lane `i + W/2`, halving).
+    #[test]
+    fn hsum_is_the_documented_pairwise_tree() {
+        let v: [f32; 16] = std::array::from_fn(|i| (i as f32 + 1.0) * 0.1);
+        let q8: [f32; 8] = std::array::from_fn(|i| v[i] + v[i + 8]);
+        let q4: [f32; 4] = std::array::from_fn(|i| q8[i] + q8[i + 4]);
+        let q2 = [q4[0] + q4[2], q4[1] + q4[3]];
+        assert_eq!(hsum(v), q2[0] + q2[1]);
+        let w: [f32; 8] = std::array::from_fn(|i| v[i]);
+        let p4: [f32; 4] = std::array::from_fn(|i| w[i] + w[i + 4]);
+        assert_eq!(hsum(w), (p4[0] + p4[2]) + (p4[1] + p4[3]));
     }
 }

@@ -59,6 +59,36 @@ pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     if input > 88.72 { f32::INFINITY } else { y }
 }
 
+/// Below this, [`exp_decay_with`] returns 0 (`e^{−87.33}` ≈ 1.19e-38, the bottom of f32's
+/// normal range).
+const DECAY_MIN: f32 = -87.33;
+
+/// `e^x` for `x ≤ 0` only: the scan's decays `e^{Δ·A}` (`Δ ≥ 0`, `A ≤ 0`, which every entry
+/// point checks). [`exp_with`] without what only positive or subnormal results need (the upper
+/// clamp and the two-factor scaling): 2^n is one normal factor since `n ∈ [−126, 0]`, and
+/// results below `e^{−87.33}` are 0 instead of a subnormal (a decay that small leaves nothing
+/// measurable of the state it multiplies). Same polynomial, same ≤ 2e-7 relative error on
+/// `[−87.33, 0]`; NaN in, NaN out. Positive `x` gives wrong results (never used so).
+#[inline(always)]
+pub fn exp_decay_with<const FMA: bool>(x: f32) -> f32 {
+    let madd = madd::<FMA>;
+    let tiny = x < DECAY_MIN;
+    let x = if tiny { DECAY_MIN } else { x };
+    let shifted = madd(x, LOG2E, ROUNDER);
+    let n = shifted - ROUNDER; // round(x · log2 e) ∈ [−126, 0]
+    let r = madd(n, -LN2_LO, madd(n, -LN2_HI, x));
+    let mut p = 1.987_569_1e-4f32;
+    p = madd(p, r, 1.398_199_9e-3);
+    p = madd(p, r, 8.333_452e-3);
+    p = madd(p, r, 4.166_579_6e-2);
+    p = madd(p, r, 1.666_666_5e-1);
+    p = madd(p, r, 0.5);
+    let e_r = madd(r * r, p, r) + 1.0;
+    let k = (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let y = e_r * f32::from_bits((k.wrapping_add(127) << 23) as u32);
+    if tiny { 0.0 } else { y }
+}
+
 /// `√2 − 1`: where `ln(1 + z)` switches from `t = z` to `t = (z − 1)/2` (Cephes' `logf` range).
 const SQRT2_M1: f32 = std::f32::consts::SQRT_2 - 1.0;
 
@@ -169,6 +199,23 @@ mod tests {
         for x in sweep(-103.9, -87.4, 10_001) {
             let err = (f64::from(exp(x)) - f64::from(x).exp()).abs();
             assert!(err <= 4.0 * 1.4e-45, "exp({x}) = {:e}", exp(x));
+        }
+    }
+
+    #[test]
+    fn decay_exp_is_within_2e_7_relative_of_f64_on_its_range_and_0_below() {
+        for exp in [exp_decay_with::<false>, exp_decay_with::<true>] {
+            let worst = sweep(-87.33, 0.0, 2_000_003)
+                .map(|x| rel(exp(x), f64::from(x).exp()))
+                .fold(0.0, f64::max);
+            println!("decay exp: worst relative error {worst:.2e}");
+            assert!(worst <= 2e-7, "decay exp worst relative error {worst:.3e}");
+            assert_eq!(exp(0.0), 1.0);
+            assert_eq!(exp(-0.0), 1.0);
+            for x in [-87.34, -100.0, -1e30, f32::NEG_INFINITY] {
+                assert_eq!(exp(x), 0.0, "decay exp({x})");
+            }
+            assert!(exp(f32::NAN).is_nan());
         }
     }
 

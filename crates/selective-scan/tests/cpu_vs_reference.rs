@@ -7,14 +7,13 @@ use rstest::rstest;
 use selective_scan::cpu::Isa;
 use selective_scan::{RandomSpec, ScanProblem, reference};
 
-/// The instruction sets this CPU can run: the portable path always, and the detected one
-/// (AVX2 + FMA on most x86-64 machines) when it differs.
+/// Every instruction set this CPU can run: the portable path always, AVX2 + FMA and AVX-512
+/// (16 lanes) on x86-64 machines that have them, NEON on aarch64.
 fn isas() -> Vec<Isa> {
-    let mut isas = vec![Isa::Portable];
-    if Isa::detect() != Isa::Portable {
-        isas.push(Isa::detect());
-    }
-    isas
+    Isa::ALL
+        .into_iter()
+        .filter(|isa| isa.is_available())
+        .collect()
 }
 
 /// The native CPU path against the reference, across edges, groups and options.
@@ -44,9 +43,12 @@ fn isas() -> Vec<Isa> {
     RandomSpec::long_memory(false)
 )]
 #[case::delta_far_above_threshold(selective_scan::ScanShape::new(1, 4, 300, 2, 2), RandomSpec { delta_range: (60.0, 200.0), ..RandomSpec::default() })]
-// Lane tails: 13 channels per group (one full block of 8 lanes, one of 5), odd L, one state
-// chunk of 4 and a single state after it (N = 5), and L = 1 with 3 channels per group.
+// Lane tails: 13 channels per group (one full block of 8 lanes and one of 5; one partial block
+// of 16), odd L, one state chunk of 4 and a single state after it (N = 5), and L = 1 with 3
+// channels per group; 21 channels (one full block of 16 and one of 5; two full of 8 and one of
+// 5).
 #[case::lane_tails(selective_scan::ScanShape::new(2, 26, 37, 5, 2), RandomSpec::default())]
+#[case::lane_tails_16(selective_scan::ScanShape::new(2, 42, 45, 2, 2), RandomSpec::default())]
 #[case::lane_tails_single_step(
     selective_scan::ScanShape::new(3, 9, 1, 5, 3),
     RandomSpec::default()
@@ -71,9 +73,12 @@ fn native_cpu_scan_matches_reference(
         for (name, err) in errors {
             assert!(err <= common::TOLERANCE, "{isa:?}: {name} off by {err:.3e}");
         }
-        // Deterministic: a second run gives the same bits.
+        // Deterministic: a second run gives the same bits, and so does the backward that
+        // writes `du` over its own `dy`.
         let again = selective_scan::cpu::backward_on(isa, &p.slices(), &dy).unwrap();
         assert_eq!(grads, again, "{isa:?}");
+        let reusing = selective_scan::cpu::backward_reusing_on(isa, &p.slices(), dy.clone());
+        assert_eq!(grads, reusing.unwrap(), "{isa:?}, du written over dy");
     }
 }
 
@@ -85,7 +90,7 @@ fn native_cpu_scan_refuses_an_instruction_set_the_cpu_lacks() {
         &RandomSpec::default(),
         1,
     );
-    let missing = [Isa::Avx2Fma, Isa::Neon]
+    let missing = [Isa::Avx2Fma, Isa::Avx512, Isa::Neon]
         .into_iter()
         .find(|isa| !isa.is_available())
         .expect("no CPU has both AVX2 and NEON");
@@ -95,6 +100,26 @@ fn native_cpu_scan_refuses_an_instruction_set_the_cpu_lacks() {
         "unexpected error: {err}"
     );
     assert!(selective_scan::cpu::backward_on(missing, &p.slices(), &[0.0; 3]).is_err());
+}
+
+/// An owned `dy` of the wrong length is refused like a borrowed one, naming `dy`.
+#[test]
+fn native_cpu_backward_refuses_an_upstream_gradient_of_the_wrong_length() {
+    let p = ScanProblem::random(
+        selective_scan::ScanShape::new(1, 2, 3, 1, 1),
+        &RandomSpec::default(),
+        1,
+    );
+    for err in [
+        selective_scan::cpu::backward(&p.slices(), &[0.0; 5]).unwrap_err(),
+        selective_scan::cpu::backward_reusing(&p.slices(), vec![0.0; 5]).unwrap_err(),
+    ] {
+        let text = err.to_string();
+        assert!(
+            text.contains("dy") && text.contains('6') && text.contains('5'),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -108,9 +133,9 @@ fn native_cpu_scan_reproduces_the_golden_numbers() {
 }
 
 /// The backward's tasks run in waves sized by the thread count; the result must not depend on
-/// it. 60 tasks (5 batches × 4 groups × 3 blocks of 8 channels) make two waves at 1 and 3
-/// threads (30 tasks each: a quarter of `du` over the 200 floats of a task's partials) and at 8
-/// threads (32).
+/// it. 60 tasks with 8 lanes (5 batches × 4 groups × 3 blocks of 8 channels; 40 with AVX-512's
+/// 16 lanes) make two waves at 1 and 3 threads (30 tasks each: a quarter of `du` over the 200
+/// floats of a task's partials) and at 8 threads (32).
 #[test]
 fn native_cpu_backward_is_identical_for_any_thread_count() {
     let shape = selective_scan::ScanShape::new(5, 96, 50, 2, 4);

@@ -117,6 +117,8 @@ enum ExpKind {
     Scan,
     /// An independent AVX2 + FMA exp written with `std::arch` intrinsics (x86-64 with both).
     Intrinsics,
+    /// The same exp on 16 lanes with AVX-512F intrinsics (x86-64 with AVX-512F).
+    Avx512Intrinsics,
 }
 
 impl ExpKind {
@@ -124,6 +126,9 @@ impl ExpKind {
         let mut kinds = vec![Self::Libm, Self::Scan];
         if intrinsics_exp::available() {
             kinds.push(Self::Intrinsics);
+        }
+        if intrinsics_exp::available_512() {
+            kinds.push(Self::Avx512Intrinsics);
         }
         kinds
     }
@@ -133,6 +138,7 @@ impl ExpKind {
             Self::Libm => "libm f32::exp",
             Self::Scan => "scan's exp",
             Self::Intrinsics => "AVX2 intrinsics exp",
+            Self::Avx512Intrinsics => "AVX-512 intrinsics exp",
         }
     }
 
@@ -143,6 +149,7 @@ impl ExpKind {
                 selective_scan::cpu::exp_into(selective_scan::cpu::Isa::detect(), xs, out)
             }
             Self::Intrinsics => intrinsics_exp::apply(xs, out),
+            Self::Avx512Intrinsics => intrinsics_exp::apply_512(xs, out),
         }
     }
 
@@ -194,8 +201,62 @@ impl ExpKind {
 /// Cephes' `expf` (the algorithm of avx_mathfun's `exp256_ps`: range reduction by `ln 2` in
 /// two parts, degree-7 polynomial, exponent bits), written directly with AVX2 + FMA
 /// intrinsics, independently of the scan's code: a reference for how fast an 8-lane exp of
-/// this accuracy runs on this machine.
+/// this accuracy runs on this machine; and the same on 16 lanes with AVX-512F (scaling by
+/// `vscalefps`), where the CPU has it.
 mod intrinsics_exp {
+    pub fn available_512() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    pub fn apply_512(xs: &[f32], out: &mut [f32]) {
+        assert!(available_512(), "AVX-512F is needed");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (asserted above).
+        unsafe {
+            apply_avx512(xs, out)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn apply_avx512(xs: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let c = _mm512_set1_ps;
+        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+            // SAFETY: both chunks hold exactly 16 f32 (unaligned loads/stores).
+            let x = unsafe { _mm512_loadu_ps(x.as_ptr()) };
+            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.3));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+            let mut p = c(1.987_569_1e-4);
+            for k in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = _mm512_fmadd_ps(p, r, c(k));
+            }
+            let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
+            let y = _mm512_scalef_ps(y, n);
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), y) };
+        }
+        let done = xs.len() / 16 * 16;
+        for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
+            *o = x.exp();
+        }
+    }
+
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {

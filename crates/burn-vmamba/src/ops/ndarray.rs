@@ -41,6 +41,29 @@ fn values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// The buffer of an f32 tensor that nothing else holds, contiguous from its start (then the
+/// scan may write over it: no copy, no new allocation); the tensor back otherwise.
+fn owned_values(t: NdArrayTensor) -> Result<Vec<f32>, NdArrayTensor> {
+    match t {
+        NdArrayTensor::F32(storage)
+            if storage.is_unique() && storage.view().is_standard_layout() =>
+        {
+            let shape = storage.shape().to_vec();
+            let len = storage.len();
+            // Unique: the Arc is unwrapped, nothing is copied.
+            let (values, offset) = storage.into_owned().into_owned().into_raw_vec_and_offset();
+            let start = offset.unwrap_or(0);
+            if start == 0 && values.len() == len {
+                Ok(values)
+            } else {
+                // A view into a larger buffer: the same values as a tensor of their own.
+                Err(tensor(values[start..start + len].to_vec(), &shape))
+            }
+        }
+        other => Err(other),
+    }
+}
+
 /// The inputs' values, in place where possible.
 struct HostInputs<'a> {
     u: Cow<'a, [f32]>,
@@ -307,8 +330,14 @@ where
     ) -> ScanGradients<Self> {
         let shape = inputs.shape();
         let host = HostInputs::new(&inputs);
-        let dy = values(&dy);
-        let g = cpu::backward(&host.slices(shape, options), &dy).unwrap_or_else(|e| panic!("{e}"));
+        let slices = host.slices(shape, options);
+        // `du` goes into `dy`'s buffer when nothing else holds it (one `[B, D, L]` allocation
+        // fewer; on Autodiff, the upstream gradient usually is consumed here).
+        let g = match owned_values(dy) {
+            Ok(dy) => cpu::backward_reusing(&slices, dy),
+            Err(dy) => cpu::backward(&slices, &values(&dy)),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let put = |v: Vec<f32>, s: &[usize]| tensor(v, s);
         ScanGradients {
             du: put(g.du, &shape.bdl()),
@@ -367,6 +396,35 @@ mod tests {
             .zip(expected)
             .map(|(a, e)| (a - e).abs() / scale)
             .fold(0.0f32, f32::max)
+    }
+
+    /// A tensor nothing else holds hands over its buffer (the scan writes `du` over `dy`); a
+    /// shared one, or a view into a larger buffer, is handed back with the same values.
+    #[test]
+    fn only_an_unshared_contiguous_tensor_gives_up_its_buffer() {
+        let device = Default::default();
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5).collect();
+        let fresh =
+            || Tensor::<B, 3>::from_data(TensorData::new(values.clone(), [2, 3, 4]), &device);
+        let owned = super::owned_values(fresh().into_primitive().tensor());
+        assert_eq!(owned.expect("a fresh tensor is unique"), values);
+
+        let kept = fresh();
+        let shared = super::owned_values(kept.clone().into_primitive().tensor());
+        let back = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(
+            shared.expect_err("a cloned tensor is shared"),
+        ));
+        assert_eq!(back.into_data(), kept.into_data());
+
+        let narrowed = fresh().narrow(2, 1, 2);
+        let expected = narrowed.to_data();
+        match super::owned_values(narrowed.into_primitive().tensor()) {
+            Ok(v) => assert_eq!(v, expected.to_vec::<f32>().unwrap()),
+            Err(t) => assert_eq!(
+                Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t)).into_data(),
+                expected
+            ),
+        }
     }
 
     /// The fused NdArray depthwise conv + SiLU against Burn's own `Conv2d` (groups = channels)
