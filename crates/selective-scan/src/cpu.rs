@@ -4,8 +4,7 @@
 //! # Layout: one SIMD lane per channel
 //! The recurrence `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` is sequential in `t` but independent
 //! across channels, so a task takes `W` consecutive channels of one `(batch, group)` (`W` =
-//! [`Isa::lanes`] in the forward: 16 with AVX-512, 8 otherwise; 8 in every backward, see
-//! [`backward_on`]) and runs the time loop with one channel per
+//! [`Isa::lanes`]: 16 with AVX-512, 8 otherwise) and runs the time loop with one channel per
 //! lane: every step is a handful of `W`-wide multiply-adds and one `W`-wide `exp`, with no
 //! dependency between lanes. `B_t` and `C_t` are shared by the group's channels and are
 //! broadcast. The task gathers its rows of `u`, `delta` (and `dy`) into lane-major scratch
@@ -37,14 +36,18 @@
 //! given machine always takes the same path, and every path is tested against the f64
 //! reference where the CPU has it. AVX-512 doubles the lanes of every instruction: on the
 //! 2-core development machine (Xeon with AVX-512) a 16-lane exp runs about 1.8× as many
-//! exponentials per second as an 8-lane one, and the 16-lane forward takes 0.8× the time of
-//! the 8-lane one (C2: 14.2 vs 18.5 ms). The backward stays on 8 lanes (AVX-512 machines run
-//! the AVX2 backward): with 16, LLVM's SLP vectoriser split its adjoint loop into 128-bit and
-//! scalar pieces and it was slower. Loops whose body is only lane arithmetic (no recurrence)
-//! are avoided: LLVM vectorised them across `t` instead, with AVX-512 gathers and scatters; such
-//! work is fused into the gathers or the first recurrence. The transcendentals are [`crate::fastmath`]'s
+//! exponentials per second as an 8-lane one; called directly, the 16-lane scan takes 0.75× the
+//! time of the 8-lane one forward and 0.9× backward on C2 (15–17 vs 20 ms, 30 vs 33 ms). Two
+//! shapes of code are avoided because LLVM compiled them badly at 16 lanes: loops whose body is
+//! only lane arithmetic, with no recurrence (LLVM vectorised them across `t` instead, with
+//! AVX-512 gathers and scatters; such work is fused into the gathers or the first recurrence),
+//! and branches inside the time loops (the blocked sums over `t` are inner loops of their own:
+//! with a branch per step, LLVM's SLP vectoriser split the backward's 16 lanes into 128-bit and
+//! scalar pieces). The transcendentals are [`crate::fastmath`]'s
 //! branch-free `exp`/`softplus`/`sigmoid` (≤ 2.5e-7 relative, with or without FMA); the decays
 //! `exp(Δ·A)` (`Δ·A ≤ 0`, checked on entry) use its cheaper `exp_decay_with`.
+
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -109,8 +112,7 @@ impl Isa {
         }
     }
 
-    /// SIMD lanes (channels per task) of the forward scan on this set: 16 with AVX-512, 8
-    /// otherwise (the backward runs 8 everywhere, see [`backward_on`]).
+    /// SIMD lanes (channels per task) of the scan on this set: 16 with AVX-512, 8 otherwise.
     pub fn lanes(self) -> usize {
         match self {
             Self::Avx512 => 16,
@@ -203,22 +205,56 @@ impl ScanSlices<'_> {
     }
 }
 
-/// A zeroed buffer of `n` values for an output of the scan. A large one is fresh memory from
-/// the OS (calloc maps it untouched); on Linux it is marked for transparent huge pages before
-/// the first write, so filling it takes one fault per 2 MiB instead of one per 4 KiB page (on
-/// C2, `[8, 384, 3136]`, the 4 KiB faults of the forward and backward outputs cost more than a
-/// quarter of the whole forward+backward; on C1's 4.8 MB outputs, a single-threaded backward
-/// went from 14 to 10 ms with the hint from 2 MiB up). Only a hint: memory and results are
-/// unchanged; whole 2 MiB pages inside the buffer are all it can cover.
-fn output_buffer(n: usize) -> Vec<f32> {
-    let v = vec![0.0f32; n];
+/// An output of the scan: `n` values, not initialised (every one is written by exactly one
+/// task's `scatter` before [`assume_written`] hands the buffer out: the tasks' rows partition
+/// `[B, D, L]`). Not zeroing saves a pass over the buffer where the allocator recycles memory
+/// (calloc's memset; C1's outputs are 4.8 MB each). A large one is fresh memory from the OS; on
+/// Linux it is marked for transparent huge pages before the first write, so filling it takes
+/// one fault per 2 MiB instead of one per 4 KiB page (on C2, `[8, 384, 3136]`, the 4 KiB faults
+/// of the forward and backward outputs cost more than a quarter of the whole forward+backward;
+/// on C1's 4.8 MB outputs, a single-threaded backward went from 14 to 10 ms with the hint from
+/// 2 MiB up). Only a hint: memory and results are unchanged; whole 2 MiB pages inside the
+/// buffer are all it can cover.
+fn output_buffer(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation, and the capacity is `n`.
+    unsafe { v.set_len(n) };
     #[cfg(target_os = "linux")]
     advise_huge_pages(&v);
     v
 }
 
+/// An initialised buffer (the upstream gradient the backward writes `du` over) as an output
+/// buffer: same allocation, same values.
+fn reuse_as_output(v: Vec<f32>) -> Vec<MaybeUninit<f32>> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s size and alignment; pointer, length and capacity
+    // come from a live `Vec<f32>` whose ownership moves here (it is not dropped).
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// The output buffer once every task has written its rows.
+///
+/// # Safety
+/// Every element of `v` has been written.
+unsafe fn assume_written(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: as in `reuse_as_output`; the elements are initialised (the caller's contract).
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// Rows of an output that hold initialised values (the upstream gradient `du` is written
+/// over), to read them before they are overwritten.
+///
+/// # Safety
+/// Every element of `rows` is initialised.
+unsafe fn written(rows: &[MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: same layout; initialised (the caller's contract).
+    unsafe { &*(std::ptr::from_ref(rows) as *const [f32]) }
+}
+
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(v: &[f32]) {
+fn advise_huge_pages<T>(v: &[T]) {
     const MIN_BYTES: usize = 2 << 20;
     let bytes = std::mem::size_of_val(v);
     if bytes < MIN_BYTES {
@@ -334,38 +370,6 @@ fn hsum<const W: usize>(v: [f32; W]) -> f32 {
     v[0]
 }
 
-/// A per-lane sum over `t` in blocks of [`SUM_BLOCK`] terms.
-struct BlockedSum<const W: usize> {
-    block: [f32; W],
-    total: [f32; W],
-    terms: usize,
-}
-
-impl<const W: usize> BlockedSum<W> {
-    fn new() -> Self {
-        Self {
-            block: [0.0; W],
-            total: [0.0; W],
-            terms: 0,
-        }
-    }
-
-    #[inline(always)]
-    fn add(&mut self, x: [f32; W]) {
-        self.block = add(self.block, x);
-        self.terms += 1;
-        if self.terms == SUM_BLOCK {
-            self.total = add(self.total, self.block);
-            self.block = [0.0; W];
-            self.terms = 0;
-        }
-    }
-
-    fn sum(self) -> [f32; W] {
-        add(self.total, self.block)
-    }
-}
-
 /// One 64-byte line of scratch (an AVX-512 register, a cache line).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -423,7 +427,7 @@ impl Task {
     }
 
     /// Every task of a scan with `w` lanes, each with its rows of `out` (`[B, D, L]`).
-    fn split<'a>(s: &ScanShape, w: usize, out: &'a mut [f32]) -> Vec<(Task, &'a mut [f32])> {
+    fn split<'a, T>(s: &ScanShape, w: usize, out: &'a mut [T]) -> Vec<(Task, &'a mut [T])> {
         let count = s.batch * s.groups * Self::blocks(s, w);
         let mut tasks = Vec::with_capacity(count);
         let mut rest = out;
@@ -522,7 +526,13 @@ fn gather<const W: usize>(
 
 /// The inverse of [`gather`] into the task's rows `dst [count, L]`.
 #[inline(always)]
-fn scatter<const W: usize>(isa: Isa, src: &[[f32; W]], count: usize, l: usize, dst: &mut [f32]) {
+fn scatter<const W: usize>(
+    isa: Isa,
+    src: &[[f32; W]],
+    count: usize,
+    l: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
     let (src, dst) = (&src[..l], &mut dst[..count * l]);
     let tiled = if count == W { l / TILE * TILE } else { 0 };
     if tiled > 0 {
@@ -536,14 +546,16 @@ fn scatter<const W: usize>(isa: Isa, src: &[[f32; W]], count: usize, l: usize, d
                 let block: [[f32; TILE]; TILE] =
                     std::array::from_fn(|k| std::array::from_fn(|j| src[t0 + j][lane0 + k]));
                 for (k, row) in block.iter().enumerate() {
-                    tile_dst[k * l + t0..k * l + t0 + TILE].copy_from_slice(row);
+                    for (d, v) in tile_dst[k * l + t0..k * l + t0 + TILE].iter_mut().zip(row) {
+                        d.write(*v);
+                    }
                 }
             }
         }
     }
     for k in 0..count {
         for t in tiled..l {
-            dst[k * l + t] = src[t][k];
+            dst[k * l + t].write(src[t][k]);
         }
     }
 }
@@ -554,7 +566,7 @@ fn scatter<const W: usize>(isa: Isa, src: &[[f32; W]], count: usize, l: usize, d
 /// (the caller then runs the portable loop); results are the same bits either way (a transpose
 /// only moves values).
 mod transpose {
-    use super::{Isa, TILE};
+    use super::{Isa, MaybeUninit, TILE};
 
     /// `out[t][lane0 + k] = rows[k][t] (+ bias[k])` for `t < out.len()` (a multiple of
     /// [`TILE`]), `k < 8`.
@@ -583,7 +595,7 @@ mod transpose {
         src: &[[f32; W]],
         lane0: usize,
         l: usize,
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
     ) -> bool {
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -598,6 +610,7 @@ mod transpose {
     mod avx {
         use super::TILE;
         use std::arch::x86_64::*;
+        use std::mem::MaybeUninit;
 
         /// Rows `r[k]` to columns: `out[j][k] = r[k][j]` (unpack, shuffle, swap 128-bit halves).
         #[target_feature(enable = "avx")]
@@ -664,7 +677,7 @@ mod transpose {
             src: &[[f32; W]],
             lane0: usize,
             l: usize,
-            dst: &mut [f32],
+            dst: &mut [MaybeUninit<f32>],
         ) {
             for (b, block) in src.chunks_exact(TILE).enumerate() {
                 let t0 = b * TILE;
@@ -676,11 +689,12 @@ mod transpose {
                     unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
                 });
                 for (k, c) in transpose(r).into_iter().enumerate() {
-                    let row: &mut [f32; TILE] = (&mut dst[k * l + t0..k * l + t0 + TILE])
+                    let row: &mut [MaybeUninit<f32>; TILE] = (&mut dst
+                        [k * l + t0..k * l + t0 + TILE])
                         .try_into()
                         .expect("a tile is TILE long");
-                    // SAFETY: `row` holds 8 floats (unaligned store).
-                    unsafe { _mm256_storeu_ps(row.as_mut_ptr(), c) };
+                    // SAFETY: `row` holds 8 floats (unaligned store; writing initialises them).
+                    unsafe { _mm256_storeu_ps(row.as_mut_ptr().cast(), c) };
                 }
             }
         }
@@ -754,7 +768,7 @@ fn forward_task<const F: bool, const W: usize>(
     isa: Isa,
     p: &ScanSlices<'_>,
     task: &Task,
-    y_rows: &mut [f32],
+    y_rows: &mut [MaybeUninit<f32>],
     scratch: &mut ForwardScratch,
 ) {
     let s = &p.shape;
@@ -828,7 +842,7 @@ fn forward_states<const F: bool, const W: usize, const NS: usize, const FIRST: b
 fn forward_task_avx2<const W: usize>(
     p: &ScanSlices<'_>,
     task: &Task,
-    y_rows: &mut [f32],
+    y_rows: &mut [MaybeUninit<f32>],
     scratch: &mut ForwardScratch,
 ) {
     forward_task::<true, W>(Isa::Avx2Fma, p, task, y_rows, scratch);
@@ -839,7 +853,7 @@ fn forward_task_avx2<const W: usize>(
 fn forward_task_avx512<const W: usize>(
     p: &ScanSlices<'_>,
     task: &Task,
-    y_rows: &mut [f32],
+    y_rows: &mut [MaybeUninit<f32>],
     scratch: &mut ForwardScratch,
 ) {
     forward_task::<true, W>(Isa::Avx512, p, task, y_rows, scratch);
@@ -877,7 +891,8 @@ fn forward_lanes<const W: usize>(isa: Isa, p: &ScanSlices<'_>) -> Vec<f32> {
                 _ => forward_task::<false, W>(isa, p, &task, rows, scratch),
             })
         });
-    y
+    // SAFETY: the tasks' rows partition `y`, and each task scattered all of its rows.
+    unsafe { assume_written(y) }
 }
 
 // ---- Backward ----
@@ -926,12 +941,22 @@ type StateWork<'a, const W: usize> = (
     &'a mut [[f32; W]],
 );
 
+/// Per-lane sums of one state of the backward over `t`: `dA` always, `dD` in the first state,
+/// `dΔ_bias` in the last (zero otherwise).
+struct StateSums<const W: usize> {
+    da: [f32; W],
+    dd: [f32; W],
+    dbias: [f32; W],
+}
+
 /// State `n` of the backward: the replay `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` into
 /// `(decay, h, du, dΔ)`'s first two, then the adjoint `ĥ_t = exp(Δ_{t+1} A) ĥ_{t+1} + dy_t C_t`
-/// from `t = L − 1` down with every gradient term; returns this state's `dA` lanes. `FIRST`:
-/// `du` starts at `D·dy` and `dΔ` at 0 here (no pass of their own) and `dD` is summed during the
-/// replay; `LAST`: `dΔ` leaves through softplus' slope and is summed into `dΔ_bias`. The bits
-/// are those of separate passes, but for `dΔ_bias`, summed from `t = L − 1` down.
+/// from `t = L − 1` down with every gradient term. `FIRST`: `du` starts at `D·dy` and `dΔ` at 0
+/// here (no pass of their own) and `dD` is summed during the replay; `LAST`: `dΔ` leaves
+/// through softplus' slope and is summed into `dΔ_bias`. Sums over `t` add blocks of
+/// [`SUM_BLOCK`] terms in the order the loop visits them (the replay from `t = 0` up, the
+/// adjoint from `t = L − 1` down), then the blocks; each block is an inner loop of its own, so
+/// the loop bodies have no branch (LLVM's SLP vectoriser then keeps 16 lanes in one register).
 #[inline(always)]
 fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: bool>(
     x: &BackwardInputs<'_, W>,
@@ -939,51 +964,70 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
     (b_row, c_row): (&[f32], &[f32]),
     (decay, h, du, ddt): StateWork<'_, W>,
     (db, dc): (&mut [f32], &mut [f32]),
-    (dd, dbias): (&mut BlockedSum<W>, &mut BlockedSum<W>),
-) -> [f32; W] {
+) -> StateSums<W> {
     let l = x.u.len();
     let (u, dy, dt, slope) = (x.u, x.dy, &x.dt[..l], &x.slope[..l]);
     let (decay, h, du, ddt) = (&mut decay[..l], &mut h[..=l], &mut du[..l], &mut ddt[..l]);
     let (b_row, c_row, db, dc) = (&b_row[..l], &c_row[..l], &mut db[..l], &mut dc[..l]);
     let zero = [0.0; W];
+    let mut sums = StateSums {
+        da: zero,
+        dd: zero,
+        dbias: zero,
+    };
     let mut state = zero;
     h[0] = zero;
-    for t in 0..l {
-        decay[t] = exp_decay_v::<F, W>(mul(dt[t], a_n));
-        state = fma::<F, W>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
-        h[t + 1] = state;
+    for start in (0..l).step_by(SUM_BLOCK) {
+        let mut dd = zero;
+        for t in start..l.min(start + SUM_BLOCK) {
+            decay[t] = exp_decay_v::<F, W>(mul(dt[t], a_n));
+            state = fma::<F, W>(decay[t], state, mul(mul(dt[t], u[t]), splat(b_row[t])));
+            h[t + 1] = state;
+            if FIRST {
+                dd = add(dd, mul(dy[t], u[t]));
+            }
+        }
         if FIRST {
-            dd.add(mul(dy[t], u[t]));
+            sums.dd = add(sums.dd, dd);
         }
     }
     let mut adj = zero;
     let mut next_decay = zero;
-    let mut da = BlockedSum::new();
-    for t in (0..l).rev() {
-        adj = fma::<F, W>(next_decay, adj, mul(dy[t], splat(c_row[t])));
-        next_decay = decay[t];
-        let b_t = splat(b_row[t]);
-        let adj_dt = mul(adj, dt[t]);
-        let a_h = mul(decay[t], h[t]);
-        let (du_in, ddt_in) = if FIRST {
-            (mul(x.skip, dy[t]), zero)
-        } else {
-            (du[t], ddt[t])
-        };
-        du[t] = fma::<F, W>(adj_dt, b_t, du_in);
-        let g = fma::<F, W>(adj, fma::<F, W>(a_n, a_h, mul(b_t, u[t])), ddt_in);
-        ddt[t] = if LAST {
-            let g = mul(g, slope[t]);
-            dbias.add(g);
-            g
-        } else {
-            g
-        };
-        da.add(mul(adj_dt, a_h));
-        db[t] = hsum(mul(adj_dt, u[t]));
-        dc[t] = hsum(mul(dy[t], h[t + 1]));
+    let mut end = l;
+    while end > 0 {
+        let start = end.saturating_sub(SUM_BLOCK);
+        let (mut da, mut dbias) = (zero, zero);
+        for t in (start..end).rev() {
+            adj = fma::<F, W>(next_decay, adj, mul(dy[t], splat(c_row[t])));
+            next_decay = decay[t];
+            let b_t = splat(b_row[t]);
+            let adj_dt = mul(adj, dt[t]);
+            let a_h = mul(decay[t], h[t]);
+            let (du_in, ddt_in) = if FIRST {
+                (mul(x.skip, dy[t]), zero)
+            } else {
+                (du[t], ddt[t])
+            };
+            du[t] = fma::<F, W>(adj_dt, b_t, du_in);
+            let g = fma::<F, W>(adj, fma::<F, W>(a_n, a_h, mul(b_t, u[t])), ddt_in);
+            ddt[t] = if LAST {
+                let g = mul(g, slope[t]);
+                dbias = add(dbias, g);
+                g
+            } else {
+                g
+            };
+            da = add(da, mul(adj_dt, a_h));
+            db[t] = hsum(mul(adj_dt, u[t]));
+            dc[t] = hsum(mul(dy[t], h[t + 1]));
+        }
+        sums.da = add(sums.da, da);
+        if LAST {
+            sums.dbias = add(sums.dbias, dbias);
+        }
+        end = start;
     }
-    da.sum()
+    sums
 }
 
 /// One task of the backward: reads its rows of `dy` (from `dy_rows`, or from `du_rows` when the
@@ -994,8 +1038,8 @@ fn backward_task<const F: bool, const W: usize>(
     p: &ScanSlices<'_>,
     dy_rows: Option<&[f32]>,
     task: &Task,
-    du_rows: &mut [f32],
-    dd_rows: &mut [f32],
+    du_rows: &mut [MaybeUninit<f32>],
+    dd_rows: &mut [MaybeUninit<f32>],
     scratch: &mut BackwardScratch,
 ) -> TaskOut {
     let s = &p.shape;
@@ -1023,7 +1067,10 @@ fn backward_task<const F: bool, const W: usize>(
         h.get::<W>(l + 1),
     );
     gather(isa, task.rows(s, p.u), task.count, l, u, None);
-    gather(isa, dy_rows.unwrap_or(&*du_rows), task.count, l, dy, None);
+    // SAFETY: without `dy_rows`, `du_rows` holds this task's rows of `dy` (`du` is written over
+    // it by the scatter below): initialised.
+    let dy_rows = dy_rows.unwrap_or_else(|| unsafe { written(du_rows) });
+    gather(isa, dy_rows, task.count, l, dy, None);
     p.steps::<F, W>(isa, task, dt, Some(slope));
     let inputs = BackwardInputs {
         u,
@@ -1037,28 +1084,25 @@ fn backward_task<const F: bool, const W: usize>(
     let mut da = Vec::with_capacity(n_state * task.count);
     // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t and dD = Σ_t dy_t u_t start with the first state; dΔ
     // leaves through softplus' slope (1 without softplus) with the last, dΔ_bias = Σ_t dΔ_t.
-    let (mut dd, mut dbias) = (BlockedSum::new(), BlockedSum::new());
+    let (mut dd, mut dbias) = ([0.0; W], [0.0; W]);
     for n in 0..n_state {
         let a_n = task.lanes(0.0, |ch| p.a[ch * n_state + n]);
         let rows = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
         let work = (&mut decay[..], &mut h[..], &mut du[..], &mut ddt[..]);
         let grads = (&mut db[n * l..(n + 1) * l], &mut dc[n * l..(n + 1) * l]);
-        let sums = (&mut dd, &mut dbias);
-        let da_n = match (n == 0, n + 1 == n_state) {
-            (true, true) => {
-                backward_state::<F, W, true, true>(&inputs, a_n, rows, work, grads, sums)
-            }
-            (true, false) => {
-                backward_state::<F, W, true, false>(&inputs, a_n, rows, work, grads, sums)
-            }
-            (false, true) => {
-                backward_state::<F, W, false, true>(&inputs, a_n, rows, work, grads, sums)
-            }
-            (false, false) => {
-                backward_state::<F, W, false, false>(&inputs, a_n, rows, work, grads, sums)
-            }
+        let sums = match (n == 0, n + 1 == n_state) {
+            (true, true) => backward_state::<F, W, true, true>(&inputs, a_n, rows, work, grads),
+            (true, false) => backward_state::<F, W, true, false>(&inputs, a_n, rows, work, grads),
+            (false, true) => backward_state::<F, W, false, true>(&inputs, a_n, rows, work, grads),
+            (false, false) => backward_state::<F, W, false, false>(&inputs, a_n, rows, work, grads),
         };
-        da.extend_from_slice(&da_n[..task.count]);
+        da.extend_from_slice(&sums.da[..task.count]);
+        if n == 0 {
+            dd = sums.dd;
+        }
+        if n + 1 == n_state {
+            dbias = sums.dbias;
+        }
     }
     scatter(isa, du, task.count, l, du_rows);
     scatter(isa, ddt, task.count, l, dd_rows);
@@ -1066,8 +1110,8 @@ fn backward_task<const F: bool, const W: usize>(
         db,
         dc,
         da,
-        dd: dd.sum()[..task.count].to_vec(),
-        dbias: dbias.sum()[..task.count].to_vec(),
+        dd: dd[..task.count].to_vec(),
+        dbias: dbias[..task.count].to_vec(),
     }
 }
 
@@ -1077,11 +1121,24 @@ fn backward_task_avx2<const W: usize>(
     p: &ScanSlices<'_>,
     dy_rows: Option<&[f32]>,
     task: &Task,
-    du_rows: &mut [f32],
-    dd_rows: &mut [f32],
+    du_rows: &mut [MaybeUninit<f32>],
+    dd_rows: &mut [MaybeUninit<f32>],
     scratch: &mut BackwardScratch,
 ) -> TaskOut {
     backward_task::<true, W>(Isa::Avx2Fma, p, dy_rows, task, du_rows, dd_rows, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn backward_task_avx512<const W: usize>(
+    p: &ScanSlices<'_>,
+    dy_rows: Option<&[f32]>,
+    task: &Task,
+    du_rows: &mut [MaybeUninit<f32>],
+    dd_rows: &mut [MaybeUninit<f32>],
+    scratch: &mut BackwardScratch,
+) -> TaskOut {
+    backward_task::<true, W>(Isa::Avx512, p, dy_rows, task, du_rows, dd_rows, scratch)
 }
 
 /// Backward scan for the upstream gradient `dy [batch, channels, seq_len]`, with the fastest
@@ -1090,8 +1147,7 @@ pub fn backward(p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanEr
     backward_on(Isa::detect(), p, dy)
 }
 
-/// [`backward`] with the given instruction set (an error if this CPU lacks it). The backward
-/// runs 8 lanes on every set: [`Isa::Avx512`] runs the AVX2 + FMA backward.
+/// [`backward`] with the given instruction set (an error if this CPU lacks it).
 pub fn backward_on(isa: Isa, p: &ScanSlices<'_>, dy: &[f32]) -> Result<ScanGrads<f32>, ScanError> {
     backward_upstream(isa, p, Upstream::Borrowed(dy))
 }
@@ -1138,15 +1194,10 @@ fn backward_upstream(
             actual,
         });
     }
-    // The backward runs 8 lanes everywhere: with 16, LLVM's SLP vectoriser split the adjoint
-    // loop's lane arithmetic into 128-bit and scalar pieces, and the AVX-512 backward was slower
-    // than AVX2's (C1 5.0 vs 4.1 ms, C2 34 vs 33 ms on 2 cores). AVX-512 machines run the AVX2
-    // backward (a subset of their features), so its bits are AVX2's.
-    let isa = match isa {
-        Isa::Avx512 => Isa::Avx2Fma,
-        other => other,
-    };
-    Ok(backward_lanes::<8>(isa, p, dy))
+    Ok(match isa.lanes() {
+        16 => backward_lanes::<16>(isa, p, dy),
+        _ => backward_lanes::<8>(isa, p, dy),
+    })
 }
 
 fn backward_lanes<const W: usize>(
@@ -1158,21 +1209,25 @@ fn backward_lanes<const W: usize>(
     let (l, n_state) = (s.seq_len, s.d_state);
     let (mut du, dy) = match dy {
         Upstream::Borrowed(dy) => (output_buffer(s.bdl_len()), Some(dy)),
-        Upstream::Owned(dy) => (dy, None),
+        Upstream::Owned(dy) => (reuse_as_output(dy), None),
     };
     let mut ddelta = output_buffer(s.bdl_len());
     // A task's rows are consecutive in du/ddelta.
-    let mut tasks: Vec<(Task, &mut [f32], &mut [f32])> = Task::split(&s, W, &mut du)
+    type Rows<'a> = &'a mut [MaybeUninit<f32>];
+    let mut tasks: Vec<(Task, Rows, Rows)> = Task::split(&s, W, &mut du)
         .into_iter()
         .zip(Task::split(&s, W, &mut ddelta))
         .map(|((task, du), (_, dd))| (task, du, dd))
         .collect();
-    let run = |(task, du, dd): &mut (Task, &mut [f32], &mut [f32])| {
+    let run = |(task, du, dd): &mut (Task, Rows, Rows)| {
         let dy = dy.map(|dy| task.rows(&s, dy));
         BACKWARD_SCRATCH.with_borrow_mut(|scratch| match isa {
             // SAFETY: `backward_on` ran `isa.check()`, which found AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { backward_task_avx2::<W>(p, dy, task, du, dd, scratch) },
+            // SAFETY: as above, with AVX-512F too.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { backward_task_avx512::<W>(p, dy, task, du, dd, scratch) },
             Isa::Neon => backward_task::<true, W>(isa, p, dy, task, du, dd, scratch),
             _ => backward_task::<false, W>(isa, p, dy, task, du, dd, scratch),
         })
@@ -1211,6 +1266,10 @@ fn backward_lanes<const W: usize>(
             }
         }
     }
+    drop(tasks);
+    // SAFETY: the tasks' rows partition `du` and `ddelta`, and each task scattered all of its
+    // rows of both.
+    let (du, ddelta) = unsafe { (assume_written(du), assume_written(ddelta)) };
     ScanGrads {
         du,
         ddelta,
@@ -1258,10 +1317,14 @@ mod tests {
                             assert_eq!(*x, expected);
                         }
                     }
-                    let mut rows_portable = vec![-1.0; task.count * l];
-                    let mut rows_avx = vec![-1.0; task.count * l];
+                    // Into initialised buffers (a value the scatter does not write stays -1).
+                    let mut rows_portable = reuse_as_output(vec![-1.0; task.count * l]);
+                    let mut rows_avx = reuse_as_output(vec![-1.0; task.count * l]);
                     scatter(Isa::Portable, &portable, task.count, l, &mut rows_portable);
                     scatter(Isa::Avx2Fma, &portable, task.count, l, &mut rows_avx);
+                    // SAFETY: initialised when created (and overwritten with values).
+                    let (rows_portable, rows_avx) =
+                        unsafe { (assume_written(rows_portable), assume_written(rows_avx)) };
                     assert_eq!(
                         rows_portable, rows_avx,
                         "scatter, W = {W}, {channels} channels, L = {l}"

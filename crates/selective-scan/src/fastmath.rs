@@ -34,9 +34,25 @@ pub fn exp(x: f32) -> f32 {
 /// enabled, see [`crate::cpu::Isa`]; the same error bound, tested both ways).
 #[inline(always)]
 pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
-    let madd = madd::<FMA>;
     let input = x;
-    let x = x.clamp(-104.0, 88.72);
+    // n ∈ [−150, 128] after the clamp.
+    let (e_r, k) = exp_reduced::<FMA>(x.clamp(-104.0, 88.72));
+    // 2^n as two normal factors: n = 128 does not overflow, n < −126 rounds to a subnormal.
+    let half = k >> 1;
+    let two_a = f32::from_bits(((half + 127) << 23) as u32);
+    let two_b = f32::from_bits(((k - half + 127) << 23) as u32);
+    let y = e_r * two_a * two_b;
+    // As libm: 0 below the subnormal range, +∞ above f32's range.
+    let y = if input < -104.0 { 0.0 } else { y };
+    if input > 88.72 { f32::INFINITY } else { y }
+}
+
+/// `(e^r, n)` with `e^x = e^r · 2^n`, `n = round(x · log2 e)`, `|r| ≤ ln2/2`: Cephes' range
+/// reduction (`ln 2` in two parts) and degree-6 polynomial, the part [`exp_with`] and
+/// [`exp_decay_with`] share (each scales by `2^n` as its range allows).
+#[inline(always)]
+fn exp_reduced<const FMA: bool>(x: f32) -> (f32, i32) {
+    let madd = madd::<FMA>;
     let shifted = madd(x, LOG2E, ROUNDER);
     let n = shifted - ROUNDER; // round(x · log2 e)
     let r = madd(n, -LN2_LO, madd(n, -LN2_HI, x));
@@ -47,16 +63,8 @@ pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     p = madd(p, r, 1.666_666_5e-1);
     p = madd(p, r, 0.5);
     let e_r = madd(r * r, p, r) + 1.0;
-    // 2^n from the rounded integer in `shifted`'s low bits; n ∈ [−150, 128] after the clamp.
-    let k = (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    // 2^n as two normal factors: n = 128 does not overflow, n < −126 rounds to a subnormal.
-    let half = k >> 1;
-    let two_a = f32::from_bits(((half + 127) << 23) as u32);
-    let two_b = f32::from_bits(((k - half + 127) << 23) as u32);
-    let y = e_r * two_a * two_b;
-    // As libm: 0 below the subnormal range, +∞ above f32's range.
-    let y = if input < -104.0 { 0.0 } else { y };
-    if input > 88.72 { f32::INFINITY } else { y }
+    // n from the rounded integer in `shifted`'s low bits.
+    (e_r, (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000))
 }
 
 /// Below this, [`exp_decay_with`] returns 0 (`e^{−87.33}` ≈ 1.19e-38, the bottom of f32's
@@ -71,20 +79,9 @@ const DECAY_MIN: f32 = -87.33;
 /// `[−87.33, 0]`; NaN in, NaN out. Positive `x` gives wrong results (never used so).
 #[inline(always)]
 pub fn exp_decay_with<const FMA: bool>(x: f32) -> f32 {
-    let madd = madd::<FMA>;
     let tiny = x < DECAY_MIN;
-    let x = if tiny { DECAY_MIN } else { x };
-    let shifted = madd(x, LOG2E, ROUNDER);
-    let n = shifted - ROUNDER; // round(x · log2 e) ∈ [−126, 0]
-    let r = madd(n, -LN2_LO, madd(n, -LN2_HI, x));
-    let mut p = 1.987_569_1e-4f32;
-    p = madd(p, r, 1.398_199_9e-3);
-    p = madd(p, r, 8.333_452e-3);
-    p = madd(p, r, 4.166_579_6e-2);
-    p = madd(p, r, 1.666_666_5e-1);
-    p = madd(p, r, 0.5);
-    let e_r = madd(r * r, p, r) + 1.0;
-    let k = (shifted.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    // n ∈ [−126, 0]: 2^n is one normal factor.
+    let (e_r, k) = exp_reduced::<FMA>(if tiny { DECAY_MIN } else { x });
     let y = e_r * f32::from_bits((k.wrapping_add(127) << 23) as u32);
     if tiny { 0.0 } else { y }
 }
