@@ -69,13 +69,32 @@ pub fn gelu<B: SelectiveScanBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<
 }
 
 /// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
-/// 2-D product `[batch·height·width, channels] × weight`. Burn's `Linear` on a 4-D input is a
-/// batched matmul over `batch·height` small products (on NdArray, each packed separately).
-pub fn linear_4d<B: Backend>(linear: &Linear<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// 2-D product `[batch·height·width, channels] × weight` ([`linear_2d`]). Burn's `Linear` on a
+/// 4-D input is a batched matmul over `batch·height` small products (on NdArray, each packed
+/// separately).
+pub fn linear_4d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [batch, height, width, channels] = x.dims();
-    let y = linear.forward(x.reshape([batch * height * width, channels]));
+    let y = linear_2d(linear, x.reshape([batch * height * width, channels]));
     let out = y.dims()[1];
     y.reshape([batch, height, width, out])
+}
+
+/// `linear.forward(x)` for `x [M, K]`: the backend's native linear for inference where it has
+/// one ([`SelectiveScanBackend::native_linear`]), else `Linear::forward`.
+pub fn linear_2d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    if !B::ad_enabled(&x.device())
+        && let Some(y) = B::native_linear(
+            x.clone().into_primitive().tensor(),
+            linear.weight.val().into_primitive().tensor(),
+            linear
+                .bias
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+        )
+    {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
+    linear.forward(x)
 }
 
 /// timm's `DropPath`: in training (an autodiff backend), zeroes whole samples with probability

@@ -158,7 +158,9 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let [_, height, width, _] = x.dims();
         let d_inner = self.d_inner();
         let device = x.device();
-        let xz = profile::scope::<B, _>("ss2d.in_proj", &device, || self.in_proj.forward(x));
+        let xz = profile::scope::<B, _>("ss2d.in_proj", &device, || {
+            super::block::linear_4d(&self.in_proj, x)
+        });
         let (x, z) = match self.gate {
             Gate::None => (xz, None),
             Gate::Silu | Gate::Linear => {
@@ -212,7 +214,9 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             Some(z) => profile::scope::<B, _>("ss2d.gate", &device, || y * z),
             None => y,
         };
-        profile::scope::<B, _>("ss2d.out_proj", &device, || self.out_proj.forward(y))
+        profile::scope::<B, _>("ss2d.out_proj", &device, || {
+            super::block::linear_4d(&self.out_proj, y)
+        })
     }
 
     /// Cross-scan → projections → `selective_scan` → cross-merge, on a channel-first map.

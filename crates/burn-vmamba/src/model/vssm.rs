@@ -167,7 +167,7 @@ pub struct PatchMerging<B: Backend> {
     pub reduction: Linear<B>,
 }
 
-impl<B: Backend> PatchMerging<B> {
+impl<B: SelectiveScanBackend> PatchMerging<B> {
     /// # Shapes
     /// - `x`: `[batch, height, width, C]` → `[batch, ⌈height/2⌉, ⌈width/2⌉, C']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {

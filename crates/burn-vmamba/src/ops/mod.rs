@@ -229,6 +229,19 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// A linear layer for inference: `x [M, K] · weight [K, N] (+ bias [N])` → `[M, N]`, as
+    /// `Linear::forward` computes it on a 2-D input. `None` (the default, and always under
+    /// autodiff) leaves it to `Linear::forward`; NdArray implements it natively (one threaded
+    /// sgemm on the contiguous buffers, then the bias in one pass: Burn's NdArray path spent
+    /// about 2.5× the sgemm's time around the product on the model's shapes).
+    fn native_linear(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// A dense 2-D convolution (groups 1, dilation 1) for inference: `x [batch, C_in, H, W]`,
     /// `weight [C_out, C_in, kh, kw]`, optional `bias [C_out]`, `stride [sh, sw]`, zero
     /// `padding [top, left, bottom, right]` → `[batch, C_out, H', W']`, as `Conv2d::forward`

@@ -173,6 +173,29 @@ fn depthwise_conv_silu(
     y
 }
 
+/// `x [m, k] · weight [k, n] (+ bias)` (see [`SelectiveScanBackend::native_linear`]): one matrix
+/// product (matrixmultiply, threaded) into a new buffer, then the bias added row by row, the
+/// order of Burn's `matmul` then `add`.
+fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]) -> Vec<f32> {
+    use ndarray::{ArrayView2, ArrayViewMut2};
+    use rayon::prelude::*;
+    let mut y = vec![0.0f32; m * n];
+    let xs = ArrayView2::from_shape((m, k), x).expect("x is [m, k]");
+    let w = ArrayView2::from_shape((k, n), weight).expect("weight is [k, n]");
+    let mut out = ArrayViewMut2::from_shape((m, n), &mut y[..]).expect("y is [m, n]");
+    ndarray::linalg::general_mat_mul(1.0, &xs, &w, 0.0, &mut out);
+    if let Some(bias) = bias {
+        y.par_chunks_mut(n.max(1) * 64).for_each(|rows| {
+            for row in rows.chunks_exact_mut(n.max(1)) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        });
+    }
+    y
+}
+
 /// A dense convolution (see [`SelectiveScanBackend::conv2d_dense`]): per image, the
 /// `[C_in·kh·kw, H'·W']` column matrix is gathered straight from the input (rayon over its
 /// rows; zero where a tap falls in the padding), then `y = weight · columns` is one matrix
@@ -281,6 +304,24 @@ where
                 }
             });
         Some(tensor(y, &shape))
+    }
+
+    fn native_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        let [m, k] = x.shape().dims::<2>();
+        let [k_w, n] = weight.shape().dims::<2>();
+        if k != k_w || bias.as_ref().is_some_and(|b| b.shape().dims::<1>() != [n]) {
+            return None;
+        }
+        let (x, weight) = (values(&x), values(&weight));
+        let bias = bias.as_ref().map(values);
+        Some(tensor(
+            linear(&x, &weight, bias.as_deref(), [m, k, n]),
+            &[m, n],
+        ))
     }
 
     fn conv2d_dense(
@@ -425,6 +466,69 @@ mod tests {
                 expected
             ),
         }
+    }
+
+    /// The native NdArray linear against Burn's `Linear::forward` on 2-D inputs: odd sizes,
+    /// `K` above matrixmultiply's 256-deep blocks, with and without bias, one row.
+    #[test]
+    fn native_linear_matches_burns_linear() {
+        use burn::nn::LinearConfig;
+        let device = Default::default();
+        for (m, k, n, bias) in [
+            (37, 13, 29, true),
+            (5, 300, 7, false),
+            (1, 96, 384, true),
+            (130, 520, 3, true),
+        ] {
+            let mut rng = SplitMix64::new((m * 7 + k) as u64);
+            let mut linear = LinearConfig::new(k, n).with_bias(bias).init::<B>(&device);
+            let w = rng.vec(k * n, -1.0, 1.0);
+            linear.weight =
+                Param::from_tensor(Tensor::from_data(TensorData::new(w, [k, n]), &device));
+            if bias {
+                let b = rng.vec(n, -1.0, 1.0);
+                linear.bias = Some(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(b, [n]),
+                    &device,
+                )));
+            }
+            let x = Tensor::<B, 2>::from_data(
+                TensorData::new(rng.vec(m * k, -2.0, 2.0), [m, k]),
+                &device,
+            );
+            let expected = linear
+                .forward(x.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let native = B::native_linear(
+                x.into_primitive().tensor(),
+                linear.weight.val().into_primitive().tensor(),
+                linear
+                    .bias
+                    .as_ref()
+                    .map(|b| b.val().into_primitive().tensor()),
+            )
+            .expect("NdArray has a native linear");
+            let native = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(native));
+            assert_eq!(native.dims(), [m, n]);
+            let native = native.into_data().to_vec::<f32>().unwrap();
+            let scale = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let worst = native
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs() / scale)
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "linear {m}x{k}x{n}: off by {worst:.2e}");
+        }
+        // Mismatched shapes are left to Burn.
+        let x = Tensor::<B, 2>::zeros([2, 3], &device)
+            .into_primitive()
+            .tensor();
+        let w = Tensor::<B, 2>::zeros([4, 5], &device)
+            .into_primitive()
+            .tensor();
+        assert!(B::native_linear(x, w, None).is_none());
     }
 
     /// The fused NdArray depthwise conv + SiLU against Burn's own `Conv2d` (groups = channels)
