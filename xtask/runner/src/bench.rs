@@ -204,54 +204,28 @@ impl ExpKind {
 /// this accuracy runs on this machine; and the same on 16 lanes with AVX-512F (scaling by
 /// `vscalefps`), where the CPU has it.
 mod intrinsics_exp {
-    pub fn available_512() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
-    pub fn apply_512(xs: &[f32], out: &mut [f32]) {
-        assert!(available_512(), "AVX-512F is needed");
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is present (asserted above).
-        unsafe {
-            apply_avx512(xs, out)
-        }
-    }
-
+    /// The clamp of the input, `ln 2` in two parts and the polynomial (highest degree first)
+    /// that both widths use.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn apply_avx512(xs: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let c = _mm512_set1_ps;
-        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
-            // SAFETY: both chunks hold exactly 16 f32 (unaligned loads/stores).
-            let x = unsafe { _mm512_loadu_ps(x.as_ptr()) };
-            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.3));
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
-            );
-            let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
-            let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-            let mut p = c(1.987_569_1e-4);
-            for k in [
-                1.398_199_9e-3,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                1.666_666_5e-1,
-                0.5,
-            ] {
-                p = _mm512_fmadd_ps(p, r, c(k));
-            }
-            let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
-            let y = _mm512_scalef_ps(y, n);
-            // SAFETY: as above.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), y) };
-        }
-        let done = xs.len() / 16 * 16;
+    const CLAMP: (f32, f32) = (-87.3, 88.3);
+    #[cfg(target_arch = "x86_64")]
+    const LN2_HI: f32 = 0.693_359_4;
+    #[cfg(target_arch = "x86_64")]
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    #[cfg(target_arch = "x86_64")]
+    const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+
+    /// libm's exp for the values after the last full vector of `lanes`.
+    #[cfg(target_arch = "x86_64")]
+    fn tail(xs: &[f32], out: &mut [f32], lanes: usize) {
+        let done = xs.len() / lanes * lanes;
         for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
             *o = x.exp();
         }
@@ -284,21 +258,15 @@ mod intrinsics_exp {
         for (o, x) in out.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
             // SAFETY: both chunks hold exactly 8 f32 (unaligned loads/stores).
             let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
-            let x = _mm256_min_ps(_mm256_max_ps(x, c(-87.3)), c(88.3));
+            let x = _mm256_min_ps(_mm256_max_ps(x, c(CLAMP.0)), c(CLAMP.1));
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm256_mul_ps(x, c(std::f32::consts::LOG2_E)),
             );
-            let r = _mm256_fnmadd_ps(n, c(0.693_359_4), x);
-            let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-            let mut p = c(1.987_569_1e-4);
-            for k in [
-                1.398_199_9e-3,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                1.666_666_5e-1,
-                0.5,
-            ] {
-                p = _mm256_fmadd_ps(p, r, c(k));
+            let r = _mm256_fnmadd_ps(n, c(LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, c(LN2_LO), r);
+            let mut p = c(POLY[0]);
+            for k in &POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, c(*k));
             }
             let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0)));
             let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
@@ -309,10 +277,52 @@ mod intrinsics_exp {
             // SAFETY: as above.
             unsafe { _mm256_storeu_ps(o.as_mut_ptr(), y) };
         }
-        let done = xs.len() / 8 * 8;
-        for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
-            *o = x.exp();
+        tail(xs, out, 8);
+    }
+
+    pub fn available_512() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    pub fn apply_512(xs: &[f32], out: &mut [f32]) {
+        assert!(available_512(), "AVX-512F is needed");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (asserted above).
+        unsafe {
+            apply_avx512(xs, out)
+        }
+    }
+
+    /// [`apply_avx2`] on 16 lanes; `2^n` by `vscalefps` instead of exponent bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn apply_avx512(xs: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let c = _mm512_set1_ps;
+        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+            // SAFETY: both chunks hold exactly 16 f32 (unaligned loads/stores).
+            let x = unsafe { _mm512_loadu_ps(x.as_ptr()) };
+            let x = _mm512_min_ps(_mm512_max_ps(x, c(CLAMP.0)), c(CLAMP.1));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+            let mut p = c(POLY[0]);
+            for k in &POLY[1..] {
+                p = _mm512_fmadd_ps(p, r, c(*k));
+            }
+            let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, c(1.0)));
+            let y = _mm512_scalef_ps(y, n);
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), y) };
+        }
+        tail(xs, out, 16);
     }
 }
 
