@@ -8,26 +8,51 @@ use crate::kernel::forward::scan_forward_kernel;
 use crate::kernel::reduce::sum_middle_axis_kernel;
 use crate::{ArgShapes, MAX_D_STATE, ScanDtype, ScanError, ScanShape, contiguous_strides};
 
-/// How the sequence is split inside a cube: `units` units each own `items` consecutive
-/// positions of a chunk of `units · items` positions.
+/// Whether the cube-wide scans use plane (warp) operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Planes {
+    /// Use them when the device reports plane operations and `units` is a multiple of its
+    /// largest plane size (CUDA, ROCm, WGPU on GPUs); shared memory otherwise (WGPU on CPU
+    /// adapters such as llvmpipe).
+    #[default]
+    Auto,
+    /// Always the shared-memory scan.
+    Off,
+    /// Always the plane scan, even where the runtime does not advertise plane operations (tests
+    /// use it to run the plane path on llvmpipe, whose Vulkan driver has subgroups that WGPU
+    /// leaves unadvertised on CPU adapters). `units` must still be a multiple of the plane size.
+    On,
+}
+
+/// How the work is split inside a cube: `units` units each own `items` consecutive positions
+/// of a chunk of `units · items` positions, and the states are scanned `states` at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ScanConfig {
     /// Units per cube (a power of two).
     pub units: usize,
-    /// Positions per unit and chunk.
+    /// Positions per unit and chunk, held in registers.
     pub items: usize,
+    /// States scanned together in one cube-wide scan (capped at `d_state`).
+    pub states: usize,
+    /// Plane (warp) scans or shared-memory scans.
+    pub planes: Planes,
 }
 
 impl Default for ScanConfig {
-    /// 128 units × 4 items: chunks of 512 positions, ~22 KiB of shared memory in the backward
-    /// kernel, within the 32 KiB that WGPU guarantees.
+    /// 128 units × 4 items (chunks of 512 positions), 4 states per scan, planes where the
+    /// device has them.
     fn default() -> Self {
         Self {
             units: 128,
             items: 4,
+            states: 4,
+            planes: Planes::Auto,
         }
     }
 }
+
+/// The largest `states` a config may ask for (registers: `3 · states · items` values per unit).
+pub const MAX_STATES_PER_SCAN: usize = 16;
 
 impl ScanConfig {
     /// Positions per chunk, `units · items`.
@@ -40,18 +65,52 @@ impl ScanConfig {
         seq_len.div_ceil(self.chunk_len())
     }
 
-    /// Shared memory of the backward kernel (the larger of the two), in bytes.
-    pub fn shared_memory_bytes(&self) -> usize {
-        4 * (9 * self.chunk_len() + 3 * self.units + 2 * MAX_D_STATE)
+    /// States per cube-wide scan for a problem with `d_state` states.
+    pub fn states_for(&self, d_state: usize) -> usize {
+        self.states.min(d_state).max(1)
     }
 
-    fn validate<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<(), ScanError> {
+    /// Shared memory of the larger of the two kernels, in bytes, for `d_state` states.
+    pub fn shared_memory_bytes(&self, d_state: usize) -> usize {
+        let states = self.states_for(d_state);
+        4 * (2 * self.units * states + self.units + 2 * MAX_D_STATE)
+    }
+
+    /// Whether the kernels will use plane scans on this device.
+    pub fn uses_planes<R: Runtime>(&self, client: &ComputeClient<R>) -> bool {
+        let properties = client.properties();
+        let fits = self.units % properties.hardware.plane_size_max.max(1) as usize == 0;
+        match self.planes {
+            Planes::Off => false,
+            Planes::On => true,
+            Planes::Auto => {
+                fits && properties
+                    .features
+                    .plane
+                    .contains(cubecl::ir::features::Plane::Ops)
+            }
+        }
+    }
+
+    fn validate<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        d_state: usize,
+    ) -> Result<(), ScanError> {
         let hardware = &client.properties().hardware;
         if !self.units.is_power_of_two() || self.items == 0 {
             return Err(ScanError::Config {
                 detail: format!(
                     "units must be a power of two and items at least 1, got units = {}, items = {}",
                     self.units, self.items
+                ),
+            });
+        }
+        if self.states == 0 || self.states > MAX_STATES_PER_SCAN {
+            return Err(ScanError::Config {
+                detail: format!(
+                    "states must be in 1..={MAX_STATES_PER_SCAN}, got {}",
+                    self.states
                 ),
             });
         }
@@ -63,13 +122,25 @@ impl ScanConfig {
                 ),
             });
         }
-        if self.shared_memory_bytes() > hardware.max_shared_memory_size {
+        if self.planes == Planes::On
+            && !self
+                .units
+                .is_multiple_of(hardware.plane_size_max.max(1) as usize)
+        {
             return Err(ScanError::Config {
                 detail: format!(
-                    "units = {}, items = {} need {} bytes of shared memory, the device has {}",
+                    "plane scans need units = {} to be a multiple of the device's plane size {}",
+                    self.units, hardware.plane_size_max
+                ),
+            });
+        }
+        let bytes = self.shared_memory_bytes(d_state);
+        if bytes > hardware.max_shared_memory_size {
+            return Err(ScanError::Config {
+                detail: format!(
+                    "units = {}, states = {} need {bytes} bytes of shared memory, the device has {}",
                     self.units,
-                    self.items,
-                    self.shared_memory_bytes(),
+                    self.states_for(d_state),
                     hardware.max_shared_memory_size
                 ),
             });
@@ -393,10 +464,12 @@ pub fn forward<R: Runtime>(
     config: ScanConfig,
 ) -> Result<ForwardOutput, ScanError> {
     let shape = args.validate()?;
-    config.validate(client)?;
+    config.validate(client, shape.d_state)?;
     check_index_range(&shape, config)?;
     check_grid(&shape)?;
     check_dtype_support(client, args.u.dtype)?;
+    let states = config.states_for(shape.d_state);
+    let planes = config.uses_planes(client);
     let n_chunks = config.n_chunks(shape.seq_len);
     let y = DeviceTensor::empty(client, shape.bdl().to_vec());
     let carries = DeviceTensor::empty(
@@ -435,6 +508,8 @@ pub fn forward<R: Runtime>(
                 n_chunks as u32,
                 config.units,
                 config.items,
+                states,
+                planes,
                 args.d.is_some(),
                 args.delta_bias.is_some(),
                 args.delta_softplus,
@@ -524,7 +599,7 @@ pub fn backward<R: Runtime>(
         });
     }
     dy.check_layout("dy", ScanDtype::F32)?;
-    config.validate(client)?;
+    config.validate(client, shape.d_state)?;
     check_index_range(&shape, config)?;
     check_grid(&shape)?;
     check_dtype_support(client, args.u.dtype)?;
@@ -546,6 +621,8 @@ pub fn backward<R: Runtime>(
     let dskip_part = DeviceTensor::empty(client, vec![bt, dch]);
     let dbias_part = DeviceTensor::empty(client, vec![bt, dch]);
     let placeholder = absent(client);
+    let states = config.states_for(n);
+    let planes = config.uses_planes(client);
     let count = CubeCount::Static(blocks as u32, g as u32, bt as u32);
     let dim = CubeDim::new_1d(config.units as u32);
     // SAFETY: as for the forward kernel (see `forward`); `dy` was validated like the inputs,
@@ -579,6 +656,8 @@ pub fn backward<R: Runtime>(
                 per_block as u32,
                 config.units,
                 config.items,
+                states,
+                planes,
                 args.d.is_some(),
                 args.delta_bias.is_some(),
                 args.delta_softplus,

@@ -23,17 +23,20 @@
 //!
 //! Affine maps compose associatively: `(a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)`, earlier
 //! element on the left. The kernels cut `L` into chunks of `units · items` positions (default
-//! 128 × 4 = 512). Inside a chunk every unit scans its `items` positions sequentially, the cube
-//! scans the unit aggregates through shared memory ([`kernel::block`]), and each unit replays its
-//! segment from its prefix. Chunks are carried sequentially; the state at each chunk end is
-//! saved (`[Bt, D, n_chunks, N]`) and the backward recomputes within chunks, as mamba does.
-//! Memory is `O(Bt·D·L)`: nothing of shape `[Bt, D, L, N]` exists.
+//! 128 × 4 = 512). Unit `j` owns positions `j·items ..` of a chunk in registers and scans them
+//! sequentially; the states are taken `states` at a time (default 4), and one cube-wide scan
+//! combines the unit aggregates of all states of such a pass ([`kernel::block`]); each unit then
+//! replays its segment from its prefix. Chunks are carried sequentially; the state at each chunk
+//! end is saved (`[Bt, D, n_chunks, N]`) and the backward recomputes within chunks, as mamba
+//! does. Memory is `O(Bt·D·L)`: nothing of shape `[Bt, D, L, N]` exists.
 //!
-//! The backward runs the adjoint `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` as a reverse scan with the
-//! same operator, and sums group gradients (`dB`, `dC`) and batch gradients (`dA`, `dD`,
-//! `ddelta_bias`) in a fixed order: no float atomics, identical inputs give identical bits.
-//! Plane (warp) operations are not used, so the kernels run unchanged on devices without them
-//! (WGPU on CPU adapters) and with any plane width (32 on NVIDIA, 64 on AMD CDNA).
+//! The backward runs the adjoint backwards as a reverse scan with the same operator (on
+//! `z_t = a_t ĥ_t`, whose step needs only position `t`'s decay), and sums group gradients (`dB`,
+//! `dC`) and batch gradients (`dA`, `dD`, `ddelta_bias`) in a fixed order: no float atomics,
+//! identical inputs give identical bits. The cube-wide scans and sums use plane (warp) shuffles
+//! where the device has plane operations (one barrier per scan; any plane width that divides
+//! `units`: 32 on NVIDIA, 64 on AMD CDNA) and shared memory where it has none (WGPU on CPU
+//! adapters); [`Planes`] overrides the choice.
 //!
 //! ## Contract
 //!
@@ -74,8 +77,8 @@ mod shape;
 
 pub use error::ScanError;
 pub use launch::{
-    BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, ScanArgs, ScanConfig, TensorRef,
-    backward, check_index_range, forward, supports_dtype,
+    BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, MAX_STATES_PER_SCAN, Planes,
+    ScanArgs, ScanConfig, TensorRef, backward, check_index_range, forward, supports_dtype,
 };
 #[cfg(any(test, feature = "testing"))]
 pub use problem::RandomSpec;

@@ -166,6 +166,7 @@ fn kernel_matches_reference_with_a_small_odd_split(
     let config = ScanConfig {
         units: 32,
         items: 3,
+        ..ScanConfig::default()
     };
     let p = ScanProblem::random(
         ScanShape::new(3, 6, seq_len, 3, 3),
@@ -339,4 +340,34 @@ fn forward_alone_matches_reference() {
     let y = host::forward_host(&client(), &p, ScanDtype::F32, ScanConfig::default()).unwrap();
     let err = rel_err(&y, &reference::forward(&p));
     assert!(err <= TOLERANCE, "y off by {err:.2e}");
+}
+
+/// The plane (warp) scans, forced on: llvmpipe's Vulkan driver runs subgroup operations
+/// (WGPU leaves them unadvertised on CPU adapters, so `Planes::Auto` takes the shared-memory
+/// path there). States per scan 1, 3 (a partial last pass for N = 4 and N = 16) and 16, both
+/// scan directions, chunk and segment edges, groups, optional inputs.
+#[rstest]
+fn kernel_matches_reference_with_plane_scans(
+    #[values(1, 3, 16)] states: usize,
+    #[values((1, 1), (513, 4), (1030, 16))] len_and_states: (usize, usize),
+) {
+    let (seq_len, d_state) = len_and_states;
+    let config = ScanConfig {
+        states,
+        planes: selective_scan::Planes::On,
+        ..ScanConfig::default()
+    };
+    let spec = RandomSpec {
+        with_d: true,
+        with_delta_bias: true,
+        ..RandomSpec::default()
+    };
+    let p = ScanProblem::random(ScanShape::new(2, 6, seq_len, d_state, 3), &spec, 7);
+    assert_matches_reference(
+        &format!("planes, states={states} L={seq_len} N={d_state}"),
+        &p,
+        ScanDtype::F32,
+        config,
+        TOLERANCE,
+    );
 }

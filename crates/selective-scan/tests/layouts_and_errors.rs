@@ -300,12 +300,14 @@ fn device_arguments_are_checked_before_launch() {
     let bad_config = ScanConfig {
         units: 100,
         items: 4,
+        ..ScanConfig::default()
     };
     let err = selective_scan::forward(&client, &good, bad_config).unwrap_err();
     assert!(matches!(err, ScanError::Config { .. }), "{err:?}");
     let too_big = ScanConfig {
         units: 1024,
         items: 8,
+        ..ScanConfig::default()
     };
     let err = selective_scan::forward(&client, &good, too_big).unwrap_err();
     assert!(err.to_string().contains("shared memory"), "{err}");

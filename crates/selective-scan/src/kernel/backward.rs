@@ -1,5 +1,5 @@
 //! Backward selective scan: recomputes states chunk by chunk from the saved carries and runs the
-//! adjoint recurrence `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t` as a reverse associative scan.
+//! adjoint recurrence backwards in time as a reverse associative scan.
 //!
 //! One cube per `(batch, group, channel block)`: the cube walks the channels of its block one
 //! after another, so that the group sums of `dB`/`dC` are accumulated in a fixed order by the
@@ -8,17 +8,21 @@
 //! kernel ([`super::reduce`]) sums them over blocks, and the per-batch partials of `dA`, `dD`
 //! and `ddelta_bias` over the batch, in a fixed order.
 //!
-//! Per chunk (last to first) and state `n`: (1) replay the forward scan from the carry of the
-//! previous chunk to get `h_t` and `a_t`; (2) scan the reverse elements `(a_{t+1}, dy_t C_t)`,
-//! seeded with `a_{s'}·ĥ_{s'}` from the chunk after; (3) accumulate (the formulas of [`crate::reference`])
-//! `du += ĥ Δ B`, `dΔ += ĥ (B u + A a_t h_{t-1})`, `dA += ĥ Δ a_t h_{t-1}`, `dB += ĥ Δ u`,
-//! `dC += dy h`.
+//! As in the forward kernel, unit `j` owns positions `j·items ..` of every chunk in registers
+//! and the states are taken `states` at a time. Per chunk (last to first) and pass: (1) replay
+//! the forward scan from the carry of the previous chunk to get `h_t` and `a_t`; (2) scan the
+//! adjoint backwards. With `ĥ_t = ∂L/∂h_t` (the formulas of [`crate::reference`]),
+//! `ĥ_t = a_{t+1} ĥ_{t+1} + dy_t C_t`; the kernel scans `z_t = a_t ĥ_t`, whose recurrence
+//! `z_t = a_t z_{t+1} + a_t dy_t C_t` only needs the decay at its own position, so no unit
+//! reads a neighbour's registers; `ĥ_t = z_{t+1} + dy_t C_t`, and the chunk's seed is `z` at
+//! the first position of the chunk after. (3) accumulate `du += ĥ Δ B`,
+//! `dΔ += ĥ (B u + A a_t h_{t-1})`, `dA += ĥ Δ a_t h_{t-1}`, `dB += ĥ Δ u`, `dC += dy h`.
 
 use cubecl::prelude::*;
 
 use super::block::{
-    chunk_prefix_state, cube_inclusive_scan, cube_sum, discretize_step, discretize_step_grad,
-    load_projections,
+    cube_exclusive_scan_states, cube_sum, cube_sum_states, decay_exp, discretize_step,
+    discretize_step_grad,
 };
 
 /// Backward kernel. Launch with `CubeCount(blocks_per_group, groups, batch)`, `CubeDim(units)`.
@@ -55,6 +59,8 @@ pub fn scan_backward_kernel<F: Float>(
     channels_per_block: u32,
     #[comptime] units: usize,
     #[comptime] items: usize,
+    #[comptime] states: usize,
+    #[comptime] planes: bool,
     #[comptime] has_skip: bool,
     #[comptime] has_bias: bool,
     #[comptime] softplus: bool,
@@ -73,23 +79,35 @@ pub fn scan_backward_kernel<F: Float>(
     let channels_per_block = channels_per_block as usize;
     let channels = u.shape(1);
 
-    let mut s_dt = SharedMemory::<f32>::new(chunk_len);
-    let mut s_u = SharedMemory::<f32>::new(chunk_len);
-    let mut s_b = SharedMemory::<f32>::new(chunk_len);
-    let mut s_c = SharedMemory::<f32>::new(chunk_len);
-    let mut s_gy = SharedMemory::<f32>::new(chunk_len);
-    let mut s_a = SharedMemory::<f32>::new(chunk_len);
-    let mut s_h = SharedMemory::<f32>::new(chunk_len);
-    let mut s_du = SharedMemory::<f32>::new(chunk_len);
-    let mut s_ddt = SharedMemory::<f32>::new(chunk_len);
-    let mut scan_a = SharedMemory::<f32>::new(units);
-    let mut scan_b = SharedMemory::<f32>::new(units);
+    // See `cube_exclusive_scan_states` for the size; the sums share `scan_a` as scratch.
+    let mut scan_a = SharedMemory::<f32>::new(comptime!(units * states));
+    let mut scan_b = SharedMemory::<f32>::new(comptime!(units * states));
     let mut scratch = SharedMemory::<f32>::new(units);
-    // a_{s'}·ĥ_{s'} at the start s' of the chunk after the current one, per n.
+    // z = a_{s'}·ĥ_{s'} at the start s' of the chunk after the current one, per n.
     let mut s_carry_rev = SharedMemory::<f32>::new(256usize);
     let mut s_da = SharedMemory::<f32>::new(256usize);
 
-    let segment = unit * items;
+    // This unit's positions of the current chunk.
+    let mut r_dt = Array::<f32>::new(items);
+    let mut r_u = Array::<f32>::new(items);
+    let mut r_gy = Array::<f32>::new(items);
+    let mut r_du = Array::<f32>::new(items);
+    let mut r_ddt = Array::<f32>::new(items);
+    // Per state of the pass and position: decay a_t, B_t, C_t, replayed h_t.
+    let mut r_a = Array::<f32>::new(states * items);
+    let mut r_b = Array::<f32>::new(states * items);
+    let mut r_c = Array::<f32>::new(states * items);
+    let mut r_h = Array::<f32>::new(states * items);
+    let mut agg_a = Array::<f32>::new(states);
+    let mut agg_b = Array::<f32>::new(states);
+    let mut h_in = Array::<f32>::new(2 * states);
+    let mut z_in = Array::<f32>::new(2 * states);
+    // The chunk's incoming state (first unit) and adjoint seed (last unit) of the pass.
+    let mut h0 = Array::<f32>::new(states);
+    let mut seed = Array::<f32>::new(states);
+    let mut da_acc = Array::<f32>::new(states);
+    let mut da_total = Array::<f32>::new(states);
+
     let b_row = batch * b.stride(0) + group * b.stride(1);
     let c_row = batch * c.stride(0) + group * c.stride(1);
     let part_row = (batch * groups + group) * blocks_per_group + block;
@@ -99,6 +117,8 @@ pub fn scan_backward_kernel<F: Float>(
     if end_channel > group_end {
         end_channel = group_end;
     }
+    // Alternates the shared buffers of consecutive scans and sums (plane path).
+    let mut call = 0usize;
 
     for channel in first_channel..end_channel {
         let first_in_block = channel == first_channel;
@@ -108,6 +128,7 @@ pub fn scan_backward_kernel<F: Float>(
             s_da[n0] = 0.0;
             n0 += units;
         }
+        sync_cube();
         let mut bias = 0.0f32;
         if has_bias {
             bias = delta_bias[channel * delta_bias.stride(0)];
@@ -126,10 +147,10 @@ pub fn scan_backward_kernel<F: Float>(
 
         for chunk_rev in 0..n_chunks {
             let chunk = n_chunks - 1 - chunk_rev;
-            let chunk_start = chunk * chunk_len;
-            for j in 0..items {
-                let idx = unit + j * units;
-                let t = chunk_start + idx;
+            let first = chunk * chunk_len + unit * items;
+            #[unroll]
+            for k in 0..items {
+                let t = first + k;
                 let mut dt = 0.0f32;
                 let mut u_t = 0.0f32;
                 let mut gy = 0.0f32;
@@ -139,131 +160,197 @@ pub fn scan_backward_kernel<F: Float>(
                     u_t = f32::cast_from(u[u_row + t * u.stride(2)]);
                     gy = dy[dy_row + t * dy.stride(2)];
                 }
-                s_dt[idx] = dt;
-                s_u[idx] = u_t;
-                s_gy[idx] = gy;
+                r_dt[k] = dt;
+                r_u[k] = u_t;
+                r_gy[k] = gy;
                 // du_t = D·dy_t + Σ_n ĥ_t Δ_t B_t
-                s_du[idx] = skip_d * gy;
-                s_ddt[idx] = 0.0;
+                r_du[k] = skip_d * gy;
+                r_ddt[k] = 0.0;
             }
-            for n in 0..d_state {
-                let a_n = a[channel * a.stride(0) + n * a.stride(1)];
-                load_projections(
-                    b,
-                    c,
-                    &mut s_b,
-                    &mut s_c,
-                    b_row,
-                    c_row,
-                    n,
-                    chunk_start,
-                    seq_len,
-                    units,
-                    items,
-                );
-
+            let mut n_first = 0usize;
+            while n_first < d_state {
                 // (1) Replay the forward scan of this chunk from the saved carry.
-                let mut h0 = 0.0f32;
-                if chunk > 0 {
-                    h0 = carries[(carry_row + chunk - 1) * d_state + n];
+                #[unroll]
+                for s in 0..states {
+                    let n = n_first + s;
+                    // States past d_state (the last pass) are the identity and write nothing.
+                    let mut a_n = 0.0f32;
+                    let mut b_stride = 0usize;
+                    let mut c_stride = 0usize;
+                    if n < d_state {
+                        a_n = a[channel * a.stride(0) + n * a.stride(1)];
+                        b_stride = n * b.stride(2);
+                        c_stride = n * c.stride(2);
+                    }
+                    let mut sa = 1.0f32;
+                    let mut sb = 0.0f32;
+                    #[unroll]
+                    for k in 0..items {
+                        let t = first + k;
+                        let mut b_t = 0.0f32;
+                        let mut c_t = 0.0f32;
+                        if t < seq_len && n < d_state {
+                            b_t = f32::cast_from(b[b_row + b_stride + t * b.stride(3)]);
+                            c_t = f32::cast_from(c[c_row + c_stride + t * c.stride(3)]);
+                        }
+                        let decay = decay_exp(r_dt[k] * a_n);
+                        r_a[s * items + k] = decay;
+                        r_b[s * items + k] = b_t;
+                        r_c[s * items + k] = c_t;
+                        sb = decay * sb + r_dt[k] * b_t * r_u[k];
+                        sa *= decay;
+                    }
+                    h0[s] = 0.0;
+                    if unit == 0 && chunk > 0 && n < d_state {
+                        h0[s] = carries[(carry_row + chunk - 1) * d_state + n];
+                        sb += sa * h0[s];
+                    }
+                    agg_a[s] = sa;
+                    agg_b[s] = sb;
                 }
-                let mut h = chunk_prefix_state(
-                    &s_dt,
-                    &s_u,
-                    &s_b,
-                    &mut s_a,
+                cube_exclusive_scan_states(
+                    &agg_a,
+                    &agg_b,
+                    &mut h_in,
                     &mut scan_a,
                     &mut scan_b,
-                    a_n,
-                    h0,
+                    call % 2,
                     units,
-                    items,
+                    states,
+                    false,
+                    planes,
                 );
-                for k in 0..items {
-                    let i = segment + k;
-                    h = s_a[i] * h + s_dt[i] * s_b[i] * s_u[i];
-                    s_h[i] = h;
-                }
-                // s_a and s_h of every segment are visible; scan_a/b are free again.
-                sync_cube();
+                call += 1;
 
-                // (2) Reverse scan of ĥ_t = α_t ĥ_{t+1} + dy_t C_t with α_t = a_{t+1} inside the
-                // chunk; the last position takes α = 1 and the seed a_{s'}·ĥ_{s'}.
-                let carry_rev = s_carry_rev[n];
-                let mut rev_a = 1.0f32;
-                let mut rev_b = 0.0f32;
-                for kk in 0..items {
-                    let i = segment + items - 1 - kk;
-                    let mut alpha = 1.0f32;
-                    if i + 1 < chunk_len {
-                        alpha = s_a[i + 1];
+                // (2) The adjoint's reverse aggregate per state, from the last position.
+                #[unroll]
+                for s in 0..states {
+                    let n = n_first + s;
+                    let mut h = h_in[s];
+                    if unit == 0 {
+                        h = h0[s];
                     }
-                    rev_b = alpha * rev_b + s_gy[i] * s_c[i];
-                    rev_a *= alpha;
+                    // Keep the state entering the segment: h_{t-1} of the first position.
+                    h_in[s] = h;
+                    #[unroll]
+                    for k in 0..items {
+                        h = r_a[s * items + k] * h + r_dt[k] * r_b[s * items + k] * r_u[k];
+                        r_h[s * items + k] = h;
+                    }
+                    let mut ra = 1.0f32;
+                    let mut rb = 0.0f32;
+                    #[unroll]
+                    for kk in 0..items {
+                        let k = items - 1 - kk;
+                        // z_t = a_t z_{t+1} + a_t dy_t C_t
+                        let decay = r_a[s * items + k];
+                        rb = decay * rb + decay * r_gy[k] * r_c[s * items + k];
+                        ra *= decay;
+                    }
+                    seed[s] = 0.0;
+                    if unit == units - 1 && n < d_state {
+                        seed[s] = s_carry_rev[n];
+                        rb += ra * seed[s];
+                    }
+                    agg_a[s] = ra;
+                    agg_b[s] = rb;
                 }
-                if unit == units - 1 {
-                    rev_b += rev_a * carry_rev;
-                }
-                cube_inclusive_scan(rev_a, rev_b, &mut scan_a, &mut scan_b, units, true);
-                let mut adj = carry_rev;
-                if unit < units - 1 {
-                    adj = scan_b[unit + 1];
-                }
-                // Every unit has read s_carry_rev[n] before unit 0 replaces it below.
-                sync_cube();
+                cube_exclusive_scan_states(
+                    &agg_a,
+                    &agg_b,
+                    &mut z_in,
+                    &mut scan_a,
+                    &mut scan_b,
+                    call % 2,
+                    units,
+                    states,
+                    true,
+                    planes,
+                );
+                call += 1;
 
                 // (3) Accumulate the gradients at this unit's positions, last to first.
-                let mut da_acc = 0.0f32;
-                for kk in 0..items {
-                    let i = segment + items - 1 - kk;
-                    let mut alpha = 1.0f32;
-                    if i + 1 < chunk_len {
-                        alpha = s_a[i + 1];
+                #[unroll]
+                for s in 0..states {
+                    let n = n_first + s;
+                    let mut a_n = 0.0f32;
+                    if n < d_state {
+                        a_n = a[channel * a.stride(0) + n * a.stride(1)];
                     }
-                    adj = alpha * adj + s_gy[i] * s_c[i];
-                    let mut h_prev = h0;
-                    if i > 0 {
-                        h_prev = s_h[i - 1];
+                    let mut z = z_in[s];
+                    if unit == units - 1 {
+                        z = seed[s];
                     }
-                    let dt = s_dt[i];
-                    let a_t = s_a[i];
-                    s_du[i] += adj * dt * s_b[i];
-                    // a_t·h_{t-1} is read from the replayed states, never from h_t − b_t.
-                    s_ddt[i] += adj * (s_b[i] * s_u[i] + a_n * a_t * h_prev);
-                    da_acc += adj * dt * a_t * h_prev;
-                    let t = chunk_start + i;
-                    if t < seq_len {
-                        let part = (part_row * d_state + n) * seq_len + t;
-                        let db_t = adj * dt * s_u[i];
-                        let dc_t = s_gy[i] * s_h[i];
-                        if first_in_block {
-                            db_part[part] = db_t;
-                            dc_part[part] = dc_t;
-                        } else {
-                            db_part[part] += db_t;
-                            dc_part[part] += dc_t;
+                    let mut da = 0.0f32;
+                    #[unroll]
+                    for kk in 0..items {
+                        let k = items - 1 - kk;
+                        let i = s * items + k;
+                        // ĥ_t = z_{t+1} + dy_t C_t
+                        let adj = z + r_gy[k] * r_c[i];
+                        // a_t·h_{t-1} is read from the replayed states, never from h_t − b_t.
+                        let mut h_prev = h_in[s];
+                        if k > 0 {
+                            h_prev = r_h[i - 1];
+                        }
+                        let dt = r_dt[k];
+                        let a_t = r_a[i];
+                        r_du[k] += adj * dt * r_b[i];
+                        r_ddt[k] += adj * (r_b[i] * r_u[k] + a_n * a_t * h_prev);
+                        da += adj * dt * a_t * h_prev;
+                        let t = first + k;
+                        if t < seq_len && n < d_state {
+                            let part = (part_row * d_state + n) * seq_len + t;
+                            let db_t = adj * dt * r_u[k];
+                            let dc_t = r_gy[k] * r_h[i];
+                            if first_in_block {
+                                db_part[part] = db_t;
+                                dc_part[part] = dc_t;
+                            } else {
+                                db_part[part] += db_t;
+                                dc_part[part] += dc_t;
+                            }
+                        }
+                        z = a_t * adj;
+                    }
+                    // The last unit read s_carry_rev[n] before the scan's barrier; it reads the
+                    // new value after the barrier that ends the chunk.
+                    if unit == 0 && n < d_state {
+                        s_carry_rev[n] = z;
+                    }
+                    da_acc[s] = da;
+                }
+                cube_sum_states(
+                    &da_acc,
+                    &mut da_total,
+                    &mut scan_a,
+                    call % 2,
+                    units,
+                    states,
+                    planes,
+                );
+                call += 1;
+                if unit == 0 {
+                    #[unroll]
+                    for s in 0..states {
+                        let n = n_first + s;
+                        if n < d_state {
+                            s_da[n] += da_total[s];
                         }
                     }
                 }
-                if unit == 0 {
-                    s_carry_rev[n] = s_a[0] * adj;
-                }
-                let da_total = cube_sum(da_acc, &mut scratch, units);
-                if unit == 0 {
-                    s_da[n] += da_total;
-                }
+                n_first += states;
             }
-            sync_cube();
-            for j in 0..items {
-                let idx = unit + j * units;
-                let t = chunk_start + idx;
+            #[unroll]
+            for k in 0..items {
+                let t = first + k;
                 if t < seq_len {
                     let x = f32::cast_from(delta[delta_row + t * delta.stride(2)]) + bias;
-                    let g = s_ddt[idx] * discretize_step_grad(x, softplus);
-                    du[out_row + t] = s_du[idx];
+                    let g = r_ddt[k] * discretize_step_grad(x, softplus);
+                    du[out_row + t] = r_du[k];
                     ddelta[out_row + t] = g;
                     bias_acc += g;
-                    skip_acc += s_gy[idx] * s_u[idx];
+                    skip_acc += r_gy[k] * r_u[k];
                 }
             }
             sync_cube();

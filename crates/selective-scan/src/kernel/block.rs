@@ -1,54 +1,250 @@
 //! Cube-level building blocks shared by the forward and backward kernels: the associative
-//! scan of per-unit aggregates and a deterministic sum, both through shared memory so that they
-//! run on every runtime (no plane operations needed).
+//! scan of per-unit aggregates, deterministic sums, and the scan's scalar math (decay, softplus).
+//! The scan and the sums have two paths chosen at compile time of the kernel: plane (warp)
+//! shuffles with one barrier, where the device has plane operations, and shared memory with a
+//! fixed tree otherwise (WGPU on CPU adapters).
 
 use cubecl::prelude::*;
 
-/// Inclusive scan of the affine maps `h ↦ a·h + b` held one per unit, in shared memory.
+/// Exclusive scan across the cube of `states` affine maps per unit (one per state of the pass).
 ///
-/// Hillis–Steele: in round `k` every unit composes with the unit `2^k` places earlier, so after
-/// `log2(units)` rounds `scan_a[i], scan_b[i]` hold the composition of units `0..=i`
-/// (`reverse = false`) or `i..units` (`reverse = true`, where "earlier" is the higher unit).
-/// The operator is `(a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)`, earlier element on the left; it
-/// is not commutative, and the reverse scan keeps the same order with respect to its own
-/// direction. Every unit of the cube must call this; it ends with a barrier.
+/// Unit `j` holds the aggregates `(agg_a[s], agg_b[s])` of its segment for state `s`; this
+/// writes into `h_in[s]` the `b` of the composition of the aggregates of every unit before it in
+/// scan order (units `0..j` forward, `j+1..units` with `reverse`), i.e. the state entering its
+/// segment when the chunk's incoming state is folded into the first unit's aggregate. The first
+/// unit in scan order gets 0. `h_in` holds `2 · states` values (the upper half is scratch).
+/// Every unit of the cube must call this with the same `buffer`. `scan_a` and `scan_b` hold
+/// `units · states` values each (two buffers of one slot per plane and state fit in that for
+/// planes of two units or more).
+///
+/// With `planes`, each plane scans its units with shuffles (no barrier), the planes' totals go
+/// through shared memory (one barrier), and `buffer` (0 or 1, alternating between consecutive
+/// calls) selects which half of `scan_a`/`scan_b` holds them, so that no second barrier is
+/// needed before the next call. Without planes (devices without plane operations, such as
+/// WGPU on CPU adapters), a Hillis–Steele scan through shared memory (`2·log2(units) + 2`
+/// barriers). Either way the order of every operation is fixed by the unit index: the same
+/// inputs give the same bits.
 #[cube]
-pub fn cube_inclusive_scan(
-    agg_a: f32,
-    agg_b: f32,
+#[allow(clippy::too_many_arguments)]
+pub fn cube_exclusive_scan_states(
+    agg_a: &Array<f32>,
+    agg_b: &Array<f32>,
+    h_in: &mut Array<f32>,
     scan_a: &mut SharedMemory<f32>,
     scan_b: &mut SharedMemory<f32>,
+    buffer: usize,
     #[comptime] units: usize,
+    #[comptime] states: usize,
     #[comptime] reverse: bool,
+    #[comptime] planes: bool,
 ) {
     let unit = UNIT_POS as usize;
-    let mut a = agg_a;
-    let mut b = agg_b;
-    scan_a[unit] = a;
-    scan_b[unit] = b;
-    sync_cube();
-    let mut offset = 1usize;
-    while offset < units {
-        // The identity (1, 0) for units with no partner in this round.
-        let mut earlier_a = 1.0f32;
-        let mut earlier_b = 0.0f32;
-        if reverse {
-            if unit + offset < units {
-                earlier_a = scan_a[unit + offset];
-                earlier_b = scan_b[unit + offset];
+    if planes {
+        let plane_dim = PLANE_DIM as usize;
+        let lane = UNIT_POS_PLANE as usize;
+        let plane = unit / plane_dim;
+        let n_planes = units / plane_dim;
+        let base = buffer * n_planes * states;
+        #[unroll]
+        for s in 0..states {
+            let mut a = agg_a[s];
+            let mut b = agg_b[s];
+            let mut offset = 1usize;
+            while offset < plane_dim {
+                // The unit `offset` places earlier in scan order, composed on the left.
+                let earlier_a = if reverse {
+                    plane_shuffle_down(a, offset as u32)
+                } else {
+                    plane_shuffle_up(a, offset as u32)
+                };
+                let earlier_b = if reverse {
+                    plane_shuffle_down(b, offset as u32)
+                } else {
+                    plane_shuffle_up(b, offset as u32)
+                };
+                let has_earlier = if reverse {
+                    lane + offset < plane_dim
+                } else {
+                    lane >= offset
+                };
+                if has_earlier {
+                    b += a * earlier_b;
+                    a *= earlier_a;
+                }
+                offset *= 2;
             }
-        } else if unit >= offset {
-            earlier_a = scan_a[unit - offset];
-            earlier_b = scan_b[unit - offset];
+            // Inclusive within the plane; the exclusive value is the neighbour's inclusive one.
+            let mut excl_a = if reverse {
+                plane_shuffle_down(a, 1u32)
+            } else {
+                plane_shuffle_up(a, 1u32)
+            };
+            let mut excl_b = if reverse {
+                plane_shuffle_down(b, 1u32)
+            } else {
+                plane_shuffle_up(b, 1u32)
+            };
+            let (first_lane, last_lane) = if reverse {
+                (lane == plane_dim - 1, lane == 0)
+            } else {
+                (lane == 0, lane == plane_dim - 1)
+            };
+            if first_lane {
+                excl_a = 1.0;
+                excl_b = 0.0;
+            }
+            if last_lane {
+                scan_a[base + plane * states + s] = a;
+                scan_b[base + plane * states + s] = b;
+            }
+            h_in[s] = excl_b;
+            h_in[states + s] = excl_a;
         }
         sync_cube();
-        // (earlier_a, earlier_b) ∘ (a, b) = (earlier_a·a, a·earlier_b + b)
-        b += a * earlier_b;
-        a *= earlier_a;
-        scan_a[unit] = a;
-        scan_b[unit] = b;
+        #[unroll]
+        for s in 0..states {
+            // The planes before this one in scan order, composed in that order, applied to 0.
+            let mut prefix = 0.0f32;
+            if reverse {
+                let mut q = n_planes;
+                while q > plane + 1 {
+                    q -= 1;
+                    prefix = scan_a[base + q * states + s] * prefix + scan_b[base + q * states + s];
+                }
+            } else {
+                for q in 0..plane {
+                    prefix = scan_a[base + q * states + s] * prefix + scan_b[base + q * states + s];
+                }
+            }
+            // (planes before) ∘ (units before in this plane), applied to 0.
+            h_in[s] = h_in[states + s] * prefix + h_in[s];
+        }
+    } else {
+        #[unroll]
+        for s in 0..states {
+            scan_a[unit * states + s] = agg_a[s];
+            scan_b[unit * states + s] = agg_b[s];
+        }
         sync_cube();
-        offset *= 2;
+        let mut offset = 1usize;
+        while offset < units {
+            let mut has_earlier = false;
+            let mut partner = 0usize;
+            if reverse {
+                if unit + offset < units {
+                    has_earlier = true;
+                    partner = unit + offset;
+                }
+            } else if unit >= offset {
+                has_earlier = true;
+                partner = unit - offset;
+            }
+            #[unroll]
+            for s in 0..states {
+                h_in[s] = 1.0;
+                h_in[states + s] = 0.0;
+                if has_earlier {
+                    h_in[s] = scan_a[partner * states + s];
+                    h_in[states + s] = scan_b[partner * states + s];
+                }
+            }
+            sync_cube();
+            if has_earlier {
+                #[unroll]
+                for s in 0..states {
+                    let a = scan_a[unit * states + s];
+                    scan_b[unit * states + s] += a * h_in[states + s];
+                    scan_a[unit * states + s] = a * h_in[s];
+                }
+            }
+            sync_cube();
+            offset *= 2;
+        }
+        let mut has_before = false;
+        let mut before = 0usize;
+        if reverse {
+            if unit + 1 < units {
+                has_before = true;
+                before = unit + 1;
+            }
+        } else if unit > 0 {
+            has_before = true;
+            before = unit - 1;
+        }
+        #[unroll]
+        for s in 0..states {
+            h_in[s] = 0.0;
+            if has_before {
+                h_in[s] = scan_b[before * states + s];
+            }
+        }
+        sync_cube();
+    }
+}
+
+/// Sum over the cube of `states` values per unit: every unit gets the totals in `totals`.
+///
+/// With `planes`, each plane reduces with `plane_sum`, the planes' sums go through shared
+/// memory (one barrier; `buffer` alternates as for
+/// [`cube_exclusive_scan_states`](fn@cube_exclusive_scan_states), which may share `scratch`)
+/// and are added in plane order. Without planes, a fixed binary tree in shared memory. The
+/// order of the additions is fixed either way: the same inputs give the same bits (no atomics).
+/// `units` must be a power of two; `scratch` holds `units · states` values.
+#[cube]
+pub fn cube_sum_states(
+    values: &Array<f32>,
+    totals: &mut Array<f32>,
+    scratch: &mut SharedMemory<f32>,
+    buffer: usize,
+    #[comptime] units: usize,
+    #[comptime] states: usize,
+    #[comptime] planes: bool,
+) {
+    let unit = UNIT_POS as usize;
+    if planes {
+        let plane_dim = PLANE_DIM as usize;
+        let plane = unit / plane_dim;
+        let n_planes = units / plane_dim;
+        let base = buffer * n_planes * states;
+        #[unroll]
+        for s in 0..states {
+            let total = plane_sum(values[s]);
+            if UNIT_POS_PLANE == 0 {
+                scratch[base + plane * states + s] = total;
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for s in 0..states {
+            let mut total = 0.0f32;
+            for q in 0..n_planes {
+                total += scratch[base + q * states + s];
+            }
+            totals[s] = total;
+        }
+    } else {
+        #[unroll]
+        for s in 0..states {
+            scratch[unit * states + s] = values[s];
+        }
+        sync_cube();
+        // Round k adds pairs 2^k apart: unit i (a multiple of 2^(k+1)) takes unit i + 2^k.
+        let mut stride = 1usize;
+        while stride < units {
+            if unit & (2 * stride - 1) == 0 {
+                #[unroll]
+                for s in 0..states {
+                    scratch[unit * states + s] += scratch[(unit + stride) * states + s];
+                }
+            }
+            sync_cube();
+            stride *= 2;
+        }
+        #[unroll]
+        for s in 0..states {
+            totals[s] = scratch[s];
+        }
+        sync_cube();
     }
 }
 
@@ -140,82 +336,4 @@ pub fn discretize_step_grad(x: f32, #[comptime] softplus: bool) -> f32 {
         }
     }
     grad
-}
-
-/// Loads `B[batch, group, n, chunk]` and `C[batch, group, n, chunk]` into shared memory
-/// (coalesced: unit `i` takes positions `i, i + units, ...`), zero past the end of the sequence,
-/// then waits for the whole cube.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn load_projections<F: Float>(
-    b: &Tensor<F>,
-    c: &Tensor<F>,
-    s_b: &mut SharedMemory<f32>,
-    s_c: &mut SharedMemory<f32>,
-    b_row: usize,
-    c_row: usize,
-    n: usize,
-    chunk_start: usize,
-    seq_len: usize,
-    #[comptime] units: usize,
-    #[comptime] items: usize,
-) {
-    let unit = UNIT_POS as usize;
-    for j in 0..items {
-        let idx = unit + j * units;
-        let t = chunk_start + idx;
-        let mut b_t = 0.0f32;
-        let mut c_t = 0.0f32;
-        if t < seq_len {
-            b_t = f32::cast_from(b[b_row + n * b.stride(2) + t * b.stride(3)]);
-            c_t = f32::cast_from(c[c_row + n * c.stride(2) + t * c.stride(3)]);
-        }
-        s_b[idx] = b_t;
-        s_c[idx] = c_t;
-    }
-    sync_cube();
-}
-
-/// The forward scan of one chunk for one state, up to each unit's starting state.
-///
-/// Writes `a_t = exp(Δ_t A_n)` of this unit's segment into `s_a`, composes the segment into one
-/// affine aggregate, scans the aggregates across the cube with the chunk's incoming state `h0`
-/// folded into unit 0, and returns the state entering this unit's segment (`h0` for unit 0).
-/// The caller replays its segment from there with `h = s_a[i]·h + Δ_i B_i u_i`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn chunk_prefix_state(
-    s_dt: &SharedMemory<f32>,
-    s_u: &SharedMemory<f32>,
-    s_b: &SharedMemory<f32>,
-    s_a: &mut SharedMemory<f32>,
-    scan_a: &mut SharedMemory<f32>,
-    scan_b: &mut SharedMemory<f32>,
-    a_n: f32,
-    h0: f32,
-    #[comptime] units: usize,
-    #[comptime] items: usize,
-) -> f32 {
-    let unit = UNIT_POS as usize;
-    let segment = unit * items;
-    // Aggregate of this unit's segment: h ↦ agg_a·h + agg_b.
-    let mut agg_a = 1.0f32;
-    let mut agg_b = 0.0f32;
-    for k in 0..items {
-        let i = segment + k;
-        let a_t = decay_exp(s_dt[i] * a_n);
-        s_a[i] = a_t;
-        // h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
-        agg_b = a_t * agg_b + s_dt[i] * s_b[i] * s_u[i];
-        agg_a *= a_t;
-    }
-    if unit == 0 {
-        agg_b += agg_a * h0;
-    }
-    cube_inclusive_scan(agg_a, agg_b, scan_a, scan_b, units, false);
-    let mut h = h0;
-    if unit > 0 {
-        h = scan_b[unit - 1];
-    }
-    h
 }

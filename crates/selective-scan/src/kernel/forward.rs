@@ -1,15 +1,18 @@
 //! Forward selective scan: one cube per `(batch, channel)`, parallel along the sequence.
 //!
-//! The sequence is cut into chunks of `units · items` positions. For each chunk and each state
-//! `n`, every unit scans its own `items` consecutive positions sequentially into one affine
-//! aggregate, the cube scans the `units` aggregates ([`cube_inclusive_scan`](fn@super::block::cube_inclusive_scan)), and every unit
-//! replays its segment from its exclusive prefix to get `h_t` and accumulate `y_t`. The state at
-//! the end of the chunk is the carry into the next chunk, and is saved for the backward pass
+//! The sequence is cut into chunks of `units · items` positions; unit `j` owns the `items`
+//! consecutive positions `j·items ..` of every chunk and keeps their values in registers. Per
+//! chunk, the states are taken `states` at a time (a *pass*): for each state of the pass every
+//! unit composes its positions into one affine aggregate, one cube-wide exclusive scan handles
+//! the aggregates of all the pass's states together
+//! ([`cube_exclusive_scan_states`](fn@super::block::cube_exclusive_scan_states)), and every unit
+//! replays its positions from its incoming state to accumulate `y_t`. The state at the end of
+//! the chunk is the carry into the next chunk, and is saved for the backward pass
 //! (`carries [batch, channels, n_chunks, d_state]`): nothing of size `L·N` is stored.
 
 use cubecl::prelude::*;
 
-use super::block::{chunk_prefix_state, discretize_step, load_projections};
+use super::block::{cube_exclusive_scan_states, decay_exp, discretize_step};
 
 /// Forward kernel. Launch with `CubeCount(channels, batch, 1)` and `CubeDim(units)`.
 ///
@@ -36,6 +39,8 @@ pub fn scan_forward_kernel<F: Float>(
     n_chunks: u32,
     #[comptime] units: usize,
     #[comptime] items: usize,
+    #[comptime] states: usize,
+    #[comptime] planes: bool,
     #[comptime] has_skip: bool,
     #[comptime] has_bias: bool,
     #[comptime] softplus: bool,
@@ -50,22 +55,32 @@ pub fn scan_forward_kernel<F: Float>(
     let channels = u.shape(1);
     let group = channel / channels_per_group as usize;
 
-    let mut s_dt = SharedMemory::<f32>::new(chunk_len);
-    let mut s_u = SharedMemory::<f32>::new(chunk_len);
-    let mut s_b = SharedMemory::<f32>::new(chunk_len);
-    let mut s_c = SharedMemory::<f32>::new(chunk_len);
-    let mut s_a = SharedMemory::<f32>::new(chunk_len);
-    let mut s_y = SharedMemory::<f32>::new(chunk_len);
-    let mut scan_a = SharedMemory::<f32>::new(units);
-    let mut scan_b = SharedMemory::<f32>::new(units);
-    // The state h at the end of the previous chunk, per n.
+    // See `cube_exclusive_scan_states` for the size.
+    let mut scan_a = SharedMemory::<f32>::new(comptime!(units * states));
+    let mut scan_b = SharedMemory::<f32>::new(comptime!(units * states));
+    // The state h at the end of the previous chunk, per n (read by the first unit).
     let mut s_carry = SharedMemory::<f32>::new(256usize);
+
+    // This unit's positions of the current chunk.
+    let mut r_dt = Array::<f32>::new(items);
+    let mut r_u = Array::<f32>::new(items);
+    let mut r_y = Array::<f32>::new(items);
+    // Per state of the pass and position: decay a_t, input Δ_t B_t u_t, C_t.
+    let mut r_a = Array::<f32>::new(states * items);
+    let mut r_x = Array::<f32>::new(states * items);
+    let mut r_c = Array::<f32>::new(states * items);
+    let mut agg_a = Array::<f32>::new(states);
+    let mut agg_b = Array::<f32>::new(states);
+    let mut h_in = Array::<f32>::new(2 * states);
+    // The first unit's copy of the incoming carries of the pass.
+    let mut h0 = Array::<f32>::new(states);
 
     let mut n0 = unit;
     while n0 < d_state {
         s_carry[n0] = 0.0;
         n0 += units;
     }
+    sync_cube();
 
     let mut bias = 0.0f32;
     if has_bias {
@@ -80,15 +95,15 @@ pub fn scan_forward_kernel<F: Float>(
     let y_row = (batch * channels + channel) * seq_len;
     let b_row = batch * b.stride(0) + group * b.stride(1);
     let c_row = batch * c.stride(0) + group * c.stride(1);
-    let segment = unit * items;
+    let carry_row = (batch * channels + channel) * n_chunks;
+    let mut pass = 0usize;
 
     for chunk in 0..n_chunks {
-        let chunk_start = chunk * chunk_len;
-        // Coalesced loads: unit i takes positions i, i + units, ...; padding is the identity
-        // step (Δ = 0 gives a = 1, b = 0).
-        for j in 0..items {
-            let idx = unit + j * units;
-            let t = chunk_start + idx;
+        let first = chunk * chunk_len + unit * items;
+        // Padding past the end is the identity step (Δ = 0 gives a = 1, b = 0).
+        #[unroll]
+        for k in 0..items {
+            let t = first + k;
             let mut dt = 0.0f32;
             let mut u_t = 0.0f32;
             if t < seq_len {
@@ -96,57 +111,92 @@ pub fn scan_forward_kernel<F: Float>(
                 dt = discretize_step(x, softplus);
                 u_t = f32::cast_from(u[u_row + t * u.stride(2)]);
             }
-            s_dt[idx] = dt;
-            s_u[idx] = u_t;
-            s_y[idx] = skip_d * u_t;
+            r_dt[k] = dt;
+            r_u[k] = u_t;
+            r_y[k] = skip_d * u_t;
         }
-        for n in 0..d_state {
-            let a_n = a[channel * a.stride(0) + n * a.stride(1)];
-            load_projections(
-                b,
-                c,
-                &mut s_b,
-                &mut s_c,
-                b_row,
-                c_row,
-                n,
-                chunk_start,
-                seq_len,
-                units,
-                items,
-            );
-            let carry_in = s_carry[n];
-            let mut h = chunk_prefix_state(
-                &s_dt,
-                &s_u,
-                &s_b,
-                &mut s_a,
+        let mut n_first = 0usize;
+        while n_first < d_state {
+            #[unroll]
+            for s in 0..states {
+                let n = n_first + s;
+                // States past d_state (the last pass) are the identity and write nothing.
+                let mut a_n = 0.0f32;
+                let mut b_stride = 0usize;
+                let mut c_stride = 0usize;
+                if n < d_state {
+                    a_n = a[channel * a.stride(0) + n * a.stride(1)];
+                    b_stride = n * b.stride(2);
+                    c_stride = n * c.stride(2);
+                }
+                let mut sa = 1.0f32;
+                let mut sb = 0.0f32;
+                #[unroll]
+                for k in 0..items {
+                    let t = first + k;
+                    let mut b_t = 0.0f32;
+                    let mut c_t = 0.0f32;
+                    if t < seq_len && n < d_state {
+                        b_t = f32::cast_from(b[b_row + b_stride + t * b.stride(3)]);
+                        c_t = f32::cast_from(c[c_row + c_stride + t * c.stride(3)]);
+                    }
+                    let decay = decay_exp(r_dt[k] * a_n);
+                    // h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t
+                    let x = r_dt[k] * b_t * r_u[k];
+                    r_a[s * items + k] = decay;
+                    r_x[s * items + k] = x;
+                    r_c[s * items + k] = c_t;
+                    sb = decay * sb + x;
+                    sa *= decay;
+                }
+                h0[s] = 0.0;
+                if unit == 0 && n < d_state {
+                    h0[s] = s_carry[n];
+                    sb += sa * h0[s];
+                }
+                agg_a[s] = sa;
+                agg_b[s] = sb;
+            }
+            cube_exclusive_scan_states(
+                &agg_a,
+                &agg_b,
+                &mut h_in,
                 &mut scan_a,
                 &mut scan_b,
-                a_n,
-                carry_in,
+                pass % 2,
                 units,
-                items,
+                states,
+                false,
+                planes,
             );
-            for k in 0..items {
-                let i = segment + k;
-                h = s_a[i] * h + s_dt[i] * s_b[i] * s_u[i];
-                // y_t = C_t·h_t + D u_t
-                s_y[i] += s_c[i] * h;
+            pass += 1;
+            #[unroll]
+            for s in 0..states {
+                let n = n_first + s;
+                let mut h = h_in[s];
+                if unit == 0 {
+                    h = h0[s];
+                }
+                #[unroll]
+                for k in 0..items {
+                    h = r_a[s * items + k] * h + r_x[s * items + k];
+                    // y_t = C_t·h_t + D u_t
+                    r_y[k] += r_c[s * items + k] * h;
+                }
+                if unit == units - 1 && n < d_state {
+                    // The first unit read s_carry[n] before the scan's barrier; it reads the
+                    // new value after the barrier that ends the chunk.
+                    s_carry[n] = h;
+                    carries[(carry_row + chunk) * d_state + n] = h;
+                }
             }
-            // Every unit has read s_carry[n] and scan_b before they change.
-            sync_cube();
-            if unit == units - 1 {
-                s_carry[n] = h;
-                carries[((batch * channels + channel) * n_chunks + chunk) * d_state + n] = h;
-            }
+            n_first += states;
         }
-        sync_cube();
-        for j in 0..items {
-            let idx = unit + j * units;
-            let t = chunk_start + idx;
+        #[unroll]
+        for k in 0..items {
+            let t = first + k;
             if t < seq_len {
-                y[y_row + t] = s_y[idx];
+                y[y_row + t] = r_y[k];
             }
         }
         sync_cube();
