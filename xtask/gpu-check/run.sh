@@ -8,7 +8,8 @@
 # places (pip's `nvidia` packages included), then runs, each step under its own time limit and
 # the whole under GPU_CHECK_BUDGET_S (default 460 s):
 #   parity of the scan kernels and of the Burn op (built-in cases, committed fixtures),
-#   the scan bench (copy and exp floors, G2 G4 C3 C4), `classify` cold (fresh kernel cache) and
+#   the scan bench (copy and exp floors, G2 G4 C3 C4; then other kernel splits on G2 and G4),
+#   `classify` cold (fresh kernel cache) and
 #   warm, the model fixtures' logits against upstream and NdArray, and the model bench.
 # Writes RESULTS_DIR/summary.md (a table), summary.json, steps.tsv, one log per step and the
 # benches' JSON. A step that fails or times out is recorded; the next one still runs.
@@ -109,6 +110,11 @@ step parity-kernels 60 "$RUNNER" parity --backend cubecl-cuda
 step parity-op 75 "$RUNNER" parity --backend cuda
 step parity-fixtures 45 "$RUNNER" parity --backend cuda --fixtures "$HERE/fixtures/scan"
 step bench-scan 90 "$RUNNER" bench scan --backend cuda --implementations cubecl --shapes G2,G4,C3,C4 --repeats 10
+# Other kernel splits (units x items x states per scan, plane or shared-memory scans) on G2 and
+# G4, to choose the default: JSON in RESULTS/splits.
+step bench-splits 75 env VMAMBA_BENCH_DIR="$RESULTS/splits" "$RUNNER" bench scan --backend cuda \
+  --implementations cubecl --shapes G2,G4 --repeats 5 \
+  --configs 128x4x4,128x4x4:shared,128x4x1,128x4x8,128x8x4,256x4x4,64x8x4,128x2x8
 # classify, T s1l8 at 224, batch 1: a fresh kernel cache, then the same cache again.
 export VMAMBA_CACHE_DIR="$WORK/cache-model"
 rm -rf "$VMAMBA_CACHE_DIR"

@@ -29,6 +29,21 @@ def main(results):
     md = ["# gpu-check", "", "| step | status | seconds | limit s |", "|---|---|---|---|"]
     md += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['limit_s']} |" for s in steps]
 
+    def scan_table(scan):
+        lines = ["| shape | implementation | pass | ms | GB/s | % of copy | × floor |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        rows = []
+        for r in scan.get("records", []):
+            device = r["implementation"].split("-")[0]
+            copy = scan.get("devices", {}).get(device, {}).get("copy_gbps")
+            share = 100.0 * r["gbps"] / copy if copy else float("nan")
+            rows.append({**r, "percent_of_copy": share})
+            lines.append(
+                f"| {r['shape']} | {r['implementation']} | {r['pass']} | {r['median_ms']:.3f} | "
+                f"{r['gbps']:.1f} | {share:.1f} % | {r['median_ms'] / r['floor_ms']:.2f} |"
+            )
+        return lines, rows
+
     scan = load(results / "scan.json")
     if scan:
         md += ["", "## Scan (cubecl kernels)", ""]
@@ -38,20 +53,19 @@ def main(results):
                 f"exp {floor['exps_per_s'] / 1e9:.0f} G/s; copies tried: "
                 + "; ".join(f"{name} {gbps:.1f}" for name, gbps in floor["copies"])
             )
-        md += ["", "| shape | pass | ms | GB/s | % of copy | × floor |", "|---|---|---|---|---|---|"]
-        rows = []
-        for r in scan.get("records", []):
-            device = r["implementation"].split("-")[0]
-            copy = scan.get("devices", {}).get(device, {}).get("copy_gbps")
-            share = 100.0 * r["gbps"] / copy if copy else float("nan")
-            rows.append({**r, "percent_of_copy": share})
-            md.append(
-                f"| {r['shape']} | {r['pass']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
-                f"{share:.1f} % | {r['median_ms'] / r['floor_ms']:.2f} |"
-            )
+        md.append("")
+        lines, rows = scan_table(scan)
+        md += lines
         md.append("")
         md.append("Targets: G2 both passes >= 60 % of copy, G4 >= 30 %.")
         summary["scan"] = {"devices": scan.get("devices"), "records": rows}
+
+    splits = load(results / "splits" / "scan.json")
+    if splits:
+        md += ["", "## Scan kernel splits (UNITSxITEMSxSTATES; which default to keep)", ""]
+        lines, rows = scan_table(splits)
+        md += lines
+        summary["splits"] = {"devices": splits.get("devices"), "records": rows}
 
     classify = {}
     for name in ("classify-cold", "classify-warm"):

@@ -51,6 +51,55 @@ impl Default for ScanConfig {
     }
 }
 
+impl std::fmt::Display for ScanConfig {
+    /// `UNITSxITEMSxSTATES`, then `:planes` or `:shared` unless the choice is automatic: the
+    /// form [`ScanConfig::from_str`](std::str::FromStr) reads (e.g. `128x4x4`, `64x8x2:shared`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.units, self.items, self.states)?;
+        match self.planes {
+            Planes::Auto => Ok(()),
+            Planes::On => write!(f, ":planes"),
+            Planes::Off => write!(f, ":shared"),
+        }
+    }
+}
+
+impl std::str::FromStr for ScanConfig {
+    type Err = String;
+
+    /// Reads the form written by `Display`; the values are checked against a device at launch.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (sizes, planes) = match text.split_once(':') {
+            None => (text, Planes::Auto),
+            Some((sizes, "planes")) => (sizes, Planes::On),
+            Some((sizes, "shared")) => (sizes, Planes::Off),
+            Some((sizes, "auto")) => (sizes, Planes::Auto),
+            Some((_, other)) => {
+                return Err(format!(
+                    "scan config `{text}`: unknown plane choice `{other}` (expected planes, shared or auto)"
+                ));
+            }
+        };
+        let numbers: Vec<usize> = sizes
+            .split('x')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("scan config `{text}`: {e} (expected UNITSxITEMSxSTATES)"))?;
+        match numbers[..] {
+            [units, items, states] => Ok(Self {
+                units,
+                items,
+                states,
+                planes,
+            }),
+            _ => Err(format!(
+                "scan config `{text}`: expected three sizes UNITSxITEMSxSTATES, got {}",
+                numbers.len()
+            )),
+        }
+    }
+}
+
 /// The largest `states` a config may ask for (registers: `3 · states · items` values per unit).
 pub const MAX_STATES_PER_SCAN: usize = 16;
 
@@ -703,4 +752,40 @@ pub fn backward<R: Runtime>(
         dd,
         ddelta_bias,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_config_reads_what_it_writes() {
+        for config in [
+            ScanConfig::default(),
+            ScanConfig {
+                units: 64,
+                items: 8,
+                states: 2,
+                planes: Planes::Off,
+            },
+            ScanConfig {
+                units: 256,
+                items: 1,
+                states: 16,
+                planes: Planes::On,
+            },
+        ] {
+            let text = config.to_string();
+            assert_eq!(text.parse::<ScanConfig>(), Ok(config), "{text}");
+        }
+        assert_eq!(ScanConfig::default().to_string(), "128x4x4");
+        assert_eq!(
+            "128x4x4:auto".parse::<ScanConfig>(),
+            Ok(ScanConfig::default())
+        );
+        for bad in ["128x4", "128x4x4x1", "128xfourx4", "128x4x4:warp", ""] {
+            let err = bad.parse::<ScanConfig>().unwrap_err();
+            assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
+        }
+    }
 }

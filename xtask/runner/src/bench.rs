@@ -464,6 +464,7 @@ struct Record {
 fn bench_cube<R: Runtime>(
     client: &ComputeClient<R>,
     p: &ScanProblem,
+    config: ScanConfig,
     repeats: usize,
 ) -> Result<(f64, f64), String> {
     let s = p.shape;
@@ -499,7 +500,6 @@ fn bench_cube<R: Runtime>(
         strides: &bdl_strides,
         dtype: ScanDtype::F32,
     };
-    let config = ScanConfig::default();
     let mut error = None;
     let forward = crate::median_ms(repeats, || {
         if let Err(e) = selective_scan::forward(client, &args, config) {
@@ -537,6 +537,11 @@ pub struct Args {
     /// Comma-separated subset of cubecl, ndarray-fused, fallback, reference (default: all).
     #[arg(long, value_name = "LIST")]
     pub implementations: Option<String>,
+    /// Comma-separated kernel splits for the `cubecl` rows, each `UNITSxITEMSxSTATES` with an
+    /// optional `:planes` or `:shared` (default: the default split, 128x4x4); rows other than
+    /// the default are named `<backend>-cubecl[<split>]`.
+    #[arg(long, value_name = "LIST")]
+    pub configs: Option<String>,
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
@@ -569,6 +574,13 @@ pub fn run(args: &Args) -> Result<(), String> {
         backend.probe()?;
     }
     let has_real_gpu = backends.iter().any(|b| *b != Backend::Wgpu);
+    let configs: Vec<ScanConfig> = match &args.configs {
+        Some(list) => list
+            .split(',')
+            .map(|c| c.parse().map_err(|e| format!("--configs: {e}")))
+            .collect::<Result<_, String>>()?,
+        None => vec![ScanConfig::default()],
+    };
 
     let triad_1 = cpu_triad_gbps(false);
     let triad_all = cpu_triad_gbps(true);
@@ -660,20 +672,27 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         };
         for (backend, floor) in &device_floors {
-            let result = match backend {
-                Backend::Wgpu => bench_cube(&backends::wgpu_client(), &p, repeats),
-                #[cfg(feature = "cuda")]
-                Backend::Cuda => bench_cube(&backends::cuda_client(), &p, repeats),
-                #[cfg(feature = "rocm")]
-                Backend::Rocm => bench_cube(&backends::rocm_client(), &p, repeats),
-            };
-            let (forward, both) =
-                result.map_err(|e| format!("{} on {}: {e}", bench.name, backend.name()))?;
-            let floor = Floor {
-                gbps: floor.copy_gbps,
-                exps_per_s: Some(floor.exps_per_s),
-            };
-            push(format!("{}-cubecl", backend.name()), forward, both, floor);
+            for &config in &configs {
+                let result = match backend {
+                    Backend::Wgpu => bench_cube(&backends::wgpu_client(), &p, config, repeats),
+                    #[cfg(feature = "cuda")]
+                    Backend::Cuda => bench_cube(&backends::cuda_client(), &p, config, repeats),
+                    #[cfg(feature = "rocm")]
+                    Backend::Rocm => bench_cube(&backends::rocm_client(), &p, config, repeats),
+                };
+                let (forward, both) = result
+                    .map_err(|e| format!("{} on {} ({config}): {e}", bench.name, backend.name()))?;
+                let floor = Floor {
+                    gbps: floor.copy_gbps,
+                    exps_per_s: Some(floor.exps_per_s),
+                };
+                let name = if config == ScanConfig::default() {
+                    format!("{}-cubecl", backend.name())
+                } else {
+                    format!("{}-cubecl[{config}]", backend.name())
+                };
+                push(name, forward, both, floor);
+            }
         }
         if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
