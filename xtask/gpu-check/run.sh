@@ -110,11 +110,11 @@ step parity-kernels 60 "$RUNNER" parity --backend cubecl-cuda
 step parity-op 75 "$RUNNER" parity --backend cuda
 step parity-fixtures 45 "$RUNNER" parity --backend cuda --fixtures "$HERE/fixtures/scan"
 step bench-scan 90 "$RUNNER" bench scan --backend cuda --implementations cubecl --shapes G2,G4,C3,C4 --repeats 10
-# Other kernel splits (units x items x states per scan, plane or shared-memory scans) on G2 and
-# G4, to choose the default: JSON in RESULTS/splits.
-step bench-splits 75 env VMAMBA_BENCH_DIR="$RESULTS/splits" "$RUNNER" bench scan --backend cuda \
+# Other kernel splits (units x items x states x channels per cube, plane or shared-memory
+# scans) on G2 and G4, the default first, to choose the default: JSON in RESULTS/splits.
+step bench-splits 100 env VMAMBA_BENCH_DIR="$RESULTS/splits" "$RUNNER" bench scan --backend cuda \
   --implementations cubecl --shapes G2,G4 --repeats 5 \
-  --configs 128x4x4,128x4x4:shared,128x4x1,128x4x8,128x8x4,256x4x4,64x8x4,128x2x8
+  --configs 128x4x2x2,128x4x2x2:shared,128x4x4x1,128x4x1x1,128x4x2x4,128x8x2x2,256x4x2x2,64x8x2x2,128x4x4x4
 # classify, T s1l8 at 224, batch 1: a fresh kernel cache, then the same cache again.
 export VMAMBA_CACHE_DIR="$WORK/cache-model"
 rm -rf "$VMAMBA_CACHE_DIR"

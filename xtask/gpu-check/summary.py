@@ -62,7 +62,7 @@ def main(results):
 
     splits = load(results / "splits" / "scan.json")
     if splits:
-        md += ["", "## Scan kernel splits (UNITSxITEMSxSTATES; which default to keep)", ""]
+        md += ["", "## Scan kernel splits (UNITSxITEMSxSTATESxCHANNELS; which default to keep)", ""]
         lines, rows = scan_table(splits)
         md += lines
         summary["splits"] = {"devices": splits.get("devices"), "records": rows}

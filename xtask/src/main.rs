@@ -33,7 +33,7 @@ commands:
       minutes and writes RESULTS_DIR/summary.md and summary.json.
   parity [--backend NAME] [--fixtures DIR] [--out DIR] [--tolerance X]
   model-parity [--backend LIST] [--fixtures DIR] [--tolerance X]
-  bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST] [--configs UxIxS,..]
+  bench scan [--backend NAME] [--repeats N] [--shapes C1,C2,..] [--implementations LIST] [--configs UxIxSxC,..]
   bench train [--minutes M] [--epochs N] [--image-size N] [--only exact|shortcut]
       Run by xtask-runner built in release; `cargo xtask parity --help` prints
       their options. For CUDA / ROCm:

@@ -25,7 +25,9 @@ pub enum Planes {
 }
 
 /// How the work is split inside a cube: `units` units each own `items` consecutive positions
-/// of a chunk of `units · items` positions, and the states are scanned `states` at a time.
+/// of a chunk of `units · items` positions, for `channels` channels of one group at once (they
+/// share each load of `B` and `C`, and the backward sums their `dB`/`dC` in registers), and the
+/// states are scanned `states` at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ScanConfig {
     /// Units per cube (a power of two).
@@ -34,28 +36,36 @@ pub struct ScanConfig {
     pub items: usize,
     /// States scanned together in one cube-wide scan (capped at `d_state`).
     pub states: usize,
+    /// Channels of one group handled together by a cube.
+    pub channels: usize,
     /// Plane (warp) scans or shared-memory scans.
     pub planes: Planes,
 }
 
 impl Default for ScanConfig {
-    /// 128 units × 4 items (chunks of 512 positions), 4 states per scan, planes where the
-    /// device has them.
+    /// 128 units × 4 items (chunks of 512 positions), 2 states × 2 channels per scan, planes
+    /// where the device has them.
     fn default() -> Self {
         Self {
             units: 128,
             items: 4,
-            states: 4,
+            states: 2,
+            channels: 2,
             planes: Planes::Auto,
         }
     }
 }
 
 impl std::fmt::Display for ScanConfig {
-    /// `UNITSxITEMSxSTATES`, then `:planes` or `:shared` unless the choice is automatic: the
-    /// form [`ScanConfig::from_str`](std::str::FromStr) reads (e.g. `128x4x4`, `64x8x2:shared`).
+    /// `UNITSxITEMSxSTATESxCHANNELS`, then `:planes` or `:shared` unless the choice is
+    /// automatic: the form [`ScanConfig::from_str`](std::str::FromStr) reads (e.g. `128x4x2x2`,
+    /// `64x8x4x1:shared`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}x{}", self.units, self.items, self.states)?;
+        write!(
+            f,
+            "{}x{}x{}x{}",
+            self.units, self.items, self.states, self.channels
+        )?;
         match self.planes {
             Planes::Auto => Ok(()),
             Planes::On => write!(f, ":planes"),
@@ -84,24 +94,28 @@ impl std::str::FromStr for ScanConfig {
             .split('x')
             .map(|n| n.trim().parse::<usize>())
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("scan config `{text}`: {e} (expected UNITSxITEMSxSTATES)"))?;
+            .map_err(|e| {
+                format!("scan config `{text}`: {e} (expected UNITSxITEMSxSTATESxCHANNELS)")
+            })?;
         match numbers[..] {
-            [units, items, states] => Ok(Self {
+            [units, items, states, channels] => Ok(Self {
                 units,
                 items,
                 states,
+                channels,
                 planes,
             }),
             _ => Err(format!(
-                "scan config `{text}`: expected three sizes UNITSxITEMSxSTATES, got {}",
+                "scan config `{text}`: expected four sizes UNITSxITEMSxSTATESxCHANNELS, got {}",
                 numbers.len()
             )),
         }
     }
 }
 
-/// The largest `states` a config may ask for (registers: `3 · states · items` values per unit).
-pub const MAX_STATES_PER_SCAN: usize = 16;
+/// The largest `states · channels` a config may ask for: the backward keeps
+/// `2 · states · channels · items` values per unit in registers besides the per-channel ones.
+pub const MAX_LANES_PER_SCAN: usize = 16;
 
 impl ScanConfig {
     /// Positions per chunk, `units · items`.
@@ -119,10 +133,12 @@ impl ScanConfig {
         self.states.min(d_state).max(1)
     }
 
-    /// Shared memory of the larger of the two kernels, in bytes, for `d_state` states.
+    /// Shared memory of the larger of the two kernels (the backward), in bytes, for `d_state`
+    /// states: two scan arrays of `units · channels · max(states, 2)` values and two per-state
+    /// arrays of `channels · 256`.
     pub fn shared_memory_bytes(&self, d_state: usize) -> usize {
         let states = self.states_for(d_state);
-        4 * (2 * self.units * states + self.units + 2 * MAX_D_STATE)
+        4 * (2 * self.units * self.channels * states.max(2) + 2 * self.channels * MAX_D_STATE)
     }
 
     /// Whether the kernels will use plane scans on this device.
@@ -155,11 +171,15 @@ impl ScanConfig {
                 ),
             });
         }
-        if self.states == 0 || self.states > MAX_STATES_PER_SCAN {
+        if self.states == 0
+            || self.channels == 0
+            || self.states * self.channels > MAX_LANES_PER_SCAN
+        {
             return Err(ScanError::Config {
                 detail: format!(
-                    "states must be in 1..={MAX_STATES_PER_SCAN}, got {}",
-                    self.states
+                    "states and channels must be at least 1 with states · channels ≤ {MAX_LANES_PER_SCAN}, \
+                     got states = {}, channels = {}",
+                    self.states, self.channels
                 ),
             });
         }
@@ -359,7 +379,7 @@ pub fn check_index_range(shape: &ScanShape, config: ScanConfig) -> Result<(), Sc
     );
     let chunk = w(config.chunk_len());
     let n_chunks = l.div_ceil(chunk.max(1));
-    let per_block = w(channels_per_block(shape)).max(1);
+    let per_block = w(channels_per_block(shape, config)).max(1);
     let blocks = (d / g.max(1)).div_ceil(per_block);
     for (arg, elements) in [
         ("y", bt * d * l),
@@ -526,7 +546,12 @@ pub fn forward<R: Runtime>(
         vec![shape.batch, shape.channels, n_chunks, shape.d_state],
     );
     let placeholder = absent(client);
-    let count = CubeCount::Static(shape.channels as u32, shape.batch as u32, 1);
+    let blocks_per_group = shape.channels_per_group().div_ceil(config.channels);
+    let count = CubeCount::Static(
+        (shape.groups * blocks_per_group) as u32,
+        shape.batch as u32,
+        1,
+    );
     let dim = CubeDim::new_1d(config.units as u32);
     // SAFETY (both kernels below): every global index the kernels form is in bounds for the
     // shapes and strides validated above (`args.validate`, `check_layout` of each input,
@@ -558,6 +583,7 @@ pub fn forward<R: Runtime>(
                 config.units,
                 config.items,
                 states,
+                config.channels,
                 planes,
                 args.d.is_some(),
                 args.delta_bias.is_some(),
@@ -580,9 +606,15 @@ pub fn forward<R: Runtime>(
     })
 }
 
-/// Channels per backward block: `min(N, D/G)`, so the `dB`/`dC` partials stay `O(B·D·L)`.
-pub fn channels_per_block(shape: &ScanShape) -> usize {
-    shape.d_state.min(shape.channels_per_group())
+/// Channels per backward block: `max(min(N, D/G), channels)`, at most `D/G`, so the `dB`/`dC`
+/// partials (`N · L` per block) stay `O(B·D·L)`; the cube walks its block `config.channels`
+/// channels at a time.
+pub fn channels_per_block(shape: &ScanShape, config: ScanConfig) -> usize {
+    shape
+        .d_state
+        .min(shape.channels_per_group())
+        .max(config.channels)
+        .min(shape.channels_per_group())
 }
 
 fn sum_middle_axis<R: Runtime>(
@@ -653,7 +685,7 @@ pub fn backward<R: Runtime>(
     check_grid(&shape)?;
     check_dtype_support(client, args.u.dtype)?;
 
-    let per_block = channels_per_block(&shape);
+    let per_block = channels_per_block(&shape, config);
     let blocks = shape.channels_per_group().div_ceil(per_block);
     let (bt, dch, g, n, l) = (
         shape.batch,
@@ -706,6 +738,7 @@ pub fn backward<R: Runtime>(
                 config.units,
                 config.items,
                 states,
+                config.channels,
                 planes,
                 args.d.is_some(),
                 args.delta_bias.is_some(),
@@ -766,24 +799,32 @@ mod tests {
                 units: 64,
                 items: 8,
                 states: 2,
+                channels: 3,
                 planes: Planes::Off,
             },
             ScanConfig {
                 units: 256,
                 items: 1,
                 states: 16,
+                channels: 1,
                 planes: Planes::On,
             },
         ] {
             let text = config.to_string();
             assert_eq!(text.parse::<ScanConfig>(), Ok(config), "{text}");
         }
-        assert_eq!(ScanConfig::default().to_string(), "128x4x4");
+        assert_eq!(ScanConfig::default().to_string(), "128x4x2x2");
         assert_eq!(
-            "128x4x4:auto".parse::<ScanConfig>(),
+            "128x4x2x2:auto".parse::<ScanConfig>(),
             Ok(ScanConfig::default())
         );
-        for bad in ["128x4", "128x4x4x1", "128xfourx4", "128x4x4:warp", ""] {
+        for bad in [
+            "128x4x2",
+            "128x4x2x2x1",
+            "128xfourx2x2",
+            "128x4x2x2:warp",
+            "",
+        ] {
             let err = bad.parse::<ScanConfig>().unwrap_err();
             assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
         }

@@ -77,7 +77,7 @@ mod shape;
 
 pub use error::ScanError;
 pub use launch::{
-    BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, MAX_STATES_PER_SCAN, Planes,
+    BackwardOutput, DeviceTensor, ForwardOutput, MAX_INDEX_EXTENT, MAX_LANES_PER_SCAN, Planes,
     ScanArgs, ScanConfig, TensorRef, backward, check_index_range, forward, supports_dtype,
 };
 #[cfg(any(test, feature = "testing"))]

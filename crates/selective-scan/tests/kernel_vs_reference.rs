@@ -145,7 +145,7 @@ fn kernel_matches_reference_on_long_memory_channels(#[values(true, false)] softp
 fn kernel_matches_reference_at_the_ends_of_the_contract(#[case] shape: ScanShape) {
     if shape.channels == 10 {
         // The case is what it says: blocks of 4 channels, the last one holding 2.
-        let per_block = selective_scan::launch::channels_per_block(&shape);
+        let per_block = selective_scan::launch::channels_per_block(&shape, ScanConfig::default());
         assert_eq!((per_block, shape.channels_per_group() % per_block), (4, 2));
     }
     let p = ScanProblem::random(shape, &RandomSpec::default(), shape.d_state as u64 + 3);
@@ -344,16 +344,20 @@ fn forward_alone_matches_reference() {
 
 /// The plane (warp) scans, forced on: llvmpipe's Vulkan driver runs subgroup operations
 /// (WGPU leaves them unadvertised on CPU adapters, so `Planes::Auto` takes the shared-memory
-/// path there). States per scan 1, 3 (a partial last pass for N = 4 and N = 16) and 16, both
-/// scan directions, chunk and segment edges, groups, optional inputs.
+/// path there). (states, channels) per scan: (1, 1); (3, 2), a partial last pass for N = 4 and
+/// N = 16; (4, 4), sixteen lanes per scan, four channels of the group's two per cube (half the
+/// lanes idle).
+/// Both scan directions, chunk and segment edges, groups, optional inputs.
 #[rstest]
 fn kernel_matches_reference_with_plane_scans(
-    #[values(1, 3, 16)] states: usize,
+    #[values((1, 1), (3, 2), (4, 4))] states_and_channels: (usize, usize),
     #[values((1, 1), (513, 4), (1030, 16))] len_and_states: (usize, usize),
 ) {
+    let (states, channels) = states_and_channels;
     let (seq_len, d_state) = len_and_states;
     let config = ScanConfig {
         states,
+        channels,
         planes: selective_scan::Planes::On,
         ..ScanConfig::default()
     };
@@ -364,7 +368,37 @@ fn kernel_matches_reference_with_plane_scans(
     };
     let p = ScanProblem::random(ScanShape::new(2, 6, seq_len, d_state, 3), &spec, 7);
     assert_matches_reference(
-        &format!("planes, states={states} L={seq_len} N={d_state}"),
+        &format!("planes, {config} L={seq_len} N={d_state}"),
+        &p,
+        ScanDtype::F32,
+        config,
+        TOLERANCE,
+    );
+}
+
+/// Several channels per cube on the shared-memory path, with `D/G = 15` channels per group:
+/// N = 16 gives backward blocks of 15 channels walked 1, 3 or 4 at a time (last step partial);
+/// N = 1 gives blocks of `channels` (the last block partial); forward cubes of `channels`
+/// channels with a partial last one per group.
+#[rstest]
+fn kernel_matches_reference_with_several_channels_per_cube(
+    #[values(1, 3, 4)] channels: usize,
+    #[values(1, 16)] d_state: usize,
+) {
+    let config = ScanConfig {
+        states: 4.min(16 / channels),
+        channels,
+        ..ScanConfig::default()
+    };
+    let shape = ScanShape::new(2, 30, 300, d_state, 2);
+    let spec = RandomSpec {
+        with_d: true,
+        with_delta_bias: true,
+        ..RandomSpec::default()
+    };
+    let p = ScanProblem::random(shape, &spec, 13);
+    assert_matches_reference(
+        &format!("{config} N={d_state}"),
         &p,
         ScanDtype::F32,
         config,

@@ -311,6 +311,16 @@ fn device_arguments_are_checked_before_launch() {
     };
     let err = selective_scan::forward(&client, &good, too_big).unwrap_err();
     assert!(err.to_string().contains("shared memory"), "{err}");
+    let too_many_lanes = ScanConfig {
+        states: 16,
+        channels: 2,
+        ..ScanConfig::default()
+    };
+    let err = selective_scan::forward(&client, &good, too_many_lanes).unwrap_err();
+    assert!(
+        err.to_string().contains("states = 16, channels = 2"),
+        "{err}"
+    );
 }
 
 /// A positive `A` makes the recurrence expand (`exp(Δ·A) > 1`): refused by every host entry

@@ -537,9 +537,9 @@ pub struct Args {
     /// Comma-separated subset of cubecl, ndarray-fused, fallback, reference (default: all).
     #[arg(long, value_name = "LIST")]
     pub implementations: Option<String>,
-    /// Comma-separated kernel splits for the `cubecl` rows, each `UNITSxITEMSxSTATES` with an
-    /// optional `:planes` or `:shared` (default: the default split, 128x4x4); rows other than
-    /// the default are named `<backend>-cubecl[<split>]`.
+    /// Comma-separated kernel splits for the `cubecl` rows, each `UNITSxITEMSxSTATESxCHANNELS`
+    /// with an optional `:planes` or `:shared` (default: the default split, 128x4x2x2); rows
+    /// other than the default are named `<backend>-cubecl[<split>]`.
     #[arg(long, value_name = "LIST")]
     pub configs: Option<String>,
 }
