@@ -24,9 +24,10 @@
 //! Affine maps compose associatively: `(a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)`, earlier
 //! element on the left. The kernels cut `L` into chunks of `units · items` positions (default
 //! 128 × 4 = 512). Unit `j` owns positions `j·items ..` of a chunk in registers and scans them
-//! sequentially; the states are taken `states` at a time (default 4), and one cube-wide scan
-//! combines the unit aggregates of all states of such a pass ([`kernel::block`]); each unit then
-//! replays its segment from its prefix. Chunks are carried sequentially; the state at each chunk
+//! sequentially, for `channels` channels of one group at once (default 2, sharing each load of
+//! `B`/`C`); the states are taken `states` at a time (default 2), and one cube-wide scan
+//! combines the unit aggregates of all channels and states of such a pass ([`kernel::block`]);
+//! each unit then replays its segment from its prefix. Chunks are carried sequentially; the state at each chunk
 //! end is saved (`[Bt, D, n_chunks, N]`) and the backward recomputes within chunks, as mamba
 //! does. Memory is `O(Bt·D·L)`: nothing of shape `[Bt, D, L, N]` exists.
 //!
