@@ -13,6 +13,8 @@ use vmamba::classify::{Args, class_name, run};
 fn main() {
     vmamba::runtime::keep_freed_memory();
     let args = Args::from_env();
+    // Before any runtime or thread pool starts (it writes the process environment).
+    vmamba::runtime::allow_tf32(args.tf32);
     match run(&args) {
         Ok(report) => {
             println!("{}", report.setup);

@@ -160,6 +160,10 @@ pub struct Args {
     /// Where to write the logits (tensor `logits`, safetensors).
     #[arg(long, value_name = "FILE.safetensors")]
     pub output: Option<PathBuf>,
+    /// CUDA: let matmuls round f32 inputs to TF32 on tensor cores (faster, about 1e-3 relative
+    /// error per product). Without it f32 matmuls are exact f32. Other backends: no effect.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl Args {
@@ -296,10 +300,33 @@ pub fn test_pattern() -> StateTensor {
 }
 
 /// Runs `classify` with parsed arguments.
+///
+/// `args.tf32` is applied by the `classify` example's `main` ([`crate::runtime::allow_tf32`],
+/// which must run before other threads exist); here it only has to agree with the process
+/// environment, or this refuses rather than silently running the other precision.
 pub fn run(args: &Args) -> Result<Report, String> {
+    let tf32 = std::env::var(crate::runtime::CUDA_TF32_VAR).is_ok_and(|v| v == "1");
+    if args.backend == BackendName::Cuda && args.tf32 != tf32 {
+        return Err(format!(
+            "--tf32 is {} but {}={:?} in this process: call vmamba::runtime::allow_tf32({}) \
+             first thing in main (the classify example does)",
+            args.tf32,
+            crate::runtime::CUDA_TF32_VAR,
+            std::env::var(crate::runtime::CUDA_TF32_VAR).unwrap_or_default(),
+            args.tf32
+        ));
+    }
     let cache = args.backend.probe(0)?;
     let mut report = run_backend(args)?;
     report.setup = format!("{}\n{cache}", report.setup);
+    if args.backend == BackendName::Cuda {
+        let precision = if tf32 {
+            "TF32 allowed (--tf32)"
+        } else {
+            "exact f32"
+        };
+        report.setup = format!("{}\nmatmuls: {precision}", report.setup);
+    }
     Ok(report)
 }
 

@@ -39,6 +39,28 @@ pub fn keep_freed_memory() -> bool {
     false
 }
 
+/// The environment variable the project's patched `cubecl-cuda` reads when a CUDA client is
+/// created: `1` lets matmuls on tensor cores round f32 inputs to TF32 (faster, about 1e-3
+/// relative error per product); anything else keeps f32 matmuls exact f32 (the default). See
+/// the repository's `vendor/README.md`.
+pub const CUDA_TF32_VAR: &str = "VMAMBA_CUDA_TF32";
+
+/// Lets (or stops) CUDA matmuls use TF32, by setting [`CUDA_TF32_VAR`] for this process. It
+/// takes effect for CUDA devices first used after the call; call it at the start of `main`,
+/// before other threads exist (it writes the process environment).
+pub fn allow_tf32(allow: bool) {
+    // SAFETY: `std::env::set_var` is unsound only while another thread reads or writes the
+    // environment; the documented contract is to call this first thing in `main`, and the
+    // command-line tools do so before starting any runtime or thread pool.
+    unsafe {
+        if allow {
+            std::env::set_var(CUDA_TF32_VAR, "1");
+        } else {
+            std::env::remove_var(CUDA_TF32_VAR);
+        }
+    }
+}
+
 use selective_scan::cubecl::config::cache::CacheConfig;
 use selective_scan::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
 

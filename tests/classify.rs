@@ -96,6 +96,16 @@ fn classify_arguments_are_checked() {
     );
     let bad_preset = run(&parse(&["--preset", "huge"]).unwrap()).unwrap_err();
     assert!(bad_preset.contains("tiny-s1"), "{bad_preset}");
+    // `--tf32` is applied by the example's `main`; `run` refuses to run CUDA at a precision
+    // other than the one asked for (this process never sets the variable).
+    assert!(parse(&["--tf32"]).unwrap().tf32);
+    assert!(std::env::var_os(vmamba::runtime::CUDA_TF32_VAR).is_none());
+    let err = run(&parse(&["--backend", "cuda", "--tf32"]).unwrap()).unwrap_err();
+    assert!(
+        err.contains("--tf32 is true") && err.contains("allow_tf32(true)"),
+        "{err}"
+    );
+    assert!(help.contains("--tf32"), "{help}");
 }
 
 #[test]

@@ -110,18 +110,22 @@ step parity-kernels 60 "$RUNNER" parity --backend cubecl-cuda
 step parity-op 75 "$RUNNER" parity --backend cuda
 step parity-fixtures 45 "$RUNNER" parity --backend cuda --fixtures "$HERE/fixtures/scan"
 step bench-scan 90 "$RUNNER" bench scan --backend cuda --implementations cubecl --shapes G2,G4,C3,C4 --repeats 10
-# Other kernel splits (units x items x states x channels per cube, plane or shared-memory
-# scans) on G2 and G4, the default first, to choose the default: JSON in RESULTS/splits.
-step bench-splits 100 env VMAMBA_BENCH_DIR="$RESULTS/splits" "$RUNNER" bench scan --backend cuda \
-  --implementations cubecl --shapes G2,G4 --repeats 5 \
-  --configs 128x4x2x2,128x4x2x2:shared,128x4x4x1,128x4x1x1,128x4x2x4,128x8x2x2,256x4x2x2,64x8x2x2,128x4x4x4
 # classify, T s1l8 at 224, batch 1: a fresh kernel cache, then the same cache again.
 export VMAMBA_CACHE_DIR="$WORK/cache-model"
 rm -rf "$VMAMBA_CACHE_DIR"
 step classify-cold 120 "$CLASSIFY" --backend cuda
 step classify-warm 45 "$CLASSIFY" --backend cuda
 step model-parity 90 "$RUNNER" model-parity --backend cuda --fixtures "$HERE/fixtures/model"
+# The same with TF32 allowed (vendor/README.md): confirms what the default's exact f32 removes.
+step model-parity-tf32 60 env VMAMBA_CUDA_TF32=1 VMAMBA_BENCH_DIR="$RESULTS/tf32" "$RUNNER" \
+  model-parity --backend cuda --fixtures "$HERE/fixtures/model"
 step bench-model 150 "$RUNNER" bench model --backend cuda --batches 1,128 --train-batch 128 --repeats 3
+# Last (the budget may run out first): other kernel splits (units x items x states x channels
+# per cube, plane or shared-memory scans) on G2 and G4, the default first, to choose the
+# default: JSON in RESULTS/splits.
+step bench-splits 100 env VMAMBA_BENCH_DIR="$RESULTS/splits" "$RUNNER" bench scan --backend cuda \
+  --implementations cubecl --shapes G2,G4 --repeats 5 \
+  --configs 128x4x2x2,128x4x2x2:shared,128x4x4x1,128x4x1x1,128x4x2x4,128x8x2x2,256x4x2x2,64x8x2x2,128x4x4x4
 
 # --- summary -----------------------------------------------------------------------------
 log "total $(( $(date +%s) - T0 ))s; writing $RESULTS/summary.md"

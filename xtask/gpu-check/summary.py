@@ -90,10 +90,15 @@ def main(results):
     md.append("")
     md.append("Targets: cold <= 30 s, warm <= 5 s.")
 
-    parity = load(results / "model_parity.json")
-    if parity:
-        summary["model_parity"] = parity
-        md += ["", "## Model logits", "", "| model | backend | vs upstream | vs NdArray | first forward ms |",
+    for title, path, key in (
+        ("Model logits (default: exact f32 matmuls)", results / "model_parity.json", "model_parity"),
+        ("Model logits with VMAMBA_CUDA_TF32=1", results / "tf32" / "model_parity.json", "model_parity_tf32"),
+    ):
+        parity = load(path)
+        if not parity:
+            continue
+        summary[key] = parity
+        md += ["", f"## {title}", "", "| model | backend | vs upstream | vs NdArray | first forward ms |",
                "|---|---|---|---|---|"]
         md += [
             f"| {r['model']} | {r['backend']} | {r['error_vs_upstream']:.2e} | "
