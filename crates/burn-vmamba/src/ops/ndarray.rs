@@ -196,6 +196,102 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
     y
 }
 
+/// The buffer of a `[batch, channels, height, width]` f32 tensor whose memory is channel-last
+/// (`[batch, height, width, channels]` row-major: a permuted view, as the model's channel-last
+/// activations are when a conv takes them), in memory order; `None` for any other layout.
+fn channel_last_memory(t: &NdArrayTensor) -> Option<&[f32]> {
+    let NdArrayTensor::F32(storage) = t else {
+        return None;
+    };
+    let view = storage.view();
+    let &[batch, channels, height, width] = view.shape() else {
+        return None;
+    };
+    let expected = [height * width * channels, 1, width * channels, channels];
+    let strides_match = view
+        .strides()
+        .iter()
+        .zip(expected)
+        .zip(view.shape())
+        .all(|((&s, e), &n)| n == 1 || s == e as isize);
+    if !strides_match || batch * channels * height * width == 0 {
+        return None;
+    }
+    // The strides say the elements fill one block in channel-last order.
+    view.to_slice_memory_order()
+}
+
+/// A dense convolution on channel-last memory (see [`SelectiveScanBackend::conv2d_dense`]):
+/// `x [batch, height, width, C_in]` row-major gives `y [batch, H', W', C_out]` row-major. Per
+/// image, the `[H'·W', C_in·kh·kw]` patch matrix is gathered from the input (rayon over output
+/// rows; taps in the weight's `(channel, p, q)` order, zero where a tap falls in the padding),
+/// then `y = patches · weightᵀ` is one matrix product (matrixmultiply, threaded; the weight
+/// read transposed through its strides, not copied), plus the bias. Reading and writing
+/// channel-last keeps the model's activations in their layout: no permuted copies around the
+/// conv downsamples and the stem's second conv.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_dense_channel_last(
+    x: &[f32],
+    [batch, c_in, height, width]: [usize; 4],
+    weight: &[f32],
+    [c_out, kh, kw]: [usize; 3],
+    bias: Option<&[f32]>,
+    [sh, sw]: [usize; 2],
+    [top, left]: [usize; 2],
+    [out_h, out_w]: [usize; 2],
+) -> Vec<f32> {
+    use ndarray::{ArrayView2, ArrayViewMut2};
+    use rayon::prelude::*;
+    let (taps, len) = (c_in * kh * kw, out_h * out_w);
+    let mut patches = vec![0.0f32; len * taps];
+    let mut y = vec![0.0f32; batch * len * c_out];
+    let weight_t = ArrayView2::from_shape((c_out, taps), weight)
+        .expect("weight is [C_out, taps]")
+        .reversed_axes();
+    for (b, y_b) in y.chunks_mut(len * c_out).enumerate() {
+        let image = &x[b * height * width * c_in..(b + 1) * height * width * c_in];
+        patches
+            .par_chunks_mut(out_w * taps)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                for (j, row) in rows.chunks_exact_mut(taps).enumerate() {
+                    for p in 0..kh {
+                        let r = (i * sh + p).checked_sub(top).filter(|r| *r < height);
+                        for q in 0..kw {
+                            let s = (j * sw + q).checked_sub(left).filter(|s| *s < width);
+                            // Taps (c, p, q) of this (p, q): stride kh·kw in the row.
+                            let dst = row[p * kw + q..].iter_mut().step_by(kh * kw);
+                            match (r, s) {
+                                (Some(r), Some(s)) => {
+                                    let src = &image[(r * width + s) * c_in..][..c_in];
+                                    for (d, v) in dst.zip(src) {
+                                        *d = *v;
+                                    }
+                                }
+                                _ => dst.for_each(|d| *d = 0.0),
+                            }
+                        }
+                    }
+                }
+            });
+        let patches =
+            ArrayView2::from_shape((len, taps), &patches).expect("patches are [len, taps]");
+        let mut out =
+            ArrayViewMut2::from_shape((len, c_out), &mut *y_b).expect("the output is [len, C_out]");
+        ndarray::linalg::general_mat_mul(1.0, &patches, &weight_t, 0.0, &mut out);
+        if let Some(bias) = bias {
+            y_b.par_chunks_mut(c_out * 64).for_each(|rows| {
+                for row in rows.chunks_exact_mut(c_out) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+            });
+        }
+    }
+    y
+}
+
 /// A dense convolution (see [`SelectiveScanBackend::conv2d_dense`]): per image, the
 /// `[C_in·kh·kw, H'·W']` column matrix is gathered straight from the input (rayon over its
 /// rows; zero where a tap falls in the padding), then `y = weight · columns` is one matrix
@@ -226,18 +322,32 @@ fn conv2d_dense(
                 let (c, p, q) = (row / (kh * kw), (row / kw) % kh, row % kw);
                 let plane =
                     &x[(b * c_in + c) * height * width..(b * c_in + c + 1) * height * width];
+                // Output columns whose tap `j·sw + q − left` lands inside the row: `lo..hi`.
+                let lo = left.saturating_sub(q).div_ceil(sw).min(out_w);
+                let hi = (width + left)
+                    .saturating_sub(q)
+                    .div_ceil(sw)
+                    .clamp(lo, out_w);
                 for (i, dst) in out.chunks_exact_mut(out_w).enumerate() {
                     let Some(r) = (i * sh + p).checked_sub(top).filter(|r| *r < height) else {
                         dst.fill(0.0);
                         continue;
                     };
                     let src = &plane[r * width..(r + 1) * width];
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = (j * sw + q)
-                            .checked_sub(left)
-                            .and_then(|s| src.get(s))
-                            .copied()
-                            .unwrap_or(0.0);
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if hi > lo {
+                        // lo·sw + q ≥ left by the choice of lo.
+                        let first = lo * sw + q - left;
+                        if sw == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            for (d, v) in
+                                dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(sw))
+                            {
+                                *d = *v;
+                            }
+                        }
                     }
                 }
             });
@@ -338,8 +448,28 @@ where
             return None;
         }
         let out = [(rows - kh) / stride[0] + 1, (cols - kw) / stride[1] + 1];
-        let (x, weight) = (values(&x), values(&weight));
+        let weight = values(&weight);
         let bias = bias.as_ref().map(values);
+        if let Some(memory) = channel_last_memory(&x) {
+            let y = conv2d_dense_channel_last(
+                memory,
+                dims,
+                &weight,
+                [c_out, kh, kw],
+                bias.as_deref(),
+                stride,
+                [top, left],
+                out,
+            );
+            let array = ndarray::ArcArray::from_shape_vec(
+                ndarray::IxDyn(&[dims[0], out[0], out[1], c_out]),
+                y,
+            )
+            .expect("the conv returns exactly batch·H'·W'·C_out values")
+            .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
+            return Some(NdArrayTensor::from(array));
+        }
+        let x = values(&x);
         let y = conv2d_dense(
             &x,
             dims,
@@ -401,6 +531,7 @@ mod tests {
     use burn::tensor::{Tensor, TensorData, TensorPrimitive, activation};
     use selective_scan::SplitMix64;
 
+    use super::channel_last_memory;
     use crate::SelectiveScanBackend;
     use crate::model::conv::native_params;
 
@@ -572,9 +703,9 @@ mod tests {
         }
     }
 
-    /// The native dense conv against Burn's own `Conv2d`: strides 1, 2 and (2, 1), padding
-    /// on every side or none, odd sizes, a kernel as large as the padded input, with and
-    /// without bias.
+    /// The native dense conv against Burn's own `Conv2d`, on channel-first and channel-last
+    /// memory: strides 1, 2, (2, 1) and 3, padding on every side, on some sides or none, odd
+    /// sizes, a kernel as large as the padded input, with and without bias.
     #[test]
     fn conv2d_dense_matches_burns_conv2d() {
         let device = Default::default();
@@ -584,6 +715,9 @@ mod tests {
             (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
             (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
             (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
+            // Stride 3 with a left padding of 2: the first in-row tap of a column starts after
+            // the padding, and the right edge pads for some taps only.
+            (1, 2, 3, 10, 11, [3, 3], [3, 3], [2, 2, 0, 1], true),
         ] {
             let mut rng = SplitMix64::new((height * 17 + width * 3 + c_in) as u64);
             let [top, left, bottom, right] = padding;
@@ -603,16 +737,33 @@ mod tests {
             let expected = conv.forward(x.clone());
             let dims = expected.dims();
             let expected = expected.into_data().to_vec::<f32>().unwrap();
-            let (weight, bias) = native_params(&conv);
-            let native =
-                B::conv2d_dense(x.into_primitive().tensor(), weight, bias, stride, padding)
-                    .expect("NdArray runs dense convolutions natively");
-            let worst = worst_error(native, dims, &expected);
+            // The input as given (channel-first memory), and the same values in channel-last
+            // memory (a permuted view, as the model's activations reach the conv), which takes
+            // the channel-last path and returns channel-last memory.
+            let channel_last = x.clone().permute([0, 2, 3, 1]) * 1.0;
+            let channel_last =
+                Tensor::<B, 4>::from_data(channel_last.into_data(), &device).permute([0, 3, 1, 2]);
+            assert!(channel_last_memory(&channel_last.clone().into_primitive().tensor()).is_some());
             assert!(
-                worst <= 1e-6,
-                "{:?}: off by {worst:e}",
-                (batch, c_in, c_out, height, width, k, stride, padding)
+                channel_last_memory(&x.clone().into_primitive().tensor()).is_none() || c_in == 1
             );
+            for (layout, input) in [("channel-first", x.clone()), ("channel-last", channel_last)] {
+                let (weight, bias) = native_params(&conv);
+                let native = B::conv2d_dense(
+                    input.into_primitive().tensor(),
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                )
+                .expect("NdArray runs dense convolutions natively");
+                let worst = worst_error(native, dims, &expected);
+                assert!(
+                    worst <= 1e-6,
+                    "{layout} {:?}: off by {worst:e}",
+                    (batch, c_in, c_out, height, width, k, stride, padding)
+                );
+            }
         }
     }
 
