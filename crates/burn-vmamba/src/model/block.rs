@@ -69,10 +69,14 @@ pub fn gelu<B: SelectiveScanBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<
 }
 
 /// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
-/// 2-D product `[batch·height·width, channels] × weight` ([`linear_2d`]). Burn's `Linear` on a
-/// 4-D input is a batched matmul over `batch·height` small products (on NdArray, each packed
-/// separately).
+/// 2-D product `[batch·height·width, channels] × weight`: the backend's native linear on the
+/// 4-D tensor for inference where it has one (no reshape), else [`linear_2d`] on the reshaped
+/// input. Burn's `Linear` on a 4-D input is a batched matmul over `batch·height` small products
+/// (on NdArray, each packed separately).
 pub fn linear_4d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if let Some(y) = native_linear(linear, &x) {
+        return y;
+    }
     let [batch, height, width, channels] = x.dims();
     let y = linear_2d(linear, x.reshape([batch * height * width, channels]));
     let out = y.dims()[1];
@@ -82,19 +86,41 @@ pub fn linear_4d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 4>) -
 /// `linear.forward(x)` for `x [M, K]`: the backend's native linear for inference where it has
 /// one ([`SelectiveScanBackend::native_linear`]), else `Linear::forward`.
 pub fn linear_2d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    native_linear(linear, &x).unwrap_or_else(|| linear.forward(x))
+}
+
+/// `x.reshape(shape)`, without the copy Burn's NdArray `reshape` makes of a contiguous tensor
+/// where the backend can avoid it for inference ([`SelectiveScanBackend::reshape_no_copy`]).
+pub fn reshape<B: SelectiveScanBackend, const D1: usize, const D2: usize>(
+    x: Tensor<B, D1>,
+    shape: [usize; D2],
+) -> Tensor<B, D2> {
     if !B::ad_enabled(&x.device())
-        && let Some(y) = B::native_linear(
-            x.clone().into_primitive().tensor(),
-            linear.weight.val().into_primitive().tensor(),
-            linear
-                .bias
-                .as_ref()
-                .map(|b| b.val().into_primitive().tensor()),
-        )
+        && let Some(y) = B::reshape_no_copy(x.clone().into_primitive().tensor(), &shape)
     {
         return Tensor::from_primitive(TensorPrimitive::Float(y));
     }
-    linear.forward(x)
+    x.reshape(shape)
+}
+
+/// [`SelectiveScanBackend::native_linear`] on `x [.., K]` for inference; `None` under autodiff
+/// or where the backend has none.
+fn native_linear<B: SelectiveScanBackend, const D: usize>(
+    linear: &Linear<B>,
+    x: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    if B::ad_enabled(&x.device()) {
+        return None;
+    }
+    let y = B::native_linear(
+        x.clone().into_primitive().tensor(),
+        linear.weight.val().into_primitive().tensor(),
+        linear
+            .bias
+            .as_ref()
+            .map(|b| b.val().into_primitive().tensor()),
+    )?;
+    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
 }
 
 /// timm's `DropPath`: in training (an autodiff backend), zeroes whole samples with probability

@@ -10,6 +10,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
+use super::block::reshape;
 use super::config::{DtRank, Gate, Layout, OutNorm, SsmInit};
 use super::conv::{conv2d, native_params};
 use super::cross_scan::{cross_merge, cross_scan};
@@ -244,9 +245,11 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             .val()
             .unsqueeze_dim::<4>(0)
             .expand([batch, K, d_inner, rank]);
-        let dts = profile::scope::<B, _>("ss2d.dt_proj", &device, || dt_proj.matmul(dts))
-            .reshape([batch, K * d_inner, len]);
-        let us = xs.reshape([batch, K * d_inner, len]);
+        let dts = reshape(
+            profile::scope::<B, _>("ss2d.dt_proj", &device, || dt_proj.matmul(dts)),
+            [batch, K * d_inner, len],
+        );
+        let us = reshape(xs, [batch, K * d_inner, len]);
         let a = -self.a_logs.val().exp(); // [K·d_inner, N]
         let ys = profile::scope::<B, _>("ss2d.selective_scan", &device, || {
             selective_scan(
@@ -261,7 +264,7 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             )
         }); // [batch, K·d_inner, len]
         profile::scope::<B, _>("ss2d.cross_merge", &device, || {
-            cross_merge(ys.reshape([batch, K, d_inner, len]), height, width)
+            cross_merge(reshape(ys, [batch, K, d_inner, len]), height, width)
         })
     }
 }

@@ -229,11 +229,22 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
-    /// A linear layer for inference: `x [M, K] · weight [K, N] (+ bias [N])` → `[M, N]`, as
+    /// `x` reshaped to `shape` (same number of values) without copying, for inference where
+    /// the backend can: NdArray's own `reshape` copies even a contiguous tensor (it builds a
+    /// copy-on-write view and then owns it), which the model did several times per block.
+    /// `None` (the default, and always under autodiff) leaves it to `Tensor::reshape`; NdArray
+    /// reshapes a standard-layout buffer it owns in place.
+    fn reshape_no_copy(_x: FloatTensor<Self>, _shape: &[usize]) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// A linear layer for inference: `x [.., K] · weight [K, N] (+ bias [N])` → `[.., N]`
+    /// (any number of leading dimensions, taken as the rows of one product), as
     /// `Linear::forward` computes it on a 2-D input. `None` (the default, and always under
     /// autodiff) leaves it to `Linear::forward`; NdArray implements it natively (one threaded
-    /// sgemm on the contiguous buffers, then the bias in one pass: Burn's NdArray path spent
-    /// about 2.5× the sgemm's time around the product on the model's shapes).
+    /// sgemm on the buffers into an uninitialised output, then the bias in one pass, and no
+    /// reshape: Burn's NdArray `reshape` copies even a contiguous tensor, and its linear path
+    /// spent about 2.5× the sgemm's time around the product on the model's shapes).
     fn native_linear(
         _x: FloatTensor<Self>,
         _weight: FloatTensor<Self>,

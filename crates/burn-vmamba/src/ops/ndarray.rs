@@ -174,16 +174,38 @@ fn depthwise_conv_silu(
 }
 
 /// `x [m, k] · weight [k, n] (+ bias)` (see [`SelectiveScanBackend::native_linear`]): one matrix
-/// product (matrixmultiply, threaded) into a new buffer, then the bias added row by row, the
-/// order of Burn's `matmul` then `add`.
+/// product (matrixmultiply's sgemm, threaded) written straight into a new, uninitialised
+/// buffer, then the bias added row by row, the order of Burn's `matmul` then `add`.
 fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]) -> Vec<f32> {
-    use ndarray::{ArrayView2, ArrayViewMut2};
     use rayon::prelude::*;
-    let mut y = vec![0.0f32; m * n];
-    let xs = ArrayView2::from_shape((m, k), x).expect("x is [m, k]");
-    let w = ArrayView2::from_shape((k, n), weight).expect("weight is [k, n]");
-    let mut out = ArrayViewMut2::from_shape((m, n), &mut y[..]).expect("y is [m, n]");
-    ndarray::linalg::general_mat_mul(1.0, &xs, &w, 0.0, &mut out);
+    assert!(
+        x.len() == m * k && weight.len() == k * n,
+        "linear: x is [m, k], weight [k, n]"
+    );
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `x` holds m·k and `weight` k·n values (asserted), row-major with the strides
+    // given; `y` has capacity m·n. With β = 0 matrixmultiply writes every element of the m × n
+    // output without reading it (also for k = 0, where it writes zeros), so all m·n values are
+    // initialised when the length is set.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            weight.as_ptr(),
+            n as isize,
+            1,
+            0.0,
+            y.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+        y.set_len(m * n);
+    }
     if let Some(bias) = bias {
         y.par_chunks_mut(n.max(1) * 64).for_each(|rows| {
             for row in rows.chunks_exact_mut(n.max(1)) {
@@ -416,22 +438,41 @@ where
         Some(tensor(y, &shape))
     }
 
+    fn reshape_no_copy(x: FloatTensor<Self>, shape: &[usize]) -> Option<FloatTensor<Self>> {
+        match x {
+            // Owned storage: `into_owned` hands its (copy-on-write, shared) array back as is.
+            NdArrayTensor::F32(storage)
+                if storage.is_owned() && storage.view().is_standard_layout() =>
+            {
+                storage
+                    .into_owned()
+                    .into_shape_with_order(ndarray::IxDyn(shape))
+                    .ok()
+                    .map(NdArrayTensor::from)
+            }
+            _ => None,
+        }
+    }
+
     fn native_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
-        let [m, k] = x.shape().dims::<2>();
+        // x [.., k]: the leading dimensions are the rows (a standard-layout buffer is already
+        // the [m, k] matrix, so no reshape copy).
+        let mut dims = x.shape().to_vec();
+        let (&k, leading) = dims.split_last()?;
+        let m = leading.iter().product::<usize>();
         let [k_w, n] = weight.shape().dims::<2>();
         if k != k_w || bias.as_ref().is_some_and(|b| b.shape().dims::<1>() != [n]) {
             return None;
         }
         let (x, weight) = (values(&x), values(&weight));
         let bias = bias.as_ref().map(values);
-        Some(tensor(
-            linear(&x, &weight, bias.as_deref(), [m, k, n]),
-            &[m, n],
-        ))
+        let y = linear(&x, &weight, bias.as_deref(), [m, k, n]);
+        *dims.last_mut().expect("x has a last dimension") = n;
+        Some(tensor(y, &dims))
     }
 
     fn conv2d_dense(
@@ -528,7 +569,7 @@ mod tests {
     use burn::module::Param;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::{Tensor, TensorData, TensorPrimitive, activation};
+    use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive, activation};
     use selective_scan::SplitMix64;
 
     use super::channel_last_memory;
@@ -651,6 +692,27 @@ mod tests {
                 .map(|(a, e)| (a - e).abs() / scale)
                 .fold(0.0f32, f32::max);
             assert!(worst <= 1e-6, "linear {m}x{k}x{n}: off by {worst:.2e}");
+            // 4-D inputs through the model's `linear_4d` (the native op on the 4-D tensor):
+            // a standard-layout one and a permuted view, against Burn's `Linear` on each.
+            let x4 = Tensor::<B, 4>::from_data(
+                TensorData::new(rng.vec(2 * 3 * 5 * k, -2.0, 2.0), [2, 5, 3, k]),
+                &device,
+            );
+            for x4 in [x4.clone(), x4.permute([0, 2, 1, 3])] {
+                let expected = linear.forward(x4.clone());
+                let dims = expected.dims();
+                let expected = expected.into_data().to_vec::<f32>().unwrap();
+                let native = crate::model::block::linear_4d(&linear, x4);
+                assert_eq!(native.dims(), dims);
+                let native = native.into_data().to_vec::<f32>().unwrap();
+                let scale = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let worst = native
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, e)| (a - e).abs() / scale)
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= 1e-6, "linear_4d {dims:?}x{n}: off by {worst:.2e}");
+            }
         }
         // Mismatched shapes are left to Burn.
         let x = Tensor::<B, 2>::zeros([2, 3], &device)
@@ -660,6 +722,32 @@ mod tests {
             .into_primitive()
             .tensor();
         assert!(B::native_linear(x, w, None).is_none());
+    }
+
+    /// `reshape_no_copy` keeps the buffer of a standard-layout tensor (same address, same
+    /// values) and declines a permuted view or a wrong number of values.
+    #[test]
+    fn reshape_no_copy_keeps_the_buffer() {
+        let device = Default::default();
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new((0..24).map(|v| v as f32).collect(), [2, 3, 4]),
+            &device,
+        );
+        let before = x.clone().into_primitive().tensor();
+        let after = B::reshape_no_copy(before.clone(), &[6, 4]).expect("standard layout");
+        assert_eq!(after.shape().dims::<2>(), [6, 4]);
+        assert_eq!(
+            super::values(&before).as_ptr(),
+            super::values(&after).as_ptr()
+        );
+        let y = crate::model::block::reshape(x.clone(), [4, 6]);
+        assert_eq!(
+            y.into_data().to_vec::<f32>().unwrap(),
+            x.clone().into_data().to_vec::<f32>().unwrap()
+        );
+        let permuted = x.clone().permute([0, 2, 1]).into_primitive().tensor();
+        assert!(B::reshape_no_copy(permuted, &[2, 12]).is_none());
+        assert!(B::reshape_no_copy(x.into_primitive().tensor(), &[5, 5]).is_none());
     }
 
     /// The fused NdArray depthwise conv + SiLU against Burn's own `Conv2d` (groups = channels)
