@@ -228,7 +228,15 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let [_, _, rank] = self.dt_projs_weight.dims();
         let d_state = self.a_logs.dims()[1];
         let device = x.device();
-        let xs = profile::scope::<B, _>("ss2d.cross_scan", &device, || cross_scan(x)); // [batch, K, d_inner, len]
+        // [batch, K, d_inner, len]
+        let xs = profile::scope::<B, _>("ss2d.cross_scan", &device, || {
+            if !B::ad_enabled(&device)
+                && let Some(xs) = B::native_cross_scan(x.clone().into_primitive().tensor())
+            {
+                return Tensor::from_primitive(TensorPrimitive::Float(xs));
+            }
+            cross_scan(x)
+        });
         // einsum("b k d l, k c d -> b k c l")
         let x_proj = self
             .x_proj_weight
@@ -264,7 +272,14 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             )
         }); // [batch, K·d_inner, len]
         profile::scope::<B, _>("ss2d.cross_merge", &device, || {
-            cross_merge(reshape(ys, [batch, K, d_inner, len]), height, width)
+            let ys = reshape(ys, [batch, K, d_inner, len]);
+            if !B::ad_enabled(&device)
+                && let Some(y) =
+                    B::native_cross_merge(ys.clone().into_primitive().tensor(), height, width)
+            {
+                return Tensor::from_primitive(TensorPrimitive::Float(y));
+            }
+            cross_merge(ys, height, width)
         })
     }
 }

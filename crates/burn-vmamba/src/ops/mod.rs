@@ -229,6 +229,28 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// [`cross_scan`](crate::model::cross_scan::cross_scan) for inference in one pass:
+    /// `x [batch, channels, height, width]` → `[batch, 4, channels, height·width]` (row-major,
+    /// column-major, and both reversed). `None` (the default, and always under autodiff) leaves
+    /// it to the tensor-op version; NdArray writes the four directions straight from the
+    /// input (the tensor ops copy through a reshape, a transpose, two concatenations and a flip).
+    fn native_cross_scan(_x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// [`cross_merge`](crate::model::cross_scan::cross_merge) for inference in one pass, with
+    /// the tensor-op version's additions in its order (`(y0 + flip y2) + transpose(y1 + flip
+    /// y3)`, so the same bits): `ys [batch, 4, channels, height·width]` → `[batch, channels,
+    /// height, width]`. `None` (the default, and always under autodiff) leaves it to the
+    /// tensor-op version.
+    fn native_cross_merge(
+        _ys: FloatTensor<Self>,
+        _height: usize,
+        _width: usize,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// `x` reshaped to `shape` (same number of values) without copying, for inference where
     /// the backend can: NdArray's own `reshape` copies even a contiguous tensor (it builds a
     /// copy-on-write view and then owns it), which the model did several times per block.

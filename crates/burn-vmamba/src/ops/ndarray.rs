@@ -218,6 +218,62 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
     y
 }
 
+/// [`SelectiveScanBackend::native_cross_scan`] on a row-major `[batch, channels, height, width]`
+/// buffer: per (batch, channel) row, direction 0 is the map row-major, 1 column-major, 2 and 3
+/// the same reversed.
+fn cross_scan(x: &[f32], [batch, channels, height, width]: [usize; 4]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let len = height * width;
+    let mut out = vec![0.0f32; batch * 4 * channels * len];
+    out.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
+        // row = (b·4 + k)·channels + c
+        let (b, k, c) = (row / (4 * channels), (row / channels) % 4, row % channels);
+        let map = &x[(b * channels + c) * len..][..len];
+        match k {
+            0 => dst.copy_from_slice(map),
+            2 => dst
+                .iter_mut()
+                .zip(map.iter().rev())
+                .for_each(|(d, v)| *d = *v),
+            _ => {
+                // Column-major: position j = w·height + h holds map[h, w].
+                for (w, col) in dst.chunks_exact_mut(height).enumerate() {
+                    for (h, d) in col.iter_mut().enumerate() {
+                        *d = map[h * width + w];
+                    }
+                }
+                if k == 3 {
+                    dst.reverse();
+                }
+            }
+        }
+    });
+    out
+}
+
+/// [`SelectiveScanBackend::native_cross_merge`] on a row-major `[batch, 4, channels, len]`
+/// buffer: `out[h, w] = (y0[i] + y2[L−1−i]) + (y1[j] + y3[L−1−j])` with `i = h·width + w`,
+/// `j = w·height + h`, the tensor-op version's order.
+fn cross_merge(ys: &[f32], [batch, channels]: [usize; 2], height: usize, width: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let len = height * width;
+    let mut out = vec![0.0f32; batch * channels * len];
+    out.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
+        let (b, c) = (row / channels, row % channels);
+        let y = |k: usize| &ys[((b * 4 + k) * channels + c) * len..][..len];
+        let (y0, y1, y2, y3) = (y(0), y(1), y(2), y(3));
+        for h in 0..height {
+            for w in 0..width {
+                let (i, j) = (h * width + w, w * height + h);
+                let rows = y0[i] + y2[len - 1 - i];
+                let cols = y1[j] + y3[len - 1 - j];
+                dst[i] = rows + cols;
+            }
+        }
+    });
+    out
+}
+
 /// The buffer of a `[batch, channels, height, width]` f32 tensor whose memory is channel-last
 /// (`[batch, height, width, channels]` row-major: a permuted view, as the model's channel-last
 /// activations are when a conv takes them), in memory order; `None` for any other layout.
@@ -436,6 +492,26 @@ where
                 }
             });
         Some(tensor(y, &shape))
+    }
+
+    fn native_cross_scan(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let dims = x.shape().dims::<4>();
+        let [batch, channels, height, width] = dims;
+        let y = cross_scan(&values(&x), dims);
+        Some(tensor(y, &[batch, 4, channels, height * width]))
+    }
+
+    fn native_cross_merge(
+        ys: FloatTensor<Self>,
+        height: usize,
+        width: usize,
+    ) -> Option<FloatTensor<Self>> {
+        let [batch, directions, channels, len] = ys.shape().dims::<4>();
+        if directions != 4 || len != height * width {
+            return None;
+        }
+        let y = cross_merge(&values(&ys), [batch, channels], height, width);
+        Some(tensor(y, &[batch, channels, height, width]))
     }
 
     fn reshape_no_copy(x: FloatTensor<Self>, shape: &[usize]) -> Option<FloatTensor<Self>> {
@@ -722,6 +798,54 @@ mod tests {
             .into_primitive()
             .tensor();
         assert!(B::native_linear(x, w, None).is_none());
+    }
+
+    /// The one-pass cross-scan and cross-merge give the tensor-op versions' bits, on a
+    /// non-square map (and a channel-last input, as SS2D may hand it over).
+    #[test]
+    fn native_cross_scan_and_merge_equal_the_tensor_ops() {
+        use crate::model::cross_scan::{cross_merge, cross_scan};
+        let device = Default::default();
+        let mut rng = SplitMix64::new(5);
+        let (batch, channels, height, width) = (2, 3, 4, 7);
+        let x = Tensor::<B, 4>::from_data(
+            TensorData::new(
+                rng.vec(batch * channels * height * width, -2.0, 2.0),
+                [batch, channels, height, width],
+            ),
+            &device,
+        );
+        let channel_last =
+            Tensor::<B, 4>::from_data(x.clone().permute([0, 2, 3, 1]).into_data(), &device)
+                .permute([0, 3, 1, 2]);
+        for input in [x.clone(), channel_last] {
+            let expected = cross_scan(input.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let native = B::native_cross_scan(input.into_primitive().tensor()).unwrap();
+            let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
+            assert_eq!(native.dims(), [batch, 4, channels, height * width]);
+            assert_eq!(native.into_data().to_vec::<f32>().unwrap(), expected);
+        }
+        let ys = Tensor::<B, 4>::from_data(
+            TensorData::new(
+                rng.vec(batch * 4 * channels * height * width, -2.0, 2.0),
+                [batch, 4, channels, height * width],
+            ),
+            &device,
+        );
+        let expected = cross_merge(ys.clone(), height, width)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let native =
+            B::native_cross_merge(ys.clone().into_primitive().tensor(), height, width).unwrap();
+        let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
+        assert_eq!(native.dims(), [batch, channels, height, width]);
+        assert_eq!(native.into_data().to_vec::<f32>().unwrap(), expected);
+        // Not four directions, or a length that is not height·width: left to the tensor ops.
+        assert!(B::native_cross_merge(ys.into_primitive().tensor(), width + 1, height).is_none());
     }
 
     /// `reshape_no_copy` keeps the buffer of a standard-layout tensor (same address, same
