@@ -277,33 +277,66 @@ fn advise_huge_pages<T>(v: &[T]) {
 /// for `isa`, exactly as the scan runs it (for benchmarks: the exp rate of the scan). Panics if
 /// the lengths differ or this CPU lacks `isa`.
 pub fn exp_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
-    assert_eq!(xs.len(), out.len(), "exp_into: xs and out differ in length");
+    map_into::<ExpMap>(isa, xs, out, "exp_into");
+}
+
+/// `out[i] = GELU(xs[i])`, the exact GELU with [`crate::fastmath::gelu_with`] (absolute error
+/// ≤ 4e-7 · max(1, |x|)), compiled for `isa` (16 lanes with AVX-512). Panics if the lengths
+/// differ or this CPU lacks `isa`.
+pub fn gelu_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
+    map_into::<GeluMap>(isa, xs, out, "gelu_into");
+}
+
+/// An elementwise f32 function with fused (`F`) and unfused forms, for [`map_into`].
+trait LaneMap {
+    fn apply<const F: bool>(x: f32) -> f32;
+}
+
+struct ExpMap;
+impl LaneMap for ExpMap {
+    #[inline(always)]
+    fn apply<const F: bool>(x: f32) -> f32 {
+        exp_with::<F>(x)
+    }
+}
+
+struct GeluMap;
+impl LaneMap for GeluMap {
+    #[inline(always)]
+    fn apply<const F: bool>(x: f32) -> f32 {
+        crate::fastmath::gelu_with::<F>(x)
+    }
+}
+
+/// `out[i] = M(xs[i])`, the loop compiled for `isa` (fused multiply-adds where it has them).
+fn map_into<M: LaneMap>(isa: Isa, xs: &[f32], out: &mut [f32], name: &str) {
+    assert_eq!(xs.len(), out.len(), "{name}: xs and out differ in length");
     isa.check().unwrap_or_else(|e| panic!("{e}"));
     #[inline(always)]
-    fn run<const F: bool>(xs: &[f32], out: &mut [f32]) {
+    fn run<M: LaneMap, const F: bool>(xs: &[f32], out: &mut [f32]) {
         for (o, x) in out.iter_mut().zip(xs) {
-            *o = exp_with::<F>(*x);
+            *o = M::apply::<F>(*x);
         }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(xs: &[f32], out: &mut [f32]) {
-        run::<true>(xs, out);
+    fn run_avx2<M: LaneMap>(xs: &[f32], out: &mut [f32]) {
+        run::<M, true>(xs, out);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn run_avx512(xs: &[f32], out: &mut [f32]) {
-        run::<true>(xs, out);
+    fn run_avx512<M: LaneMap>(xs: &[f32], out: &mut [f32]) {
+        run::<M, true>(xs, out);
     }
     match isa {
         // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { run_avx2(xs, out) },
+        Isa::Avx2Fma => unsafe { run_avx2::<M>(xs, out) },
         // SAFETY: `isa.check()` found AVX-512F, AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { run_avx512(xs, out) },
-        Isa::Neon => run::<true>(xs, out),
-        _ => run::<false>(xs, out),
+        Isa::Avx512 => unsafe { run_avx512::<M>(xs, out) },
+        Isa::Neon => run::<M, true>(xs, out),
+        _ => run::<M, false>(xs, out),
     }
 }
 

@@ -172,3 +172,23 @@ fn native_cpu_impulse_response_of_long_memory_channels_stays_exact() {
         );
     }
 }
+
+/// `gelu_into` on every instruction set: the scalar `gelu_with` bits (fused multiply-adds
+/// where the set has them), over a slice whose length is no multiple of any lane count.
+#[test]
+fn gelu_into_gives_the_scalar_bits_on_every_instruction_set() {
+    use selective_scan::fastmath::gelu_with;
+    let xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.0173).collect();
+    for isa in isas() {
+        let mut out = vec![f32::NAN; xs.len()];
+        selective_scan::cpu::gelu_into(isa, &xs, &mut out);
+        for (x, y) in xs.iter().zip(&out) {
+            let expected = if isa == Isa::Portable {
+                gelu_with::<false>(*x)
+            } else {
+                gelu_with::<true>(*x)
+            };
+            assert_eq!(y.to_bits(), expected.to_bits(), "{isa:?} at x = {x}");
+        }
+    }
+}

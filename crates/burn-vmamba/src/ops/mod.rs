@@ -223,8 +223,9 @@ pub trait SelectiveScanBackend: Backend {
 
     /// The exact GELU, `x · (1 + erf(x / √2)) / 2`, for inference, in one pass. `None` (the
     /// default, and always under autodiff) leaves it to `activation::gelu`; NdArray implements
-    /// it natively with Burn's own operation sequence (so the same bits), one pass over the
-    /// buffer on every core instead of five tensor ops.
+    /// it natively in one vectorised pass on every core (`selective_scan::cpu::gelu_into`: a
+    /// rational `erf`, absolute error ≤ 4e-7 · max(1, |x|) against the f64 GELU) instead of
+    /// five tensor ops with an f64 `erf` per element.
     fn gelu_exact(_x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
         None
     }
