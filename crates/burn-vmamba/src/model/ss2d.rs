@@ -224,7 +224,6 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
     fn scan_2d(&self, x: Tensor<B, 4>, height: usize, width: usize) -> Tensor<B, 4> {
         let [batch, d_inner, _, _] = x.dims();
         let len = height * width;
-        let [_, rows, _] = self.x_proj_weight.dims();
         let [_, _, rank] = self.dt_projs_weight.dims();
         let d_state = self.a_logs.dims()[1];
         let device = x.device();
@@ -238,23 +237,17 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             cross_scan(x)
         });
         // einsum("b k d l, k c d -> b k c l")
-        let x_proj = self
-            .x_proj_weight
-            .val()
-            .unsqueeze_dim::<4>(0)
-            .expand([batch, K, rows, d_inner]);
-        let x_dbl = profile::scope::<B, _>("ss2d.x_proj", &device, || x_proj.matmul(xs.clone())); // [batch, K, R + 2N, len]
+        let x_dbl = profile::scope::<B, _>("ss2d.x_proj", &device, || {
+            direction_matmul(self.x_proj_weight.val(), xs.clone())
+        }); // [batch, K, R + 2N, len]
         let dts = x_dbl.clone().narrow(2, 0, rank);
         let bs = x_dbl.clone().narrow(2, rank, d_state); // [batch, K, N, len]
         let cs = x_dbl.narrow(2, rank + d_state, d_state);
         // einsum("b k r l, k d r -> b k d l"); no bias here: it enters the scan as delta_bias.
-        let dt_proj = self
-            .dt_projs_weight
-            .val()
-            .unsqueeze_dim::<4>(0)
-            .expand([batch, K, d_inner, rank]);
         let dts = reshape(
-            profile::scope::<B, _>("ss2d.dt_proj", &device, || dt_proj.matmul(dts)),
+            profile::scope::<B, _>("ss2d.dt_proj", &device, || {
+                direction_matmul(self.dt_projs_weight.val(), dts)
+            }),
             [batch, K * d_inner, len],
         );
         let us = reshape(xs, [batch, K * d_inner, len]);
@@ -282,4 +275,27 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
             cross_merge(ys, height, width)
         })
     }
+}
+
+/// `weight [K, M, D]` applied per direction to `x [batch, K, D, L]` → `[batch, K, M, L]`: the
+/// backend's native product for inference where it has one
+/// ([`SelectiveScanBackend::native_direction_matmul`]), else the broadcast matmul.
+fn direction_matmul<B: SelectiveScanBackend>(
+    weight: Tensor<B, 3>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    if !B::ad_enabled(&x.device())
+        && let Some(y) = B::native_direction_matmul(
+            weight.clone().into_primitive().tensor(),
+            x.clone().into_primitive().tensor(),
+        )
+    {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
+    let [batch, directions, _, _] = x.dims();
+    let [_, m, d] = weight.dims();
+    weight
+        .unsqueeze_dim::<4>(0)
+        .expand([batch, directions, m, d])
+        .matmul(x)
 }

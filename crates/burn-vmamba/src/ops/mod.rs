@@ -230,6 +230,19 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// SS2D's per-direction projections for inference: `weight [K, M, D]` (one matrix per
+    /// direction, the same for every image) times `x [batch, K, D, L]` → `[batch, K, M, L]`,
+    /// as `weight.unsqueeze(0).expand([batch, K, M, D]).matmul(x)` computes it. `None` (the
+    /// default, and always under autodiff) leaves it to that; NdArray runs one sgemm per
+    /// (image, direction) on the buffers (Burn's path materialises the expanded weight and
+    /// copies both operands through reshapes around small products).
+    fn native_direction_matmul(
+        _weight: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// [`cross_scan`](crate::model::cross_scan::cross_scan) for inference in one pass:
     /// `x [batch, channels, height, width]` → `[batch, 4, channels, height·width]` (row-major,
     /// column-major, and both reversed). `None` (the default, and always under autodiff) leaves

@@ -218,6 +218,49 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
     y
 }
 
+/// [`SelectiveScanBackend::native_direction_matmul`] on row-major buffers: `weight [K, M, D]`,
+/// `x [batch, K, D, L]` → `[batch, K, M, L]`, one sgemm (threaded) per (image, direction) into
+/// an uninitialised output.
+fn direction_matmul(
+    weight: &[f32],
+    x: &[f32],
+    [batch, directions, m, d, l]: [usize; 5],
+) -> Vec<f32> {
+    assert!(
+        weight.len() == directions * m * d && x.len() == batch * directions * d * l,
+        "direction_matmul: weight is [K, M, D], x [batch, K, D, L]"
+    );
+    let mut y: Vec<f32> = Vec::with_capacity(batch * directions * m * l);
+    for bk in 0..batch * directions {
+        let k = bk % directions;
+        // SAFETY: the operands hold [M, D] and [D, L] row-major at these offsets (asserted
+        // lengths); the output block [M, L] at bk·M·L lies inside the capacity. With β = 0
+        // matrixmultiply writes every output element without reading it, so after the loop
+        // all batch·K·M·L values are initialised.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                d,
+                l,
+                1.0,
+                weight.as_ptr().add(k * m * d),
+                d as isize,
+                1,
+                x.as_ptr().add(bk * d * l),
+                l as isize,
+                1,
+                0.0,
+                y.as_mut_ptr().add(bk * m * l),
+                l as isize,
+                1,
+            );
+        }
+    }
+    // SAFETY: see above: every element was written.
+    unsafe { y.set_len(batch * directions * m * l) };
+    y
+}
+
 /// [`SelectiveScanBackend::native_cross_scan`] on a row-major `[batch, channels, height, width]`
 /// buffer: per (batch, channel) row, direction 0 is the map row-major, 1 column-major, 2 and 3
 /// the same reversed.
@@ -502,6 +545,19 @@ where
             return Some(NdArrayTensor::from(array));
         }
         Some(tensor(run(&values(&x)), &shape))
+    }
+
+    fn native_direction_matmul(
+        weight: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        let [directions, m, d] = weight.shape().dims::<3>();
+        let [batch, k, d_x, l] = x.shape().dims::<4>();
+        if k != directions || d_x != d {
+            return None;
+        }
+        let y = direction_matmul(&values(&weight), &values(&x), [batch, k, m, d, l]);
+        Some(tensor(y, &[batch, k, m, l]))
     }
 
     fn native_cross_scan(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
@@ -856,6 +912,60 @@ mod tests {
         assert_eq!(native.into_data().to_vec::<f32>().unwrap(), expected);
         // Not four directions, or a length that is not height·width: left to the tensor ops.
         assert!(B::native_cross_merge(ys.into_primitive().tensor(), width + 1, height).is_none());
+    }
+
+    /// The per-direction projection against Burn's broadcast matmul (odd sizes; a standard
+    /// input and a narrowed view of a larger one, as SS2D's `dts` is), within 1e-6 relative.
+    #[test]
+    fn native_direction_matmul_matches_the_broadcast_matmul() {
+        let device = Default::default();
+        let mut rng = SplitMix64::new(9);
+        let (batch, k, m, d, l) = (2, 4, 5, 7, 33);
+        let weight = Tensor::<B, 3>::from_data(
+            TensorData::new(rng.vec(k * m * d, -1.0, 1.0), [k, m, d]),
+            &device,
+        );
+        let x = Tensor::<B, 4>::from_data(
+            TensorData::new(
+                rng.vec(batch * k * (d + 3) * l, -2.0, 2.0),
+                [batch, k, d + 3, l],
+            ),
+            &device,
+        );
+        for x in [x.clone().narrow(2, 0, d) * 1.0, x.narrow(2, 2, d)] {
+            let expected = weight
+                .clone()
+                .unsqueeze_dim::<4>(0)
+                .expand([batch, k, m, d])
+                .matmul(x.clone())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let native = B::native_direction_matmul(
+                weight.clone().into_primitive().tensor(),
+                x.into_primitive().tensor(),
+            )
+            .expect("NdArray has a native direction matmul");
+            let native = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(native));
+            assert_eq!(native.dims(), [batch, k, m, l]);
+            let native = native.into_data().to_vec::<f32>().unwrap();
+            let scale = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let worst = native
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs() / scale)
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "off by {worst:e}");
+        }
+        // Mismatched directions or inner sizes: left to Burn.
+        let x = Tensor::<B, 4>::zeros([1, k + 1, d, l], &device);
+        assert!(
+            B::native_direction_matmul(
+                weight.into_primitive().tensor(),
+                x.into_primitive().tensor()
+            )
+            .is_none()
+        );
     }
 
     /// `reshape_no_copy` keeps the buffer of a standard-layout tensor (same address, same
