@@ -144,7 +144,9 @@ impl ScanConfig {
     /// Whether the kernels will use plane scans on this device.
     pub fn uses_planes<R: Runtime>(&self, client: &ComputeClient<R>) -> bool {
         let properties = client.properties();
-        let fits = self.units % properties.hardware.plane_size_max.max(1) as usize == 0;
+        let fits = self
+            .units
+            .is_multiple_of(properties.hardware.plane_size_max.max(1) as usize);
         match self.planes {
             Planes::Off => false,
             Planes::On => true,

@@ -52,6 +52,8 @@ pub fn scan_forward_kernel<F: Float>(
     let chunk_len = units * items;
     let lanes = comptime!(channels * states);
     let channels_per_group = channels_per_group as usize;
+    // Written out: `div_ceil` is not among the operations the `#[cube]` macro expands.
+    #[allow(clippy::manual_div_ceil)]
     let blocks_per_group = (channels_per_group + channels - 1) / channels;
     let group = CUBE_POS_X as usize / blocks_per_group;
     let first_channel =
