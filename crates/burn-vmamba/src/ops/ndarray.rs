@@ -177,7 +177,6 @@ fn depthwise_conv_silu(
 /// product (matrixmultiply's sgemm, threaded) written straight into a new, uninitialised
 /// buffer, then the bias added row by row, the order of Burn's `matmul` then `add`.
 fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]) -> Vec<f32> {
-    use rayon::prelude::*;
     assert!(
         x.len() == m * k && weight.len() == k * n,
         "linear: x is [m, k], weight [k, n]"
@@ -207,15 +206,23 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
         y.set_len(m * n);
     }
     if let Some(bias) = bias {
-        y.par_chunks_mut(n.max(1) * 64).for_each(|rows| {
-            for row in rows.chunks_exact_mut(n.max(1)) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
-        });
+        add_bias_rows(&mut y, bias);
     }
     y
+}
+
+/// `row += bias` for every row of a row-major `[rows, bias.len()]` buffer (rayon over blocks
+/// of rows): the bias pass after a product, as Burn adds it.
+fn add_bias_rows(y: &mut [f32], bias: &[f32]) {
+    use rayon::prelude::*;
+    let n = bias.len().max(1);
+    y.par_chunks_mut(n * 64).for_each(|rows| {
+        for row in rows.chunks_exact_mut(n) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    });
 }
 
 /// [`SelectiveScanBackend::native_direction_matmul`] on row-major buffers: `weight [K, M, D]`,
@@ -401,13 +408,7 @@ fn conv2d_dense_channel_last(
             ArrayViewMut2::from_shape((len, c_out), &mut *y_b).expect("the output is [len, C_out]");
         ndarray::linalg::general_mat_mul(1.0, &patches, &weight_t, 0.0, &mut out);
         if let Some(bias) = bias {
-            y_b.par_chunks_mut(c_out * 64).for_each(|rows| {
-                for row in rows.chunks_exact_mut(c_out) {
-                    for (v, b) in row.iter_mut().zip(bias) {
-                        *v += b;
-                    }
-                }
-            });
+            add_bias_rows(y_b, bias);
         }
     }
     y

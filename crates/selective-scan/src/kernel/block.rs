@@ -248,28 +248,6 @@ pub fn cube_sum_states(
     }
 }
 
-/// Sum of one value per unit, by a fixed binary tree in shared memory: the same inputs give the
-/// same bits on every run (no atomics). `units` must be a power of two. Every unit of the cube
-/// must call this; every unit gets the total.
-#[cube]
-pub fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] units: usize) -> f32 {
-    let unit = UNIT_POS as usize;
-    scratch[unit] = value;
-    sync_cube();
-    // Round k adds pairs 2^k apart: unit i (a multiple of 2^(k+1)) takes unit i + 2^k.
-    let mut stride = 1usize;
-    while stride < units {
-        if unit & (2 * stride - 1) == 0 {
-            scratch[unit] += scratch[unit + stride];
-        }
-        sync_cube();
-        stride *= 2;
-    }
-    let total = scratch[0];
-    sync_cube();
-    total
-}
-
 /// Below this `|x|`, [`decay_exp`](fn@decay_exp) uses its own polynomial instead of the device's `exp`.
 pub const DECAY_EXP_TAYLOR_BELOW: f32 = 0.0625;
 
@@ -336,4 +314,48 @@ pub fn discretize_step_grad(x: f32, #[comptime] softplus: bool) -> f32 {
         }
     }
     grad
+}
+
+/// Loads `B[batch, group, n, t]` and `C[batch, group, n, t]` for the states
+/// `n_first .. n_first + states` and this unit's positions `first .. first + items` into
+/// registers (`r_b[s · items + k]`, `r_c[..]`), as f32; zero past the sequence or past
+/// `d_state` (an identity step). No barrier: each unit reads only what it keeps.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_projections<F: Float>(
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    r_b: &mut Array<f32>,
+    r_c: &mut Array<f32>,
+    b_row: usize,
+    c_row: usize,
+    n_first: usize,
+    first: usize,
+    seq_len: usize,
+    d_state: usize,
+    #[comptime] items: usize,
+    #[comptime] states: usize,
+) {
+    #[unroll]
+    for s in 0..states {
+        let n = n_first + s;
+        let mut b_stride = 0usize;
+        let mut c_stride = 0usize;
+        if n < d_state {
+            b_stride = n * b.stride(2);
+            c_stride = n * c.stride(2);
+        }
+        #[unroll]
+        for k in 0..items {
+            let t = first + k;
+            let mut b_t = 0.0f32;
+            let mut c_t = 0.0f32;
+            if t < seq_len && n < d_state {
+                b_t = f32::cast_from(b[b_row + b_stride + t * b.stride(3)]);
+                c_t = f32::cast_from(c[c_row + c_stride + t * c.stride(3)]);
+            }
+            r_b[s * items + k] = b_t;
+            r_c[s * items + k] = c_t;
+        }
+    }
 }

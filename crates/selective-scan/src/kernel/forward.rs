@@ -14,7 +14,7 @@
 
 use cubecl::prelude::*;
 
-use super::block::{cube_exclusive_scan_states, decay_exp, discretize_step};
+use super::block::{cube_exclusive_scan_states, decay_exp, discretize_step, load_projections};
 
 /// Forward kernel. Launch with `CubeCount(groups · blocks_per_group, batch, 1)` and
 /// `CubeDim(units)`, `blocks_per_group = ⌈(D/G) / channels⌉`.
@@ -138,28 +138,10 @@ pub fn scan_forward_kernel<F: Float>(
         let mut n_first = 0usize;
         while n_first < d_state {
             // B and C of the pass's states, once for all channels of the cube.
-            #[unroll]
-            for s in 0..states {
-                let n = n_first + s;
-                let mut b_stride = 0usize;
-                let mut c_stride = 0usize;
-                if n < d_state {
-                    b_stride = n * b.stride(2);
-                    c_stride = n * c.stride(2);
-                }
-                #[unroll]
-                for k in 0..items {
-                    let t = first + k;
-                    let mut b_t = 0.0f32;
-                    let mut c_t = 0.0f32;
-                    if t < seq_len && n < d_state {
-                        b_t = f32::cast_from(b[b_row + b_stride + t * b.stride(3)]);
-                        c_t = f32::cast_from(c[c_row + c_stride + t * c.stride(3)]);
-                    }
-                    r_b[s * items + k] = b_t;
-                    r_c[s * items + k] = c_t;
-                }
-            }
+            load_projections(
+                b, c, &mut r_b, &mut r_c, b_row, c_row, n_first, first, seq_len, d_state, items,
+                states,
+            );
             #[unroll]
             for j in 0..channels {
                 let channel = first_channel + j;
