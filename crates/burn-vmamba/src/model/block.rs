@@ -89,6 +89,37 @@ pub fn linear_2d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 2>) -
     native_linear(linear, &x).unwrap_or_else(|| linear.forward(x))
 }
 
+/// The epsilon of every LayerNorm of the model (upstream's `nn.LayerNorm` default). Burn's
+/// `LayerNorm` keeps its epsilon private, so the model builds every one through
+/// [`layer_norm_config`] and [`layer_norm`] passes this value to the native op.
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
+/// A `LayerNormConfig` over `d` features with [`LAYER_NORM_EPSILON`].
+pub fn layer_norm_config(d: usize) -> LayerNormConfig {
+    LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPSILON)
+}
+
+/// `norm.forward(x)` (a LayerNorm made by [`layer_norm_config`]): the backend's one-pass
+/// LayerNorm for inference where it has one ([`SelectiveScanBackend::native_layer_norm`]).
+pub fn layer_norm<B: SelectiveScanBackend, const D: usize>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if !B::ad_enabled(&x.device())
+        && let Some(y) = B::native_layer_norm(
+            x.clone().into_primitive().tensor(),
+            norm.gamma.val().into_primitive().tensor(),
+            norm.beta
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+            LAYER_NORM_EPSILON,
+        )
+    {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
+    norm.forward(x)
+}
+
 /// `x.reshape(shape)`, without the copy Burn's NdArray `reshape` makes of a contiguous tensor
 /// where the backend can avoid it for inference ([`SelectiveScanBackend::reshape_no_copy`]).
 pub fn reshape<B: SelectiveScanBackend, const D1: usize, const D2: usize>(
@@ -158,7 +189,7 @@ pub struct VssBlock<B: Backend> {
 impl VssBlockConfig {
     /// Builds the block with upstream's initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> VssBlock<B> {
-        let norm = || LayerNormConfig::new(self.hidden_dim).init(device);
+        let norm = || layer_norm_config(self.hidden_dim).init(device);
         let ss2d = self
             .ss2d
             .as_ref()
@@ -186,14 +217,14 @@ impl<B: SelectiveScanBackend> VssBlock<B> {
         let device = x.device();
         let mut x = self.layout.to_channel_last(x);
         if let (Some(norm), Some(op)) = (&self.norm, &self.op) {
-            let h = profile::scope::<B, _>("block.norm", &device, || norm.forward(x.clone()));
+            let h = profile::scope::<B, _>("block.norm", &device, || layer_norm(norm, x.clone()));
             let h = op.forward(h);
             x = profile::scope::<B, _>("block.residual", &device, || {
                 x + drop_path(h, self.drop_path)
             });
         }
         if let (Some(norm2), Some(mlp)) = (&self.norm2, &self.mlp) {
-            let h = profile::scope::<B, _>("block.norm", &device, || norm2.forward(x.clone()));
+            let h = profile::scope::<B, _>("block.norm", &device, || layer_norm(norm2, x.clone()));
             let h = mlp.forward(h);
             x = profile::scope::<B, _>("block.residual", &device, || {
                 x + drop_path(h, self.drop_path)

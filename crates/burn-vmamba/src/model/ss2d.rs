@@ -7,10 +7,10 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
-use super::block::reshape;
+use super::block::{layer_norm, layer_norm_config, reshape};
 use super::config::{DtRank, Gate, Layout, OutNorm, SsmInit};
 use super::conv::{conv2d, native_params};
 use super::cross_scan::{cross_merge, cross_scan};
@@ -131,7 +131,7 @@ impl Ss2dConfig {
             a_logs: init::param(params.a_logs),
             ds: init::param(params.ds),
             out_norm: (self.out_norm == OutNorm::LayerNorm)
-                .then(|| LayerNormConfig::new(d_inner).init(device)),
+                .then(|| layer_norm_config(d_inner).init(device)),
             out_proj: init::linear(d_inner, self.d_model, false, device),
             gate: self.gate,
             out_act: self.out_act,
@@ -203,7 +203,7 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let y = self.scan_2d(x, height, width); // [batch, d_inner, height, width]
         let y = y.permute([0, 2, 3, 1]);
         let y = match &self.out_norm {
-            Some(norm) => profile::scope::<B, _>("ss2d.out_norm", &device, || norm.forward(y)),
+            Some(norm) => profile::scope::<B, _>("ss2d.out_norm", &device, || layer_norm(norm, y)),
             None => y,
         };
         let y = if self.out_act {

@@ -4,7 +4,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
+use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::block::{VssBlock, VssBlockConfig, linear_4d};
@@ -144,13 +144,11 @@ impl<B: SelectiveScanBackend> PatchEmbed<B> {
     /// # Shapes
     /// - `x`: `[batch, in_chans, height, width]` → `[batch, height / p, width / p, dim]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self
-            .norm1
-            .forward(conv2d(&self.conv1, x).permute([0, 2, 3, 1]));
+        let x = super::block::layer_norm(&self.norm1, conv2d(&self.conv1, x).permute([0, 2, 3, 1]));
         match (&self.conv2, &self.norm2) {
             (Some(conv2), Some(norm2)) => {
                 let x = super::block::gelu(x.permute([0, 3, 1, 2]));
-                norm2.forward(conv2d(conv2, x).permute([0, 2, 3, 1]))
+                super::block::layer_norm(norm2, conv2d(conv2, x).permute([0, 2, 3, 1]))
             }
             _ => x,
         }
@@ -179,7 +177,7 @@ impl<B: SelectiveScanBackend> PatchMerging<B> {
             .reshape([batch, h2, 2, w2, 2, channels])
             .permute([0, 1, 3, 4, 2, 5])
             .reshape([batch, h2, w2, 4 * channels]);
-        linear_4d(&self.reduction, self.norm.forward(x))
+        linear_4d(&self.reduction, super::block::layer_norm(&self.norm, x))
     }
 }
 
@@ -208,7 +206,7 @@ impl<B: SelectiveScanBackend> ConvDownsample<B> {
     /// - `x`: `[batch, height, width, C]` → `[batch, height', width', C']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = conv2d(&self.conv, x.permute([0, 3, 1, 2]));
-        self.norm.forward(x.permute([0, 2, 3, 1]))
+        super::block::layer_norm(&self.norm, x.permute([0, 2, 3, 1]))
     }
 }
 
@@ -355,7 +353,7 @@ impl VssmConfig {
         if let Err(e) = self.validate() {
             panic!("invalid VssmConfig:\n{e}");
         }
-        let ln = |d: usize| LayerNormConfig::new(d).init(device);
+        let ln = |d: usize| super::block::layer_norm_config(d).init(device);
         let (c, p) = (self.dims[0], self.patch_size);
         let patch_embed = match self.patchembed_version {
             PatchEmbedVersion::V1 => PatchEmbed {
@@ -572,7 +570,7 @@ impl<B: SelectiveScanBackend> Vssm<B> {
         let device = images.device();
         let features = self.try_forward_features(images)?;
         Ok(profile::scope::<B, _>("classifier", &device, || {
-            let x = self.classifier.norm.forward(features);
+            let x = super::block::layer_norm(&self.classifier.norm, features);
             let [batch, _, _, channels] = x.dims();
             let pooled = x.mean_dim(1).mean_dim(2).reshape([batch, channels]);
             self.classifier.head.forward(pooled)

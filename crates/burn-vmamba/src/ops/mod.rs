@@ -230,6 +230,19 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
+    /// `LayerNorm` over the last dimension for inference, as Burn's `layer_norm` computes it
+    /// (`(x − mean) / sqrt(var + epsilon) · gamma + beta`, biased variance), in one pass per
+    /// row. `None` (the default, always under autodiff, and where NdArray's input is not a
+    /// standard-layout buffer) leaves it to `LayerNorm::forward` (five tensor ops).
+    fn native_layer_norm(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _beta: Option<FloatTensor<Self>>,
+        _epsilon: f64,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// SS2D's per-direction projections for inference: `weight [K, M, D]` (one matrix per
     /// direction, the same for every image) times `x [batch, K, D, L]` → `[batch, K, M, L]`,
     /// as `weight.unsqueeze(0).expand([batch, K, M, D]).matmul(x)` computes it. `None` (the

@@ -225,6 +225,32 @@ fn add_bias_rows(y: &mut [f32], bias: &[f32]) {
     });
 }
 
+/// [`SelectiveScanBackend::native_layer_norm`] on a row-major `[rows, C]` buffer: per row the
+/// mean, the mean of squared deviations (f32, as Burn's ops), then `(x − mean) / sqrt(var +
+/// epsilon) · gamma + beta`; rayon over blocks of rows.
+fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, epsilon: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let c = gamma.len().max(1);
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(c * 64)
+        .zip(x.par_chunks(c * 64))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let mean = x.iter().sum::<f32>() / c as f32;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+                let denom = (var + epsilon).sqrt();
+                for (i, (out, v)) in y.iter_mut().zip(x).enumerate() {
+                    let scaled = (v - mean) / denom * gamma[i];
+                    *out = match beta {
+                        Some(beta) => scaled + beta[i],
+                        None => scaled,
+                    };
+                }
+            }
+        });
+    y
+}
+
 /// [`SelectiveScanBackend::native_direction_matmul`] on row-major buffers: `weight [K, M, D]`,
 /// `x [batch, K, D, L]` → `[batch, K, M, L]`, one sgemm (threaded) per (image, direction) into
 /// an uninitialised output.
@@ -546,6 +572,26 @@ where
             return Some(NdArrayTensor::from(array));
         }
         Some(tensor(run(&values(&x)), &shape))
+    }
+
+    fn native_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: Option<FloatTensor<Self>>,
+        epsilon: f64,
+    ) -> Option<FloatTensor<Self>> {
+        let shape = x.shape().to_vec();
+        let c = *shape.last()?;
+        let standard = matches!(&x, NdArrayTensor::F32(s) if s.view().is_standard_layout());
+        if !standard || gamma.shape().dims::<1>() != [c] {
+            return None;
+        }
+        if beta.as_ref().is_some_and(|b| b.shape().dims::<1>() != [c]) {
+            return None;
+        }
+        let (gamma, beta) = (values(&gamma), beta.as_ref().map(values));
+        let y = layer_norm(&values(&x), &gamma, beta.as_deref(), epsilon as f32);
+        Some(tensor(y, &shape))
     }
 
     fn native_direction_matmul(
@@ -964,6 +1010,51 @@ mod tests {
             B::native_direction_matmul(
                 weight.into_primitive().tensor(),
                 x.into_primitive().tensor()
+            )
+            .is_none()
+        );
+    }
+
+    /// The one-pass LayerNorm against Burn's `LayerNorm::forward` (random gamma and beta, odd
+    /// width, rows with a large mean), through the model's `layer_norm`; a permuted input is
+    /// left to Burn.
+    #[test]
+    fn native_layer_norm_matches_burns_layer_norm() {
+        use crate::model::block::{layer_norm, layer_norm_config};
+        let device = Default::default();
+        let mut rng = SplitMix64::new(21);
+        let c = 37;
+        let mut norm = layer_norm_config(c).init::<B>(&device);
+        norm.gamma = Param::from_tensor(Tensor::from_data(
+            TensorData::new(rng.vec(c, 0.5, 1.5), [c]),
+            &device,
+        ));
+        norm.beta = Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(rng.vec(c, -0.5, 0.5), [c]),
+            &device,
+        )));
+        let x = Tensor::<B, 4>::from_data(
+            TensorData::new(rng.vec(2 * 3 * 5 * c, 2.0, 6.0), [2, 3, 5, c]),
+            &device,
+        );
+        let expected = norm.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+        let native = layer_norm(&norm, x.clone())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let worst = native
+            .iter()
+            .zip(&expected)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 2e-6, "LayerNorm off by {worst:e}");
+        let permuted = x.permute([0, 2, 1, 3]).into_primitive().tensor();
+        assert!(
+            B::native_layer_norm(
+                permuted,
+                norm.gamma.val().into_primitive().tensor(),
+                None,
+                1e-5
             )
             .is_none()
         );
