@@ -4,6 +4,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Tensor, TensorPrimitive, activation, backend::Backend};
 
 use super::config::Layout;
@@ -60,12 +61,23 @@ impl<B: SelectiveScanBackend> Mlp<B> {
 /// The exact GELU: the backend's native one for inference where it has one
 /// ([`SelectiveScanBackend::gelu_exact`]), else `activation::gelu`.
 pub fn gelu<B: SelectiveScanBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if !B::ad_enabled(&x.device())
-        && let Some(y) = B::gelu_exact(x.clone().into_primitive().tensor())
-    {
-        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    native_inference(&x.device(), || {
+        B::gelu_exact(x.clone().into_primitive().tensor())
+    })
+    .unwrap_or_else(|| activation::gelu(x))
+}
+
+/// A native inference op of the backend (one of [`SelectiveScanBackend`]'s hooks, run by
+/// `op`) as a tensor: `None` under autodiff, where `op` is not called, or where the backend
+/// has no such op.
+pub(crate) fn native_inference<B: SelectiveScanBackend, const D: usize>(
+    device: &B::Device,
+    op: impl FnOnce() -> Option<FloatTensor<B>>,
+) -> Option<Tensor<B, D>> {
+    if B::ad_enabled(device) {
+        return None;
     }
-    activation::gelu(x)
+    op().map(|y| Tensor::from_primitive(TensorPrimitive::Float(y)))
 }
 
 /// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
@@ -105,8 +117,8 @@ pub fn layer_norm<B: SelectiveScanBackend, const D: usize>(
     norm: &LayerNorm<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    if !B::ad_enabled(&x.device())
-        && let Some(y) = B::native_layer_norm(
+    native_inference(&x.device(), || {
+        B::native_layer_norm(
             x.clone().into_primitive().tensor(),
             norm.gamma.val().into_primitive().tensor(),
             norm.beta
@@ -114,10 +126,8 @@ pub fn layer_norm<B: SelectiveScanBackend, const D: usize>(
                 .map(|b| b.val().into_primitive().tensor()),
             LAYER_NORM_EPSILON,
         )
-    {
-        return Tensor::from_primitive(TensorPrimitive::Float(y));
-    }
-    norm.forward(x)
+    })
+    .unwrap_or_else(|| norm.forward(x))
 }
 
 /// `x.reshape(shape)`, without the copy Burn's NdArray `reshape` makes of a contiguous tensor
@@ -126,12 +136,10 @@ pub fn reshape<B: SelectiveScanBackend, const D1: usize, const D2: usize>(
     x: Tensor<B, D1>,
     shape: [usize; D2],
 ) -> Tensor<B, D2> {
-    if !B::ad_enabled(&x.device())
-        && let Some(y) = B::reshape_no_copy(x.clone().into_primitive().tensor(), &shape)
-    {
-        return Tensor::from_primitive(TensorPrimitive::Float(y));
-    }
-    x.reshape(shape)
+    native_inference(&x.device(), || {
+        B::reshape_no_copy(x.clone().into_primitive().tensor(), &shape)
+    })
+    .unwrap_or_else(|| x.reshape(shape))
 }
 
 /// [`SelectiveScanBackend::native_linear`] on `x [.., K]` for inference; `None` under autodiff
@@ -140,18 +148,16 @@ fn native_linear<B: SelectiveScanBackend, const D: usize>(
     linear: &Linear<B>,
     x: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
-    if B::ad_enabled(&x.device()) {
-        return None;
-    }
-    let y = B::native_linear(
-        x.clone().into_primitive().tensor(),
-        linear.weight.val().into_primitive().tensor(),
-        linear
-            .bias
-            .as_ref()
-            .map(|b| b.val().into_primitive().tensor()),
-    )?;
-    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
+    native_inference(&x.device(), || {
+        B::native_linear(
+            x.clone().into_primitive().tensor(),
+            linear.weight.val().into_primitive().tensor(),
+            linear
+                .bias
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+        )
+    })
 }
 
 /// timm's `DropPath`: in training (an autodiff backend), zeroes whole samples with probability

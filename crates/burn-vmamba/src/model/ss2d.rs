@@ -10,7 +10,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorPrimitive, activation, backend::Backend};
 
-use super::block::{layer_norm, layer_norm_config, reshape};
+use super::block::{layer_norm, layer_norm_config, native_inference, reshape};
 use super::config::{DtRank, Gate, Layout, OutNorm, SsmInit};
 use super::conv::{conv2d, native_params};
 use super::cross_scan::{cross_merge, cross_scan};
@@ -229,12 +229,10 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let device = x.device();
         // [batch, K, d_inner, len]
         let xs = profile::scope::<B, _>("ss2d.cross_scan", &device, || {
-            if !B::ad_enabled(&device)
-                && let Some(xs) = B::native_cross_scan(x.clone().into_primitive().tensor())
-            {
-                return Tensor::from_primitive(TensorPrimitive::Float(xs));
-            }
-            cross_scan(x)
+            native_inference(&device, || {
+                B::native_cross_scan(x.clone().into_primitive().tensor())
+            })
+            .unwrap_or_else(|| cross_scan(x))
         });
         // einsum("b k d l, k c d -> b k c l")
         let x_dbl = profile::scope::<B, _>("ss2d.x_proj", &device, || {
@@ -266,13 +264,10 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         }); // [batch, K·d_inner, len]
         profile::scope::<B, _>("ss2d.cross_merge", &device, || {
             let ys = reshape(ys, [batch, K, d_inner, len]);
-            if !B::ad_enabled(&device)
-                && let Some(y) =
-                    B::native_cross_merge(ys.clone().into_primitive().tensor(), height, width)
-            {
-                return Tensor::from_primitive(TensorPrimitive::Float(y));
-            }
-            cross_merge(ys, height, width)
+            native_inference(&device, || {
+                B::native_cross_merge(ys.clone().into_primitive().tensor(), height, width)
+            })
+            .unwrap_or_else(|| cross_merge(ys, height, width))
         })
     }
 }
@@ -284,13 +279,13 @@ fn direction_matmul<B: SelectiveScanBackend>(
     weight: Tensor<B, 3>,
     x: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    if !B::ad_enabled(&x.device())
-        && let Some(y) = B::native_direction_matmul(
+    if let Some(y) = native_inference(&x.device(), || {
+        B::native_direction_matmul(
             weight.clone().into_primitive().tensor(),
             x.clone().into_primitive().tensor(),
         )
-    {
-        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }) {
+        return y;
     }
     let [batch, directions, _, _] = x.dims();
     let [_, m, d] = weight.dims();
