@@ -10,6 +10,11 @@
 
 use vmamba::classify::{Args, class_name, run};
 
+/// Freed large blocks are kept for reuse (`vmamba::alloc`): CPU tensors above the C library's
+/// `mmap` threshold would otherwise cost page faults and zeroing at every op.
+#[global_allocator]
+static ALLOCATOR: vmamba::alloc::ReuseLarge = vmamba::alloc::ReuseLarge::system();
+
 fn main() {
     vmamba::runtime::keep_freed_memory();
     let args = Args::from_env();

@@ -15,6 +15,11 @@ use std::time::Duration;
 
 use vmamba::train::{Args, Progress, run};
 
+/// Freed large blocks are kept for reuse (`vmamba::alloc`): CPU tensors above the C library's
+/// `mmap` threshold would otherwise cost page faults and zeroing at every op.
+#[global_allocator]
+static ALLOCATOR: vmamba::alloc::ReuseLarge = vmamba::alloc::ReuseLarge::system();
+
 fn main() {
     vmamba::runtime::keep_freed_memory();
     let args = Args::from_env();

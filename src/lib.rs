@@ -10,6 +10,9 @@
 //!   VMamba model (`burn_vmamba::model`: SS2D, VSS block, VSSM, configs, presets, checkpoints).
 //! - [`classify`] (feature `classify`, on by default): the logic of the `classify` example (the
 //!   README's main job).
+//! - [`alloc`]: [`alloc::ReuseLarge`], a global allocator that keeps freed large blocks for
+//!   reuse (CPU tensors above the C library's `mmap` threshold otherwise cost page faults and
+//!   zeroing at every op); the command-line tools install it.
 //! - [`runtime`]: CubeCL's persistent kernel cache in a per-user directory, set up by the
 //!   command-line tools before a GPU runtime starts.
 //! - [`train`] (feature `train`, on by default): the logic of the `train` example: burn-train's `Learner` with upstream's
@@ -18,6 +21,7 @@
 //! See the repository README for the backend matrix and the `cargo xtask` commands.
 #![warn(missing_docs)]
 
+pub mod alloc;
 #[cfg(feature = "classify")]
 pub mod classify;
 pub mod runtime;

@@ -1,6 +1,12 @@
-//! A counting global allocator, so `bench` can state the peak heap of a pass.
+//! A counting global allocator, so `bench` can state the peak heap of a pass, over
+//! `vmamba::alloc::ReuseLarge` (freed large blocks reused, as `classify` and `train` run).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use vmamba::alloc::ReuseLarge;
+
+/// The allocator underneath: the tools' one.
+static INNER: ReuseLarge = ReuseLarge::system();
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Counting;
@@ -13,13 +19,13 @@ fn grew(by: usize) {
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
 
-// SAFETY: every call forwards to `System` unchanged; the counters only observe sizes.
+// SAFETY: every call forwards to `INNER` unchanged; the counters only observe sizes.
 // `alloc_zeroed` and `realloc` are forwarded too: the trait's defaults would memset or copy
 // (calloc's fresh pages need no memset), which once made the bench measure the allocator.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let ptr = unsafe { System.alloc(layout) };
+        let ptr = unsafe { INNER.alloc(layout) };
         if !ptr.is_null() {
             grew(layout.size());
         }
@@ -28,7 +34,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let ptr = unsafe { System.alloc_zeroed(layout) };
+        let ptr = unsafe { INNER.alloc_zeroed(layout) };
         if !ptr.is_null() {
             grew(layout.size());
         }
@@ -37,7 +43,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as the caller's.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        let new = unsafe { INNER.realloc(ptr, layout, new_size) };
         if !new.is_null() {
             CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
             grew(new_size);
@@ -47,7 +53,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { INNER.dealloc(ptr, layout) };
         CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 }
