@@ -277,25 +277,33 @@ fn advise_huge_pages<T>(v: &[T]) {
 /// for `isa`, exactly as the scan runs it (for benchmarks: the exp rate of the scan). Panics if
 /// the lengths differ or this CPU lacks `isa`.
 pub fn exp_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
-    map_into::<ExpMap>(isa, xs, out, "exp_into");
+    map_into::<ExpMap>(isa, xs, xs, out, "exp_into");
 }
 
 /// `out[i] = GELU(xs[i])`, the exact GELU with [`crate::fastmath::gelu_with`] (absolute error
 /// ≤ 4e-7 · max(1, |x|)), compiled for `isa` (16 lanes with AVX-512). Panics if the lengths
 /// differ or this CPU lacks `isa`.
 pub fn gelu_into(isa: Isa, xs: &[f32], out: &mut [f32]) {
-    map_into::<GeluMap>(isa, xs, out, "gelu_into");
+    map_into::<GeluMap>(isa, xs, xs, out, "gelu_into");
 }
 
-/// An elementwise f32 function with fused (`F`) and unfused forms, for [`map_into`].
+/// `out[i] = dys[i] · GELU'(xs[i])`, the backward of [`gelu_into`] with
+/// [`crate::fastmath::gelu_derivative_with`], compiled for `isa`. Panics if the lengths differ
+/// or this CPU lacks `isa`.
+pub fn gelu_backward_into(isa: Isa, xs: &[f32], dys: &[f32], out: &mut [f32]) {
+    map_into::<GeluBackwardMap>(isa, xs, dys, out, "gelu_backward_into");
+}
+
+/// An elementwise f32 function of `x` (and of a second operand `g` for the backward maps) with
+/// fused (`F`) and unfused forms, for [`map_into`].
 trait LaneMap {
-    fn apply<const F: bool>(x: f32) -> f32;
+    fn apply<const F: bool>(x: f32, g: f32) -> f32;
 }
 
 struct ExpMap;
 impl LaneMap for ExpMap {
     #[inline(always)]
-    fn apply<const F: bool>(x: f32) -> f32 {
+    fn apply<const F: bool>(x: f32, _: f32) -> f32 {
         exp_with::<F>(x)
     }
 }
@@ -303,40 +311,50 @@ impl LaneMap for ExpMap {
 struct GeluMap;
 impl LaneMap for GeluMap {
     #[inline(always)]
-    fn apply<const F: bool>(x: f32) -> f32 {
+    fn apply<const F: bool>(x: f32, _: f32) -> f32 {
         crate::fastmath::gelu_with::<F>(x)
     }
 }
 
-/// `out[i] = M(xs[i])`, the loop compiled for `isa` (fused multiply-adds where it has them).
-fn map_into<M: LaneMap>(isa: Isa, xs: &[f32], out: &mut [f32], name: &str) {
+struct GeluBackwardMap;
+impl LaneMap for GeluBackwardMap {
+    #[inline(always)]
+    fn apply<const F: bool>(x: f32, dy: f32) -> f32 {
+        dy * crate::fastmath::gelu_derivative_with::<F>(x)
+    }
+}
+
+/// `out[i] = M(xs[i], gs[i])`, the loop compiled for `isa` (fused multiply-adds where it has
+/// them); unary maps ignore `gs` (their callers pass `xs` again).
+fn map_into<M: LaneMap>(isa: Isa, xs: &[f32], gs: &[f32], out: &mut [f32], name: &str) {
     assert_eq!(xs.len(), out.len(), "{name}: xs and out differ in length");
+    assert_eq!(gs.len(), out.len(), "{name}: the operands differ in length");
     isa.check().unwrap_or_else(|e| panic!("{e}"));
     #[inline(always)]
-    fn run<M: LaneMap, const F: bool>(xs: &[f32], out: &mut [f32]) {
-        for (o, x) in out.iter_mut().zip(xs) {
-            *o = M::apply::<F>(*x);
+    fn run<M: LaneMap, const F: bool>(xs: &[f32], gs: &[f32], out: &mut [f32]) {
+        for ((o, x), g) in out.iter_mut().zip(xs).zip(gs) {
+            *o = M::apply::<F>(*x, *g);
         }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn run_avx2<M: LaneMap>(xs: &[f32], out: &mut [f32]) {
-        run::<M, true>(xs, out);
+    fn run_avx2<M: LaneMap>(xs: &[f32], gs: &[f32], out: &mut [f32]) {
+        run::<M, true>(xs, gs, out);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn run_avx512<M: LaneMap>(xs: &[f32], out: &mut [f32]) {
-        run::<M, true>(xs, out);
+    fn run_avx512<M: LaneMap>(xs: &[f32], gs: &[f32], out: &mut [f32]) {
+        run::<M, true>(xs, gs, out);
     }
     match isa {
         // SAFETY: `isa.check()` found AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { run_avx2::<M>(xs, out) },
+        Isa::Avx2Fma => unsafe { run_avx2::<M>(xs, gs, out) },
         // SAFETY: `isa.check()` found AVX-512F, AVX2 and FMA on this CPU.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { run_avx512::<M>(xs, out) },
-        Isa::Neon => run::<M, true>(xs, out),
-        _ => run::<M, false>(xs, out),
+        Isa::Avx512 => unsafe { run_avx512::<M>(xs, gs, out) },
+        Isa::Neon => run::<M, true>(xs, gs, out),
+        _ => run::<M, false>(xs, gs, out),
     }
 }
 

@@ -181,6 +181,19 @@ pub fn gelu_with<const FMA: bool>(x: f32) -> f32 {
     x * (erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5
 }
 
+/// `GELU'(x) = Φ(x) + x·φ(x)`, the derivative of the exact GELU (`Φ` the standard normal CDF
+/// `(1 + erf(x/√2))/2` with [`erf_with`], `φ(x) = e^{−x²/2}/√(2π)` with [`exp_decay_with`]),
+/// branch-free. `x·φ(x)` is taken at `x` clamped to ±10, where it is below 2e-21 (and no
+/// infinity times zero makes a NaN). Absolute error ≤ 1e-6 against f64 (2.8e-7 seen, tested).
+#[inline(always)]
+pub fn gelu_derivative_with<const FMA: bool>(x: f32) -> f32 {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = (erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+    let xc = x.clamp(-10.0, 10.0);
+    let pdf = exp_decay_with::<FMA>(-0.5 * xc * xc) * FRAC_1_SQRT_2PI;
+    madd::<FMA>(xc, pdf, cdf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +331,32 @@ mod tests {
         }
         assert_eq!(gelu_with::<false>(0.0), 0.0);
         assert!(gelu_with::<false>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_derivative_is_within_1e_6_of_f64() {
+        let exact = |x: f64| {
+            let cdf = (1.0 + libm_erf(x / std::f64::consts::SQRT_2)) / 2.0;
+            let pdf = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            cdf + x * pdf
+        };
+        for fused in [false, true] {
+            let mut worst = 0.0f64;
+            for x in sweep(-40.0, 40.0, 4_000_001) {
+                let d = if fused {
+                    gelu_derivative_with::<true>(x)
+                } else {
+                    gelu_derivative_with::<false>(x)
+                };
+                worst = worst.max((f64::from(d) - exact(f64::from(x))).abs());
+            }
+            println!("fused {fused}: GELU' worst abs error {worst:.2e}");
+            assert!(worst <= 1e-6, "GELU' (fused {fused}): {worst:.3e}");
+        }
+        // The tails: 0 and 1 within the same bound at ±∞, never NaN.
+        assert!(gelu_derivative_with::<false>(f32::NEG_INFINITY).abs() <= 1e-6);
+        assert!((gelu_derivative_with::<false>(f32::INFINITY) - 1.0).abs() <= 1e-6);
+        assert_eq!(gelu_derivative_with::<false>(0.0), 0.5);
     }
 
     /// f64 `erf` by its Taylor series below 3 and the continued fraction of `erfc` above

@@ -192,3 +192,30 @@ fn gelu_into_gives_the_scalar_bits_on_every_instruction_set() {
         }
     }
 }
+
+/// `gelu_backward_into` on every instruction set: `dy ·` the scalar `gelu_derivative_with` bits
+/// (fused multiply-adds where the set has them), over a length no multiple of any lane count.
+#[test]
+fn gelu_backward_into_gives_the_scalar_bits_on_every_instruction_set() {
+    use selective_scan::fastmath::gelu_derivative_with;
+    let xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.0173).collect();
+    let dys: Vec<f32> = (0..1003)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
+        .collect();
+    for isa in isas() {
+        let mut out = vec![f32::NAN; xs.len()];
+        selective_scan::cpu::gelu_backward_into(isa, &xs, &dys, &mut out);
+        for ((x, dy), g) in xs.iter().zip(&dys).zip(&out) {
+            let derivative = if isa == Isa::Portable {
+                gelu_derivative_with::<false>(*x)
+            } else {
+                gelu_derivative_with::<true>(*x)
+            };
+            assert_eq!(
+                g.to_bits(),
+                (dy * derivative).to_bits(),
+                "{isa:?} at x = {x}"
+            );
+        }
+    }
+}

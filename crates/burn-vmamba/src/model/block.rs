@@ -58,13 +58,21 @@ impl<B: SelectiveScanBackend> Mlp<B> {
     }
 }
 
-/// The exact GELU: the backend's native one for inference where it has one
-/// ([`SelectiveScanBackend::gelu_exact`]), else `activation::gelu`.
+/// The exact GELU: the backend's native one where it has one (in training too, with its native
+/// backward: [`SelectiveScanBackend::gelu_exact`]), else `activation::gelu`.
 pub fn gelu<B: SelectiveScanBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    native_inference(&x.device(), || {
-        B::gelu_exact(x.clone().into_primitive().tensor())
-    })
-    .unwrap_or_else(|| activation::gelu(x))
+    native(|| B::gelu_exact(x.clone().into_primitive().tensor()))
+        .unwrap_or_else(|| activation::gelu(x))
+}
+
+/// A native op of the backend that is differentiable (the autodiff backend wraps the inner
+/// backend's op with its native backward: [`SelectiveScanBackend::gelu_exact`] and
+/// [`SelectiveScanBackend::native_linear`]) as a tensor; `None` where the backend has no such
+/// op.
+fn native<B: SelectiveScanBackend, const D: usize>(
+    op: impl FnOnce() -> Option<FloatTensor<B>>,
+) -> Option<Tensor<B, D>> {
+    op().map(|y| Tensor::from_primitive(TensorPrimitive::Float(y)))
 }
 
 /// A native inference op of the backend (one of [`SelectiveScanBackend`]'s hooks, run by
@@ -82,7 +90,7 @@ pub(crate) fn native_inference<B: SelectiveScanBackend, const D: usize>(
 
 /// `linear.forward(x)` for a channel-last `[batch, height, width, channels]` tensor, as one
 /// 2-D product `[batch·height·width, channels] × weight`: the backend's native linear on the
-/// 4-D tensor for inference where it has one (no reshape), else [`linear_2d`] on the reshaped
+/// 4-D tensor where it has one (no reshape; in training too), else [`linear_2d`] on the reshaped
 /// input. Burn's `Linear` on a 4-D input is a batched matmul over `batch·height` small products
 /// (on NdArray, each packed separately).
 pub fn linear_4d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -95,7 +103,7 @@ pub fn linear_4d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 4>) -
     y.reshape([batch, height, width, out])
 }
 
-/// `linear.forward(x)` for `x [M, K]`: the backend's native linear for inference where it has
+/// `linear.forward(x)` for `x [M, K]`: the backend's native linear (in training too) where it has
 /// one ([`SelectiveScanBackend::native_linear`]), else `Linear::forward`.
 pub fn linear_2d<B: SelectiveScanBackend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     native_linear(linear, &x).unwrap_or_else(|| linear.forward(x))
@@ -142,13 +150,13 @@ pub fn reshape<B: SelectiveScanBackend, const D1: usize, const D2: usize>(
     .unwrap_or_else(|| x.reshape(shape))
 }
 
-/// [`SelectiveScanBackend::native_linear`] on `x [.., K]` for inference; `None` under autodiff
-/// or where the backend has none.
+/// [`SelectiveScanBackend::native_linear`] on `x [.., K]` (in training too, with its native
+/// backward); `None` where the backend has none.
 fn native_linear<B: SelectiveScanBackend, const D: usize>(
     linear: &Linear<B>,
     x: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
-    native_inference(&x.device(), || {
+    native(|| {
         B::native_linear(
             x.clone().into_primitive().tensor(),
             linear.weight.val().into_primitive().tensor(),

@@ -175,8 +175,8 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
                 (x, Some(z))
             }
         };
-        // [batch, d_inner, height, width]: fused natively where the backend offers it (NdArray
-        // inference), else permute, conv and SiLU as tensor ops.
+        // [batch, d_inner, height, width]: conv and SiLU fused natively where the backend offers
+        // it (NdArray inference), else the conv (native where the backend has it) and SiLU.
         let fused = self
             .conv2d
             .as_ref()
@@ -190,12 +190,17 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
         let x = match fused {
             Some(y) => Tensor::from_primitive(TensorPrimitive::Float(y)),
             None => {
-                let x = x.permute([0, 3, 1, 2]);
                 let x = match &self.conv2d {
-                    Some(conv) => {
-                        profile::scope::<B, _>("ss2d.conv2d", &device, || conv2d::<B>(conv, x))
-                    }
-                    None => x,
+                    Some(conv) => profile::scope::<B, _>("ss2d.conv2d", &device, || {
+                        // Native where the backend has it (NdArray, in training too: its own
+                        // backward), else permute and the generic conv.
+                        let (weight, bias) = native_params(conv);
+                        match B::depthwise_conv(x.clone().into_primitive().tensor(), weight, bias) {
+                            Some(y) => Tensor::from_primitive(TensorPrimitive::Float(y)),
+                            None => conv2d::<B>(conv, x.permute([0, 3, 1, 2])),
+                        }
+                    }),
+                    None => x.permute([0, 3, 1, 2]),
                 };
                 profile::scope::<B, _>("ss2d.silu", &device, || activation::silu(x))
             }

@@ -1,5 +1,7 @@
 //! `Autodiff<B, C>`: a custom `Backward` that calls the inner backend's fused backward, and
 //! registers gradients for exactly the tracked inputs among u, delta, A, B, C, D, delta_bias.
+//! The same for the model's native ops that have a native backward ([`NativeBackward`]): the
+//! exact GELU and the linear layer run as the inner backend's one-pass ops in training too.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -9,7 +11,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
 
-use super::{ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
+use burn::tensor::backend::Backend;
+
+use super::{LayerGradients, ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
 
 /// The backward step of one scan; `N` is the number of inputs (5 to 7, with D and delta_bias).
 #[derive(Debug)]
@@ -83,8 +87,220 @@ fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
     }
 }
 
+/// The backward step of a native op of the inner backend with `N` differentiable inputs:
+/// `grads(state, dy, needed)` gives each input's gradient (in the nodes' order) where `needed`.
+#[derive(Debug)]
+struct NativeBackward<B: Backend, S, const N: usize> {
+    grads: fn(S, FloatTensor<B>, [bool; N]) -> [Option<FloatTensor<B>>; N],
+}
+
+impl<B, S, const N: usize> Backward<B, N> for NativeBackward<B, S, N>
+where
+    B: Backend,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    type State = S;
+
+    fn backward(self, ops: Ops<S, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let needed = ops.parents.each_ref().map(Option::is_some);
+        let computed = (self.grads)(ops.state, dy, needed);
+        for (parent, grad) in ops.parents.into_iter().zip(computed) {
+            if let (Some(node), Some(grad)) = (parent, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// `y`, the inner backend's output of a native op on `inputs`, as an autodiff tensor whose
+/// backward is `step` with `state` (kept only if some input is tracked).
+fn native_op<B, C, S, const N: usize>(
+    inputs: [&FloatTensor<Autodiff<B, C>>; N],
+    y: FloatTensor<B>,
+    state: S,
+    step: NativeBackward<B, S, N>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    let nodes = inputs.map(|t| t.node.clone());
+    match step.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+fn gelu_grads<B: SelectiveScanBackend>(
+    x: FloatTensor<B>,
+    dy: FloatTensor<B>,
+    _needed: [bool; 1],
+) -> [Option<FloatTensor<B>>; 1] {
+    let grad = match B::gelu_exact_backward(x.clone(), dy.clone()) {
+        Some(grad) => grad,
+        None => B::gelu_backward(x, dy),
+    };
+    [Some(grad)]
+}
+
+/// A layer with an input, a weight and an optional bias whose inner backend runs it natively
+/// with a native backward: the linear and the depthwise convolution.
+trait WeightedLayer<B: SelectiveScanBackend> {
+    /// Its name in the contract's panic message.
+    const NAME: &'static str;
+
+    /// The inner backend's backward (`None` breaks the contract: see [`layer_grads`]).
+    fn backward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        dy: FloatTensor<B>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<B>>;
+}
+
+struct LinearLayer;
+impl<B: SelectiveScanBackend> WeightedLayer<B> for LinearLayer {
+    const NAME: &'static str = "native_linear";
+    fn backward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        dy: FloatTensor<B>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<B>> {
+        B::native_linear_backward(x, weight, dy, needed)
+    }
+}
+
+struct DepthwiseConvLayer;
+impl<B: SelectiveScanBackend> WeightedLayer<B> for DepthwiseConvLayer {
+    const NAME: &'static str = "depthwise_conv";
+    fn backward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        dy: FloatTensor<B>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<B>> {
+        B::depthwise_conv_backward(x, weight, dy, needed)
+    }
+}
+
+/// A layer's saved inputs: `x` and `weight`.
+type LayerState<B> = (FloatTensor<B>, FloatTensor<B>);
+
+fn layer_grads<B: SelectiveScanBackend, L: WeightedLayer<B>>(
+    (x, weight): LayerState<B>,
+    dy: FloatTensor<B>,
+    needed: [bool; 3],
+) -> LayerGradients<B> {
+    L::backward(x, weight, dy, needed).unwrap_or_else(|| {
+        panic!(
+            "a backend whose {name} runs implements {name}_backward too (SelectiveScanBackend's \
+             contract)",
+            name = L::NAME
+        )
+    })
+}
+
+fn layer_grads_with_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
+    state: LayerState<B>,
+    dy: FloatTensor<B>,
+    needed: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    let g = layer_grads::<B, L>(state, dy, needed);
+    [g.dx, g.dweight, g.dbias]
+}
+
+fn layer_grads_without_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
+    state: LayerState<B>,
+    dy: FloatTensor<B>,
+    [x, weight]: [bool; 2],
+) -> [Option<FloatTensor<B>>; 2] {
+    let g = layer_grads::<B, L>(state, dy, [x, weight, false]);
+    [g.dx, g.dweight]
+}
+
+/// `y`, the inner backend's output of layer `L` on `x`, `weight` and `bias`, as an autodiff
+/// tensor differentiated by `L`'s native backward.
+fn weighted_layer<B, C, L>(
+    x: &FloatTensor<Autodiff<B, C>>,
+    weight: &FloatTensor<Autodiff<B, C>>,
+    bias: Option<&FloatTensor<Autodiff<B, C>>>,
+    y: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: SelectiveScanBackend,
+    C: CheckpointStrategy,
+    L: WeightedLayer<B>,
+{
+    let state = (x.primitive.clone(), weight.primitive.clone());
+    match bias {
+        Some(bias) => {
+            let step = NativeBackward {
+                grads: layer_grads_with_bias::<B, L>,
+            };
+            native_op::<B, C, _, 3>([x, weight, bias], y, state, step)
+        }
+        None => {
+            let step = NativeBackward {
+                grads: layer_grads_without_bias::<B, L>,
+            };
+            native_op::<B, C, _, 2>([x, weight], y, state, step)
+        }
+    }
+}
+
 impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Autodiff<B, C> {
     const CONV2D_BY_TENSOR_OPS: bool = B::CONV2D_BY_TENSOR_OPS;
+
+    /// The inner backend's GELU, differentiated by its `gelu_exact_backward`.
+    fn gelu_exact(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let y = B::gelu_exact(x.primitive.clone())?;
+        let step = NativeBackward {
+            grads: gelu_grads::<B>,
+        };
+        Some(native_op::<B, C, _, 1>([&x], y, x.primitive.clone(), step))
+    }
+
+    /// The inner backend's linear, differentiated by its `native_linear_backward`.
+    fn native_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        let y = B::native_linear(
+            x.primitive.clone(),
+            weight.primitive.clone(),
+            bias.as_ref().map(|b| b.primitive.clone()),
+        )?;
+        Some(weighted_layer::<B, C, LinearLayer>(
+            &x,
+            &weight,
+            bias.as_ref(),
+            y,
+        ))
+    }
+
+    /// The inner backend's depthwise convolution, differentiated by its
+    /// `depthwise_conv_backward`.
+    fn depthwise_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        let y = B::depthwise_conv(
+            x.primitive.clone(),
+            weight.primitive.clone(),
+            bias.as_ref().map(|b| b.primitive.clone()),
+        )?;
+        Some(weighted_layer::<B, C, DepthwiseConvLayer>(
+            &x,
+            &weight,
+            bias.as_ref(),
+            y,
+        ))
+    }
 
     fn selective_scan_forward(
         inputs: ScanTensors<Self>,

@@ -195,6 +195,18 @@ pub struct ScanOptions {
     pub delta_softplus: bool,
 }
 
+/// Gradients of a layer with an input, a weight and an optional bias
+/// ([`SelectiveScanBackend::native_linear_backward`],
+/// [`SelectiveScanBackend::depthwise_conv_backward`]): each `None` where it was not asked for.
+pub struct LayerGradients<B: Backend> {
+    /// The input's gradient, its shape.
+    pub dx: Option<FloatTensor<B>>,
+    /// The weight's gradient, its shape.
+    pub dweight: Option<FloatTensor<B>>,
+    /// The bias' gradient, its shape.
+    pub dbias: Option<FloatTensor<B>>,
+}
+
 /// A backend that can run the selective scan, forward and backward.
 ///
 /// The default bodies are the tensor-op fallback ([`fallback`]), so any backend gets a correct
@@ -221,8 +233,40 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
-    /// The exact GELU, `x · (1 + erf(x / √2)) / 2`, for inference, in one pass. `None` (the
-    /// default, and always under autodiff) leaves it to `activation::gelu`; NdArray implements
+    /// SS2D's depthwise convolution (differentiable, for training; inference takes
+    /// [`depthwise_conv_silu`](Self::depthwise_conv_silu)): `x` channel-last `[batch, height,
+    /// width, channels]`, `weight [channels, 1, k, k]` (k odd, zero padding `(k − 1)/2`, stride
+    /// 1), optional `bias [channels]` → `conv(x)` channel-first `[batch, channels, height,
+    /// width]`. The autodiff backend wraps the inner backend's with
+    /// [`depthwise_conv_backward`](Self::depthwise_conv_backward). `None` (the default) leaves
+    /// it to the generic path (permute and [`crate::model::conv::conv2d`]).
+    fn depthwise_conv(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The backward of [`depthwise_conv`](Self::depthwise_conv) for the upstream gradient
+    /// `dy [batch, channels, height, width]`: the input's (channel-last, `x`'s shape), the
+    /// weight's and the bias' gradients, each only where `needed` (`[x, weight, bias]`). A
+    /// backend that implements `depthwise_conv` implements this too. NdArray: one pass over
+    /// output rows for `dx` (the convolution with the flipped kernel), one for the weight and
+    /// bias (partial sums per row, added in row order: the same bits for any number of
+    /// threads).
+    fn depthwise_conv_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
+        None
+    }
+
+    /// The exact GELU, `x · (1 + erf(x / √2)) / 2`, in one pass (differentiable: the autodiff
+    /// backend wraps the inner backend's with [`gelu_exact_backward`](Self::gelu_exact_backward)).
+    /// `None` (the default) leaves it to `activation::gelu`; NdArray implements
     /// it natively in one vectorised pass on every core (`selective_scan::cpu::gelu_into`: a
     /// rational `erf`, absolute error ≤ 4e-7 · max(1, |x|) against the f64 GELU) instead of
     /// five tensor ops with an f64 `erf` per element.
@@ -287,10 +331,11 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
-    /// A linear layer for inference: `x [.., K] · weight [K, N] (+ bias [N])` → `[.., N]`
-    /// (any number of leading dimensions, taken as the rows of one product), as
-    /// `Linear::forward` computes it on a 2-D input. `None` (the default, and always under
-    /// autodiff) leaves it to `Linear::forward`; NdArray implements it natively (one threaded
+    /// A linear layer: `x [.., K] · weight [K, N] (+ bias [N])` → `[.., N]` (any number of
+    /// leading dimensions, taken as the rows of one product), as `Linear::forward` computes it
+    /// on a 2-D input (differentiable: the autodiff backend wraps the inner backend's with
+    /// [`native_linear_backward`](Self::native_linear_backward)). `None` (the default) leaves it
+    /// to `Linear::forward`; NdArray implements it natively (one threaded
     /// sgemm on the buffers into an uninitialised output, then the bias in one pass, and no
     /// reshape: Burn's NdArray `reshape` copies even a contiguous tensor, and its linear path
     /// spent about 2.5× the sgemm's time around the product on the model's shapes).
@@ -299,6 +344,35 @@ pub trait SelectiveScanBackend: Backend {
         _weight: FloatTensor<Self>,
         _bias: Option<FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The backward of [`gelu_exact`](Self::gelu_exact) for the upstream gradient `dy` (the
+    /// shape of `x`): `dy · GELU'(x)`, `GELU'(x) = Φ(x) + x·φ(x)`. The autodiff backend runs a
+    /// GELU natively when the inner backend's `gelu_exact` does, and then differentiates it with
+    /// this (Burn's `gelu_backward` where this is `None`, the default). NdArray: one vectorised
+    /// pass on every core (`selective_scan::cpu::gelu_backward_into`, absolute error ≤ 1e-6 on
+    /// `GELU'`).
+    fn gelu_exact_backward(
+        _x: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The backward of [`native_linear`](Self::native_linear) for the upstream gradient
+    /// `dy [.., N]`: `dx = dy · weightᵀ` (the shape of `x`), `dweight = xᵀ · dy` over every
+    /// leading dimension, `dbias = Σ_rows dy`, each only where `needed` (`[x, weight, bias]`).
+    /// A backend that implements `native_linear` implements this too: the autodiff backend runs
+    /// a linear natively when the inner backend's `native_linear` does, and differentiates it
+    /// with this. NdArray: two threaded sgemms on the buffers (no reshape, no transposed copy)
+    /// and a column sum in fixed row blocks (the same bits for any number of threads).
+    fn native_linear_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
         None
     }
 

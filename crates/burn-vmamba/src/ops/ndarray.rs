@@ -15,7 +15,7 @@ use burn::tensor::ops::FloatTensor;
 use selective_scan::ScanShape;
 use selective_scan::cpu::{self, ScanSlices};
 
-use super::{ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
+use super::{LayerGradients, ScanGradients, ScanOptions, ScanTensors, SelectiveScanBackend};
 
 /// The f32 values of an NdArray tensor in row-major order: borrowed when the buffer already is
 /// contiguous f32 (the common case: no copy), gathered otherwise. (Burn's generic `into_data`
@@ -103,27 +103,23 @@ impl<'a> HostInputs<'a> {
     }
 }
 
-/// `SiLU(depthwise_conv(x))`: `x [batch, height, width, channels]` (channel-last, contiguous),
-/// `weight [channels, k, k]`, zero padding `(k − 1)/2`, stride 1 → `[batch, channels, height,
-/// width]`. One rayon task per output row `(batch, i)`: the row is accumulated channel-last
-/// (the inner loop runs over contiguous channels and vectorises), tap by tap in the order
-/// `(p, q)` row-major after the bias, then SiLU'd and written out channel by channel.
-fn depthwise_conv_silu(
+/// `depthwise_conv(x)`, then SiLU if `silu`: `x [batch, height, width, channels]` (channel-last,
+/// contiguous), `weight [channels, k, k]`, zero padding `(k − 1)/2`, stride 1 → `[batch,
+/// channels, height, width]`. One rayon task per output row `(batch, i)`: the row is
+/// accumulated channel-last (the inner loop runs over contiguous channels and vectorises), tap
+/// by tap in the order `(p, q)` row-major after the bias, then SiLU'd and written out channel
+/// by channel.
+fn depthwise_conv(
     x: &[f32],
     [batch, height, width, channels]: [usize; 4],
     weight: &[f32],
     k: usize,
     bias: Option<&[f32]>,
+    silu: bool,
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let pad = k / 2;
-    // Taps as [p, q, channel] so that the inner loop reads them contiguously.
-    let mut taps = vec![0.0f32; k * k * channels];
-    for c in 0..channels {
-        for pq in 0..k * k {
-            taps[pq * channels + c] = weight[c * k * k + pq];
-        }
-    }
+    let taps = taps_channel_last(weight, channels, k);
     let plane = height * width;
     let mut y = vec![0.0f32; batch * channels * plane];
     // Rows of the output are strided in [batch, channels, height, width]: each task returns
@@ -154,8 +150,10 @@ fn depthwise_conv_silu(
                             }
                         }
                     }
-                    for a in a.iter_mut() {
-                        *a *= selective_scan::fastmath::sigmoid(*a);
+                    if silu {
+                        for a in a.iter_mut() {
+                            *a *= selective_scan::fastmath::sigmoid(*a);
+                        }
                     }
                 }
                 acc
@@ -173,6 +171,134 @@ fn depthwise_conv_silu(
     y
 }
 
+/// A depthwise kernel `[channels, k, k]` as `[p, q, channel]`, so that loops over channels read
+/// the taps contiguously.
+fn taps_channel_last(weight: &[f32], channels: usize, k: usize) -> Vec<f32> {
+    let mut taps = vec![0.0f32; k * k * channels];
+    for c in 0..channels {
+        for pq in 0..k * k {
+            taps[pq * channels + c] = weight[c * k * k + pq];
+        }
+    }
+    taps
+}
+
+/// The gradients of [`depthwise_conv`] (without SiLU) for `dy [batch, channels, height, width]`
+/// (row-major), with `x [batch, height, width, channels]` and `weight [channels, k, k]`:
+/// `dx [batch, height, width, channels]`, `dweight [channels, k, k]` and `dbias [channels]`,
+/// each where `needed`.
+///
+/// `dy` is first transposed to channel-last (per image, rayon over rows), so that every loop
+/// runs over contiguous channels. `dx[b, r, s] = Σ_{p,q} w[p, q] · dy[b, r + pad − p,
+/// s + pad − q]` (the convolution with the flipped kernel, taps in `(p, q)` order) per input
+/// row; `dweight[p, q] = Σ_{b,i,j} dy[b, i, j] · x[b, i + p − pad, j + q − pad]` and
+/// `dbias = Σ dy` as partial sums per output row `(b, i)` (over `j` in order), added in row
+/// order afterwards: the bits do not depend on the number of threads.
+fn depthwise_conv_backward(
+    x: &[f32],
+    [batch, height, width, channels]: [usize; 4],
+    weight: &[f32],
+    k: usize,
+    dy: &[f32],
+    [need_x, need_weight, need_bias]: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    use rayon::prelude::*;
+    let pad = k / 2;
+    let plane = height * width;
+    let row = width * channels;
+    // dy channel-last: [batch, height, width, channels].
+    let mut dy_cl = vec![0.0f32; batch * plane * channels];
+    dy_cl.par_chunks_mut(row).enumerate().for_each(|(bi, out)| {
+        let (b, i) = (bi / height, bi % height);
+        for (j, o) in out.chunks_exact_mut(channels).enumerate() {
+            for (c, v) in o.iter_mut().enumerate() {
+                *v = dy[(b * channels + c) * plane + i * width + j];
+            }
+        }
+    });
+    // The window of output row `i`'s tap row `p`: input row `i + p − pad`, if inside.
+    let tap_row = |i: usize, p: usize| (i + p).checked_sub(pad).filter(|r| *r < height);
+    let tap_col = |j: usize, q: usize| (j + q).checked_sub(pad).filter(|s| *s < width);
+    let dx = need_x.then(|| {
+        let taps = taps_channel_last(weight, channels, k);
+        let mut dx = vec![0.0f32; batch * plane * channels];
+        dx.par_chunks_mut(row).enumerate().for_each(|(br, out)| {
+            let (b, r) = (br / height, br % height);
+            for (s, acc) in out.chunks_exact_mut(channels).enumerate() {
+                for p in 0..k {
+                    // Output row i with i + p − pad = r.
+                    let Some(i) = (r + pad).checked_sub(p).filter(|i| *i < height) else {
+                        continue;
+                    };
+                    for q in 0..k {
+                        let Some(j) = (s + pad).checked_sub(q).filter(|j| *j < width) else {
+                            continue;
+                        };
+                        let at = ((b * height + i) * width + j) * channels;
+                        let g = &dy_cl[at..at + channels];
+                        let w = &taps[(p * k + q) * channels..(p * k + q + 1) * channels];
+                        for ((a, g), w) in acc.iter_mut().zip(g).zip(w) {
+                            *a += w * g;
+                        }
+                    }
+                }
+            }
+        });
+        dx
+    });
+    let (dweight, dbias) = if need_weight || need_bias {
+        // Per output row: [k·k + 1][channels] (the taps' sums, then the bias').
+        let partials: Vec<Vec<f32>> = (0..batch * height)
+            .into_par_iter()
+            .map(|bi| {
+                let (b, i) = (bi / height, bi % height);
+                let mut sums = vec![0.0f32; (k * k + 1) * channels];
+                for j in 0..width {
+                    let at = ((b * height + i) * width + j) * channels;
+                    let g = &dy_cl[at..at + channels];
+                    let (taps, bias) = sums.split_at_mut(k * k * channels);
+                    for (s, g) in bias.iter_mut().zip(g) {
+                        *s += g;
+                    }
+                    for p in 0..k {
+                        let Some(r) = tap_row(i, p) else { continue };
+                        for q in 0..k {
+                            let Some(c) = tap_col(j, q) else { continue };
+                            let at = ((b * height + r) * width + c) * channels;
+                            let xs = &x[at..at + channels];
+                            let s = &mut taps[(p * k + q) * channels..(p * k + q + 1) * channels];
+                            for ((s, g), x) in s.iter_mut().zip(g).zip(xs) {
+                                *s += g * x;
+                            }
+                        }
+                    }
+                }
+                sums
+            })
+            .collect();
+        let mut total = vec![0.0f32; (k * k + 1) * channels];
+        for partial in &partials {
+            for (t, p) in total.iter_mut().zip(partial) {
+                *t += p;
+            }
+        }
+        let dweight = need_weight.then(|| {
+            let mut w = vec![0.0f32; channels * k * k];
+            for c in 0..channels {
+                for pq in 0..k * k {
+                    w[c * k * k + pq] = total[pq * channels + c];
+                }
+            }
+            w
+        });
+        let dbias = need_bias.then(|| total[k * k * channels..].to_vec());
+        (dweight, dbias)
+    } else {
+        (None, None)
+    };
+    [dx, dweight, dbias]
+}
+
 /// `x [m, k] · weight [k, n] (+ bias)` (see [`SelectiveScanBackend::native_linear`]): one matrix
 /// product (matrixmultiply's sgemm, threaded) written straight into a new, uninitialised
 /// buffer, then the bias added row by row, the order of Burn's `matmul` then `add`.
@@ -181,10 +307,40 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
         x.len() == m * k && weight.len() == k * n,
         "linear: x is [m, k], weight [k, n]"
     );
+    let mut y = gemm((x, [k, 1]), (weight, [n, 1]), [m, k, n]);
+    if let Some(bias) = bias {
+        add_bias_rows(&mut y, bias);
+    }
+    y
+}
+
+/// `a [m, k] · b [k, n]` into a new row-major `[m, n]` buffer, each operand given as its values
+/// and `[row stride, column stride]` (a transposed operand is read through its strides, not
+/// copied): matrixmultiply's sgemm, threaded over output blocks (the inner dimension is never
+/// split, so the bits do not depend on the number of threads).
+///
+/// Panics if an operand's values do not cover its strided extent.
+fn gemm(
+    (a, [rsa, csa]): (&[f32], [usize; 2]),
+    (b, [rsb, csb]): (&[f32], [usize; 2]),
+    [m, k, n]: [usize; 3],
+) -> Vec<f32> {
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb),
+        "gemm: an operand is shorter than its shape and strides"
+    );
+    let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: `x` holds m·k and `weight` k·n values (asserted), row-major with the strides
-    // given; `y` has capacity m·n. With β = 0 matrixmultiply writes every element of the m × n
-    // output without reading it (also for k = 0, where it writes zeros), so all m·n values are
+    // SAFETY: every element the strided operands address lies inside their slices (asserted);
+    // `y` has capacity m·n. With β = 0 matrixmultiply writes every element of the m × n output
+    // without reading it (also for k = 0, where it writes zeros), so all m·n values are
     // initialised when the length is set.
     unsafe {
         matrixmultiply::sgemm(
@@ -192,23 +348,67 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
             k,
             n,
             1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            weight.as_ptr(),
-            n as isize,
-            1,
+            a.as_ptr(),
+            stride(rsa),
+            stride(csa),
+            b.as_ptr(),
+            stride(rsb),
+            stride(csb),
             0.0,
             y.as_mut_ptr(),
-            n as isize,
+            stride(n),
             1,
         );
         y.set_len(m * n);
     }
-    if let Some(bias) = bias {
-        add_bias_rows(&mut y, bias);
-    }
     y
+}
+
+/// Rows per block of [`column_sums`]: fixed, so that the sums' order (and bits) never depends
+/// on the number of threads.
+const SUM_ROWS: usize = 256;
+
+/// `Σ_rows y` of a row-major `[rows, n]` buffer: blocks of [`SUM_ROWS`] rows summed in parallel
+/// (rows in order within a block), then the blocks' sums added in block order.
+fn column_sums(y: &[f32], n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let partials: Vec<Vec<f32>> = y
+        .par_chunks(n.max(1) * SUM_ROWS)
+        .map(|rows| {
+            let mut sums = vec![0.0f32; n];
+            for row in rows.chunks_exact(n.max(1)) {
+                for (s, v) in sums.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![0.0f32; n];
+    for partial in &partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t += p;
+        }
+    }
+    total
+}
+
+/// The gradients of `y = x · weight (+ bias)` for `dy` (see
+/// [`SelectiveScanBackend::native_linear_backward`]) on row-major buffers `x [m, k]`,
+/// `weight [k, n]`, `dy [m, n]`: `dx = dy · weightᵀ`, `dweight = xᵀ · dy`, `dbias = Σ_rows dy`,
+/// each where `needed`.
+fn linear_backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    [m, k, n]: [usize; 3],
+    [need_x, need_weight, need_bias]: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    [
+        need_x.then(|| gemm((dy, [n, 1]), (weight, [1, n]), [m, n, k])),
+        need_weight.then(|| gemm((x, [1, k]), (dy, [n, 1]), [k, m, n])),
+        need_bias.then(|| column_sums(dy, n)),
+    ]
 }
 
 /// `row += bias` for every row of a row-major `[rows, bias.len()]` buffer (rayon over blocks
@@ -512,6 +712,35 @@ fn conv2d_dense(
     y
 }
 
+/// The kernel size `k` of a depthwise weight `[channels, 1, k, k]` (k odd), `None` otherwise.
+fn depthwise_kernel(weight: &NdArrayTensor, channels: usize) -> Option<usize> {
+    let [c, one, k, k2] = weight.shape().dims::<4>();
+    (c == channels && one == 1 && k == k2 && k % 2 == 1).then_some(k)
+}
+
+/// [`depthwise_conv`] on NdArray tensors (`x` channel-last `[batch, height, width, channels]`,
+/// any layout), SiLU'd if `silu`; `None` for weights it does not cover.
+fn depthwise_conv_native(
+    x: NdArrayTensor,
+    weight: NdArrayTensor,
+    bias: Option<NdArrayTensor>,
+    silu: bool,
+) -> Option<NdArrayTensor> {
+    let dims = x.shape().dims::<4>();
+    let [batch, height, width, channels] = dims;
+    let k = depthwise_kernel(&weight, channels)?;
+    if bias
+        .as_ref()
+        .is_some_and(|b| b.shape().dims::<1>() != [channels])
+    {
+        return None;
+    }
+    let (x, weight) = (values(&x), values(&weight));
+    let bias = bias.as_ref().map(values);
+    let y = depthwise_conv(&x, dims, &weight, k, bias.as_deref(), silu);
+    Some(tensor(y, &[batch, channels, height, width]))
+}
+
 /// A new f32 NdArray tensor that takes ownership of `values` (no copy).
 fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
     let array = ndarray::ArcArray::from_shape_vec(ndarray::IxDyn(shape), values)
@@ -534,16 +763,36 @@ where
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
+        depthwise_conv_native(x, weight, bias, true)
+    }
+
+    fn depthwise_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        depthwise_conv_native(x, weight, bias, false)
+    }
+
+    fn depthwise_conv_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
         let dims = x.shape().dims::<4>();
-        let [channels, one, k, k2] = weight.shape().dims::<4>();
-        if one != 1 || k != k2 || k % 2 == 0 || dims[3] != channels {
+        let [batch, height, width, channels] = dims;
+        let k = depthwise_kernel(&weight, channels)?;
+        if dy.shape().dims::<4>() != [batch, channels, height, width] {
             return None;
         }
-        let (x, weight) = (values(&x), values(&weight));
-        let bias = bias.as_ref().map(values);
-        let y = depthwise_conv_silu(&x, dims, &weight, k, bias.as_deref());
-        let [batch, height, width, _] = dims;
-        Some(tensor(y, &[batch, channels, height, width]))
+        let (x, weight, dy) = (values(&x), values(&weight), values(&dy));
+        let [dx, dweight, dbias] = depthwise_conv_backward(&x, dims, &weight, k, &dy, needed);
+        Some(LayerGradients {
+            dx: dx.map(|v| tensor(v, &dims)),
+            dweight: dweight.map(|v| tensor(v, &[channels, 1, k, k])),
+            dbias: dbias.map(|v| tensor(v, &[channels])),
+        })
     }
 
     fn gelu_exact(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
@@ -664,6 +913,63 @@ where
         Some(tensor(y, &dims))
     }
 
+    fn native_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
+        let x_dims = x.shape().to_vec();
+        let (&k, leading) = x_dims.split_last()?;
+        let m = leading.iter().product::<usize>();
+        let [k_w, n] = weight.shape().dims::<2>();
+        let dy_dims = dy.shape().to_vec();
+        if k != k_w || dy_dims.split_last() != Some((&n, leading)) {
+            return None;
+        }
+        let (x, weight, dy) = (values(&x), values(&weight), values(&dy));
+        let [dx, dweight, dbias] = linear_backward(&x, &weight, &dy, [m, k, n], needed);
+        Some(LayerGradients {
+            dx: dx.map(|v| tensor(v, &x_dims)),
+            dweight: dweight.map(|v| tensor(v, &[k, n])),
+            dbias: dbias.map(|v| tensor(v, &[n])),
+        })
+    }
+
+    fn gelu_exact_backward(
+        x: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        use rayon::prelude::*;
+        let shape = x.shape().to_vec();
+        if dy.shape().to_vec() != shape {
+            return None;
+        }
+        let isa = cpu::Isa::detect();
+        let run = |x: &[f32], dy: &[f32]| {
+            let mut dx = vec![0.0f32; x.len()];
+            dx.par_chunks_mut(1 << 14)
+                .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+                .for_each(|(dx, (x, dy))| cpu::gelu_backward_into(isa, x, dy, dx));
+            dx
+        };
+        // Both channel-last memory seen channel-first (as `gelu_exact` returns the stem's
+        // activations): mapped in memory order, the gradient keeps that layout.
+        if let (Some(xm), Some(dym)) = (channel_last_memory(&x), channel_last_memory(&dy)) {
+            let [batch, channels, height, width] = shape[..] else {
+                unreachable!("channel_last_memory only accepts 4-D tensors")
+            };
+            let array = ndarray::ArcArray::from_shape_vec(
+                ndarray::IxDyn(&[batch, height, width, channels]),
+                run(xm, dym),
+            )
+            .expect("same number of values")
+            .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
+            return Some(NdArrayTensor::from(array));
+        }
+        Some(tensor(run(&values(&x), &values(&dy)), &shape))
+    }
+
     fn conv2d_dense(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -768,7 +1074,10 @@ mod tests {
     type B = NdArray;
 
     /// Random weights (and bias, if the conv has one) in `[-1, 1]`.
-    fn randomise(conv: &mut burn::nn::conv::Conv2d<B>, rng: &mut SplitMix64) {
+    fn randomise<T: burn::tensor::backend::Backend>(
+        conv: &mut burn::nn::conv::Conv2d<T>,
+        rng: &mut SplitMix64,
+    ) {
         let device = Default::default();
         let shape = conv.weight.dims();
         let w = rng.vec(shape.iter().product(), -1.0, 1.0);
@@ -1223,6 +1532,267 @@ mod tests {
                 .map(|((a, e), x)| (a - e).abs() / x.abs().max(1.0))
                 .fold(0.0f32, f32::max);
             assert!(worst <= 4e-7, "GELU off by {worst:e}");
+        }
+    }
+
+    /// `max |a − e| / max |e|` over two gradients of the same shape.
+    fn relative_gap<const D: usize>(a: Tensor<Ad, D>, e: Tensor<Ad, D>) -> f32 {
+        assert_eq!(a.dims(), e.dims());
+        let (a, e) = (
+            a.into_data().to_vec::<f32>().unwrap(),
+            e.into_data().to_vec::<f32>().unwrap(),
+        );
+        let scale = e
+            .iter()
+            .fold(0.0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        a.iter()
+            .zip(&e)
+            .map(|(a, e)| (a - e).abs() / scale)
+            .fold(0.0f32, f32::max)
+    }
+
+    type Ad = burn::backend::Autodiff<B>;
+
+    /// The native GELU in training: its input gradient (`gelu_exact_backward`) against the
+    /// exact derivative `dy · (Φ(x) + x·φ(x))` in f64 (`erf` by Abramowitz and Stegun's 7.1.26,
+    /// absolute error ≤ 1.5e-7), for a standard and a channel-last input, the loss weighted so
+    /// that every element's upstream gradient differs. Burn's own `gelu_backward` is the
+    /// derivative of the tanh approximation (7.5e-4 of the largest gradient off here), so it
+    /// is not the reference.
+    #[test]
+    fn gelu_gradient_is_the_exact_derivative() {
+        fn erf(x: f64) -> f64 {
+            let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+            let poly = t
+                * (0.254_829_592
+                    + t * (-0.284_496_736
+                        + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+            (1.0 - poly * (-x * x).exp()).copysign(x)
+        }
+        let device = Default::default();
+        let mut rng = SplitMix64::new(12);
+        let dims = [2, 5, 3, 67];
+        let n: usize = dims.iter().product();
+        let values = rng.vec(n, -7.0, 7.0);
+        let weights = rng.vec(n, -1.0, 1.0);
+        let expected: Vec<f64> = values
+            .iter()
+            .zip(&weights)
+            .map(|(&x, &dy)| {
+                let (x, dy) = (f64::from(x), f64::from(dy));
+                let cdf = (1.0 + erf(x / std::f64::consts::SQRT_2)) / 2.0;
+                let pdf = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                dy * (cdf + x * pdf)
+            })
+            .collect();
+        let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let weights = Tensor::<Ad, 4>::from_data(TensorData::new(weights, dims), &device);
+        for channel_last in [false, true] {
+            let x = Tensor::<Ad, 4>::from_data(TensorData::new(values.clone(), dims), &device);
+            let (leaf, input) = if channel_last {
+                let leaf = Tensor::<Ad, 4>::from_data(x.permute([0, 2, 3, 1]).into_data(), &device)
+                    .require_grad();
+                (leaf.clone(), leaf.permute([0, 3, 1, 2]))
+            } else {
+                let leaf = x.require_grad();
+                (leaf.clone(), leaf)
+            };
+            let grads = (crate::model::block::gelu(input) * weights.clone())
+                .sum()
+                .backward();
+            let grad = Tensor::<Ad, 4>::from_inner(leaf.grad(&grads).unwrap());
+            let grad = if channel_last {
+                grad.permute([0, 3, 1, 2])
+            } else {
+                grad
+            };
+            assert_eq!(grad.dims(), dims);
+            let grad = grad.into_data().to_vec::<f32>().unwrap();
+            let gap = grad
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (f64::from(*a) - e).abs() / scale)
+                .fold(0.0f64, f64::max);
+            assert!(
+                gap <= 1e-6,
+                "channel_last {channel_last}: GELU gradient off by {gap:e}"
+            );
+        }
+    }
+
+    /// The native linear in training: gradients of `x`, the weight and the bias
+    /// (`native_linear_backward`) against Burn's `Linear` on `Autodiff<NdArray>`, for 2-D and
+    /// 4-D inputs (standard and permuted), with and without bias, `K` above matrixmultiply's
+    /// 256-deep blocks, and with `x` untracked (its gradient not computed, the others right).
+    #[test]
+    fn linear_gradients_match_burns_linear() {
+        use burn::nn::LinearConfig;
+        let device = Default::default();
+        for (rows, k, n, bias, track_x) in [
+            ([2, 3, 5, 1], 7, 6, true, true),
+            ([1, 1, 1, 33], 300, 5, false, true),
+            ([3, 1, 2, 2], 9, 11, true, false),
+        ] {
+            let mut rng = SplitMix64::new((k * 31 + n) as u64);
+            let mut linear = LinearConfig::new(k, n).with_bias(bias).init::<Ad>(&device);
+            linear.weight = Param::from_tensor(Tensor::from_data(
+                TensorData::new(rng.vec(k * n, -1.0, 1.0), [k, n]),
+                &device,
+            ));
+            if bias {
+                linear.bias = Some(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(rng.vec(n, -1.0, 1.0), [n]),
+                    &device,
+                )));
+            }
+            let m: usize = rows.iter().product();
+            let x_values = rng.vec(m * k, -2.0, 2.0);
+            let dy_dims = [rows[0], rows[1], rows[2] * rows[3], n];
+            let dy = Tensor::<Ad, 4>::from_data(
+                TensorData::new(rng.vec(m * n, -1.0, 1.0), dy_dims),
+                &device,
+            );
+            for permuted in [false, true] {
+                let leaf = || {
+                    let x = Tensor::<Ad, 4>::from_data(
+                        TensorData::new(x_values.clone(), [rows[0], rows[1], rows[2] * rows[3], k]),
+                        &device,
+                    );
+                    if track_x { x.require_grad() } else { x }
+                };
+                let view = |x: Tensor<Ad, 4>| {
+                    if permuted { x.permute([1, 0, 2, 3]) } else { x }
+                };
+                let dy = if permuted {
+                    dy.clone().permute([1, 0, 2, 3])
+                } else {
+                    dy.clone()
+                };
+                // Native: the model's linear_4d; Burn: Linear::forward on the same view.
+                let x = leaf();
+                let y = crate::model::block::linear_4d(&linear, view(x.clone()));
+                let native_grads = (y * dy.clone()).sum().backward();
+                let x_burn = leaf();
+                let y = linear.forward(view(x_burn.clone()));
+                let burn_grads = (y * dy.clone()).sum().backward();
+                let case = format!("rows {rows:?}, k {k}, n {n}, bias {bias}, permuted {permuted}");
+                let w = &linear.weight.val();
+                let gap = relative_gap(
+                    Tensor::<Ad, 2>::from_inner(w.grad(&native_grads).unwrap()),
+                    Tensor::<Ad, 2>::from_inner(w.grad(&burn_grads).unwrap()),
+                );
+                assert!(gap <= 1e-6, "{case}: weight gradient off by {gap:e}");
+                if let Some(b) = &linear.bias {
+                    let b = b.val();
+                    let gap = relative_gap(
+                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
+                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
+                    );
+                    assert!(gap <= 1e-6, "{case}: bias gradient off by {gap:e}");
+                }
+                match (x.grad(&native_grads), x_burn.grad(&burn_grads)) {
+                    (Some(a), Some(e)) => {
+                        let gap = relative_gap(
+                            Tensor::<Ad, 4>::from_inner(a),
+                            Tensor::<Ad, 4>::from_inner(e),
+                        );
+                        assert!(gap <= 1e-6, "{case}: input gradient off by {gap:e}");
+                    }
+                    (None, None) => assert!(!track_x),
+                    (a, e) => panic!(
+                        "{case}: input gradient present {} vs {}",
+                        a.is_some(),
+                        e.is_some()
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The native depthwise conv in training (`depthwise_conv` and its backward, through SS2D's
+    /// call path on `Autodiff<NdArray>`) against Burn's own `Conv2d` and its backward: output,
+    /// input, weight and bias gradients; odd sizes, k = 3 and 5, a 1 × 1 image (every tap but
+    /// the centre in the padding), with and without bias, and a permuted (not standard-layout)
+    /// input.
+    #[test]
+    fn depthwise_conv_gradients_match_burns_conv2d() {
+        let device = Default::default();
+        for (batch, height, width, channels, k, bias) in [
+            (2, 5, 7, 13, 3, true),
+            (1, 9, 4, 8, 5, false),
+            (3, 1, 1, 3, 3, true),
+            (1, 2, 11, 17, 3, false),
+        ] {
+            let mut rng = SplitMix64::new((height * 37 + width) as u64);
+            let mut conv = Conv2dConfig::new([channels, channels], [k, k])
+                .with_groups(channels)
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_bias(bias)
+                .init::<Ad>(&device);
+            randomise(&mut conv, &mut rng);
+            let n = batch * height * width * channels;
+            let x_values = rng.vec(n, -3.0, 3.0);
+            let dy = Tensor::<Ad, 4>::from_data(
+                TensorData::new(rng.vec(n, -1.0, 1.0), [batch, channels, height, width]),
+                &device,
+            );
+            for permuted in [false, true] {
+                let case = format!("{:?}", (batch, height, width, channels, k, bias, permuted));
+                // x channel-last [batch, height, width, channels]; permuted: stored as
+                // [batch, width, height, channels] and seen through a permute.
+                let leaf = || {
+                    if permuted {
+                        let x = Tensor::<Ad, 4>::from_data(
+                            TensorData::new(x_values.clone(), [batch, height, width, channels]),
+                            &device,
+                        );
+                        let stored = Tensor::<Ad, 4>::from_data(
+                            x.permute([0, 2, 1, 3]).into_data(),
+                            &device,
+                        )
+                        .require_grad();
+                        (stored.clone(), stored.permute([0, 2, 1, 3]))
+                    } else {
+                        let x = Tensor::<Ad, 4>::from_data(
+                            TensorData::new(x_values.clone(), [batch, height, width, channels]),
+                            &device,
+                        )
+                        .require_grad();
+                        (x.clone(), x)
+                    }
+                };
+                let (native_leaf, x) = leaf();
+                let (weight, bias_p) = native_params(&conv);
+                let y = Ad::depthwise_conv(x.into_primitive().tensor(), weight, bias_p)
+                    .expect("NdArray runs odd square depthwise kernels natively");
+                let y = Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(y));
+                let (burn_leaf, x) = leaf();
+                let expected = conv.forward(x.permute([0, 3, 1, 2]));
+                let gap = relative_gap(y.clone(), expected.clone());
+                assert!(gap <= 1e-6, "{case}: output off by {gap:e}");
+                let native_grads = (y * dy.clone()).sum().backward();
+                let burn_grads = (expected * dy.clone()).sum().backward();
+                let gap = relative_gap(
+                    Tensor::<Ad, 4>::from_inner(native_leaf.grad(&native_grads).unwrap()),
+                    Tensor::<Ad, 4>::from_inner(burn_leaf.grad(&burn_grads).unwrap()),
+                );
+                assert!(gap <= 1e-6, "{case}: input gradient off by {gap:e}");
+                let w = conv.weight.val();
+                let gap = relative_gap(
+                    Tensor::<Ad, 4>::from_inner(w.grad(&native_grads).unwrap()),
+                    Tensor::<Ad, 4>::from_inner(w.grad(&burn_grads).unwrap()),
+                );
+                assert!(gap <= 1e-6, "{case}: weight gradient off by {gap:e}");
+                if let Some(b) = &conv.bias {
+                    let b = b.val();
+                    let gap = relative_gap(
+                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
+                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
+                    );
+                    assert!(gap <= 1e-6, "{case}: bias gradient off by {gap:e}");
+                }
+            }
         }
     }
 }
