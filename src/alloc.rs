@@ -13,11 +13,11 @@
 //! [`ReuseLarge`] wraps another allocator (the system's by default). Requests of at least
 //! `min_bytes` are rounded up to a size class (4 significant bits: less than 1/8 more than asked,
 //! in whole 4 KiB pages) and served from a free block of the same class and alignment when it
-//! holds one; freed blocks are kept (the most recent reused first) until `max_cached_bytes`
-//! would be exceeded, when the oldest are returned to the inner allocator. Smaller requests go
+//! holds one; freed blocks are kept (the most recent reused first) until a cap (by default a
+//! quarter of the physical memory) would be exceeded, when the oldest are returned to the inner allocator. Smaller requests go
 //! straight to the inner allocator. Contents are never relied on: `alloc_zeroed` zeroes a reused
 //! block. Tensors' values do not depend on where they live, so results are unchanged; memory
-//! held by the process grows by at most `max_cached_bytes` of free blocks.
+//! held by the process grows by at most the cap in free blocks.
 //!
 //! `classify`, `train` and the benches install it; a library user opts in from their binary:
 //!
@@ -34,12 +34,37 @@ use std::sync::Mutex;
 /// Requests from this size up are cached by [`ReuseLarge::system`] (1 MiB).
 pub const DEFAULT_MIN_BYTES: usize = 1 << 20;
 
-/// Free bytes [`ReuseLarge::system`] keeps at most (2 GiB).
+/// Free bytes [`ReuseLarge::system`] keeps at most where the physical memory is unknown
+/// (2 GiB); elsewhere a quarter of the physical memory (a training step frees its activations,
+/// which the next step allocates again).
 pub const DEFAULT_MAX_CACHED_BYTES: usize = 2 << 30;
+
+/// A quarter of the physical memory where the OS tells it, else [`DEFAULT_MAX_CACHED_BYTES`].
+fn default_cap() -> usize {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions and does not allocate.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if let (Ok(pages), Ok(page)) = (usize::try_from(pages), usize::try_from(page)) {
+            if pages > 0 && page > 0 {
+                return pages.saturating_mul(page) / 4;
+            }
+        }
+    }
+    DEFAULT_MAX_CACHED_BYTES
+}
+
+/// `max_cached_bytes` meaning "[`default_cap`], computed at the first free".
+const AUTO_CAP: usize = usize::MAX;
 
 /// Free blocks kept at most (their bookkeeping is a fixed array, so the allocator never
 /// allocates for itself).
-const SLOTS: usize = 256;
+const SLOTS: usize = 1024;
 
 /// Alignments above this go straight to the inner allocator (a page: no tensor asks for more).
 const MAX_ALIGN: usize = 4096;
@@ -66,26 +91,28 @@ struct Cache {
 pub struct ReuseLarge<A = System> {
     inner: A,
     min_bytes: usize,
-    max_cached_bytes: usize,
+    /// The cap, or [`AUTO_CAP`] until [`ReuseLarge::cap`] first computes it.
+    max_cached_bytes: std::sync::atomic::AtomicUsize,
     cache: Mutex<Cache>,
 }
 
 impl ReuseLarge<System> {
-    /// Over the system allocator, caching blocks from [`DEFAULT_MIN_BYTES`] up, at most
-    /// [`DEFAULT_MAX_CACHED_BYTES`] of them.
+    /// Over the system allocator, caching blocks from [`DEFAULT_MIN_BYTES`] up, at most a
+    /// quarter of the physical memory of them ([`DEFAULT_MAX_CACHED_BYTES`] where the OS does
+    /// not say).
     pub const fn system() -> Self {
-        Self::new(System, DEFAULT_MIN_BYTES, DEFAULT_MAX_CACHED_BYTES)
+        Self::new(System, DEFAULT_MIN_BYTES, AUTO_CAP)
     }
 }
 
 impl<A> ReuseLarge<A> {
     /// Over `inner`, caching freed blocks of at least `min_bytes` (clamped to one page or more),
-    /// at most `max_cached_bytes` of them.
+    /// at most `max_cached_bytes` of them (`usize::MAX`: a quarter of the physical memory).
     pub const fn new(inner: A, min_bytes: usize, max_cached_bytes: usize) -> Self {
         Self {
             inner,
             min_bytes: if min_bytes < 4096 { 4096 } else { min_bytes },
-            max_cached_bytes,
+            max_cached_bytes: std::sync::atomic::AtomicUsize::new(max_cached_bytes),
             cache: Mutex::new(Cache {
                 slots: [None; SLOTS],
                 bytes: 0,
@@ -97,6 +124,19 @@ impl<A> ReuseLarge<A> {
     /// Bytes held in free blocks now.
     pub fn cached_bytes(&self) -> usize {
         self.lock().bytes
+    }
+
+    /// The most bytes kept in free blocks.
+    pub fn cap(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.max_cached_bytes.load(Relaxed) {
+            AUTO_CAP => {
+                let cap = default_cap();
+                self.max_cached_bytes.store(cap, Relaxed);
+                cap
+            }
+            cap => cap,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -164,7 +204,8 @@ impl<A: GlobalAlloc> ReuseLarge<A> {
     /// Keeps a freed block of layout `class`, evicting the oldest ones to make room; frees it
     /// at once if it alone exceeds the cap.
     fn keep(&self, ptr: *mut u8, class: Layout) {
-        if class.size() > self.max_cached_bytes {
+        let cap = self.cap();
+        if class.size() > cap {
             return self.free_block(Block {
                 addr: ptr as usize,
                 class: class.size(),
@@ -177,7 +218,7 @@ impl<A: GlobalAlloc> ReuseLarge<A> {
                 let mut cache = self.lock();
                 let free_slot = cache.slots.iter().position(Option::is_none);
                 match free_slot {
-                    Some(i) if cache.bytes + class.size() <= self.max_cached_bytes => {
+                    Some(i) if cache.bytes + class.size() <= cap => {
                         cache.clock += 1;
                         cache.slots[i] = Some(Block {
                             addr: ptr as usize,
@@ -381,6 +422,16 @@ mod tests {
             assert_eq!(a.cached_bytes(), 2 * class);
             a.release();
         }
+    }
+
+    #[test]
+    fn the_default_cap_is_a_quarter_of_the_memory_or_2_gib() {
+        let a = ReuseLarge::system();
+        let cap = a.cap();
+        assert!(cap >= 1 << 20, "cap {cap}");
+        #[cfg(not(unix))]
+        assert_eq!(cap, DEFAULT_MAX_CACHED_BYTES);
+        assert_eq!(ReuseLarge::new(System, 1 << 16, 12345).cap(), 12345);
     }
 
     #[test]
