@@ -1,7 +1,8 @@
 //! `Autodiff<B, C>`: a custom `Backward` that calls the inner backend's fused backward, and
 //! registers gradients for exactly the tracked inputs among u, delta, A, B, C, D, delta_bias.
 //! The same for the model's native ops that have a native backward ([`NativeBackward`]): the
-//! exact GELU and the linear layer run as the inner backend's one-pass ops in training too.
+//! exact GELU, the linear layers and the convolutions run as the inner backend's ops in training
+//! too.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -151,10 +152,15 @@ trait WeightedLayer<B: SelectiveScanBackend> {
     /// Its name in the contract's panic message.
     const NAME: &'static str;
 
+    /// What the backward needs besides the input and the weight (a convolution's stride and
+    /// padding).
+    type Params: Clone + Copy + Send + std::fmt::Debug + 'static;
+
     /// The inner backend's backward (`None` breaks the contract: see [`layer_grads`]).
     fn backward(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
+        params: Self::Params,
         dy: FloatTensor<B>,
         needed: [bool; 3],
     ) -> Option<LayerGradients<B>>;
@@ -163,9 +169,11 @@ trait WeightedLayer<B: SelectiveScanBackend> {
 struct LinearLayer;
 impl<B: SelectiveScanBackend> WeightedLayer<B> for LinearLayer {
     const NAME: &'static str = "native_linear";
+    type Params = ();
     fn backward(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
+        _: (),
         dy: FloatTensor<B>,
         needed: [bool; 3],
     ) -> Option<LayerGradients<B>> {
@@ -176,9 +184,11 @@ impl<B: SelectiveScanBackend> WeightedLayer<B> for LinearLayer {
 struct DepthwiseConvLayer;
 impl<B: SelectiveScanBackend> WeightedLayer<B> for DepthwiseConvLayer {
     const NAME: &'static str = "depthwise_conv";
+    type Params = ();
     fn backward(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
+        _: (),
         dy: FloatTensor<B>,
         needed: [bool; 3],
     ) -> Option<LayerGradients<B>> {
@@ -186,15 +196,31 @@ impl<B: SelectiveScanBackend> WeightedLayer<B> for DepthwiseConvLayer {
     }
 }
 
-/// A layer's saved inputs: `x` and `weight`.
-type LayerState<B> = (FloatTensor<B>, FloatTensor<B>);
+struct DenseConvLayer;
+impl<B: SelectiveScanBackend> WeightedLayer<B> for DenseConvLayer {
+    const NAME: &'static str = "conv2d_dense";
+    /// Stride and padding.
+    type Params = ([usize; 2], [usize; 4]);
+    fn backward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        (stride, padding): Self::Params,
+        dy: FloatTensor<B>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<B>> {
+        B::conv2d_dense_backward(x, weight, stride, padding, dy, needed)
+    }
+}
+
+/// A layer's saved inputs: `x`, `weight` and its parameters.
+type LayerState<B, P> = (FloatTensor<B>, FloatTensor<B>, P);
 
 fn layer_grads<B: SelectiveScanBackend, L: WeightedLayer<B>>(
-    (x, weight): LayerState<B>,
+    (x, weight, params): LayerState<B, L::Params>,
     dy: FloatTensor<B>,
     needed: [bool; 3],
 ) -> LayerGradients<B> {
-    L::backward(x, weight, dy, needed).unwrap_or_else(|| {
+    L::backward(x, weight, params, dy, needed).unwrap_or_else(|| {
         panic!(
             "a backend whose {name} runs implements {name}_backward too (SelectiveScanBackend's \
              contract)",
@@ -204,7 +230,7 @@ fn layer_grads<B: SelectiveScanBackend, L: WeightedLayer<B>>(
 }
 
 fn layer_grads_with_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
-    state: LayerState<B>,
+    state: LayerState<B, L::Params>,
     dy: FloatTensor<B>,
     needed: [bool; 3],
 ) -> [Option<FloatTensor<B>>; 3] {
@@ -213,7 +239,7 @@ fn layer_grads_with_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
 }
 
 fn layer_grads_without_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
-    state: LayerState<B>,
+    state: LayerState<B, L::Params>,
     dy: FloatTensor<B>,
     [x, weight]: [bool; 2],
 ) -> [Option<FloatTensor<B>>; 2] {
@@ -227,6 +253,7 @@ fn weighted_layer<B, C, L>(
     x: &FloatTensor<Autodiff<B, C>>,
     weight: &FloatTensor<Autodiff<B, C>>,
     bias: Option<&FloatTensor<Autodiff<B, C>>>,
+    params: L::Params,
     y: FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>>
 where
@@ -234,7 +261,7 @@ where
     C: CheckpointStrategy,
     L: WeightedLayer<B>,
 {
-    let state = (x.primitive.clone(), weight.primitive.clone());
+    let state = (x.primitive.clone(), weight.primitive.clone(), params);
     match bias {
         Some(bias) => {
             let step = NativeBackward {
@@ -278,6 +305,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
             &x,
             &weight,
             bias.as_ref(),
+            (),
             y,
         ))
     }
@@ -298,6 +326,31 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
             &x,
             &weight,
             bias.as_ref(),
+            (),
+            y,
+        ))
+    }
+
+    /// The inner backend's dense convolution, differentiated by its `conv2d_dense_backward`.
+    fn conv2d_dense(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        stride: [usize; 2],
+        padding: [usize; 4],
+    ) -> Option<FloatTensor<Self>> {
+        let y = B::conv2d_dense(
+            x.primitive.clone(),
+            weight.primitive.clone(),
+            bias.as_ref().map(|b| b.primitive.clone()),
+            stride,
+            padding,
+        )?;
+        Some(weighted_layer::<B, C, DenseConvLayer>(
+            &x,
+            &weight,
+            bias.as_ref(),
+            (stride, padding),
             y,
         ))
     }

@@ -197,7 +197,8 @@ pub struct ScanOptions {
 
 /// Gradients of a layer with an input, a weight and an optional bias
 /// ([`SelectiveScanBackend::native_linear_backward`],
-/// [`SelectiveScanBackend::depthwise_conv_backward`]): each `None` where it was not asked for.
+/// [`SelectiveScanBackend::depthwise_conv_backward`],
+/// [`SelectiveScanBackend::conv2d_dense_backward`]): each `None` where it was not asked for.
 pub struct LayerGradients<B: Backend> {
     /// The input's gradient, its shape.
     pub dx: Option<FloatTensor<B>>,
@@ -376,11 +377,13 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
-    /// A dense 2-D convolution (groups 1, dilation 1) for inference: `x [batch, C_in, H, W]`,
+    /// A dense 2-D convolution (groups 1, dilation 1; differentiable: the autodiff backend wraps
+    /// the inner backend's with [`conv2d_dense_backward`](Self::conv2d_dense_backward)):
+    /// `x [batch, C_in, H, W]`,
     /// `weight [C_out, C_in, kh, kw]`, optional `bias [C_out]`, `stride [sh, sw]`, zero
     /// `padding [top, left, bottom, right]` → `[batch, C_out, H', W']`, as `Conv2d::forward`
-    /// computes it (the stems and the conv downsamples). `None` (the default, and always
-    /// under autodiff) leaves it to the generic path; NdArray implements it natively (im2col
+    /// computes it (the stems and the conv downsamples). `None` (the default) leaves it to
+    /// the generic path; NdArray implements it natively (im2col
     /// straight from the input, one threaded matrix product per image).
     fn conv2d_dense(
         _x: FloatTensor<Self>,
@@ -389,6 +392,25 @@ pub trait SelectiveScanBackend: Backend {
         _stride: [usize; 2],
         _padding: [usize; 4],
     ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The backward of [`conv2d_dense`](Self::conv2d_dense) for the upstream gradient
+    /// `dy [batch, C_out, H', W']`: the input's (`x`'s shape), the weight's and the bias'
+    /// gradients, each only where `needed` (`[x, weight, bias]`). A backend that implements
+    /// `conv2d_dense` implements this too: the autodiff backend runs a dense convolution
+    /// natively when the inner backend's `conv2d_dense` does. NdArray: per image, the patch
+    /// matrix again, `dweight += dyᵀ · patches` and `dpatches = dy · weight` (threaded sgemms),
+    /// the patches' gradients added back onto the input rows they came from (one task per input
+    /// row, in a fixed order); the same bits for any number of threads.
+    fn conv2d_dense_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _stride: [usize; 2],
+        _padding: [usize; 4],
+        _dy: FloatTensor<Self>,
+        _needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
         None
     }
 

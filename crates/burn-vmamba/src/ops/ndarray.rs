@@ -595,39 +595,22 @@ fn conv2d_dense_channel_last(
     [out_h, out_w]: [usize; 2],
 ) -> Vec<f32> {
     use ndarray::{ArrayView2, ArrayViewMut2};
-    use rayon::prelude::*;
     let (taps, len) = (c_in * kh * kw, out_h * out_w);
     let mut patches = vec![0.0f32; len * taps];
     let mut y = vec![0.0f32; batch * len * c_out];
     let weight_t = ArrayView2::from_shape((c_out, taps), weight)
         .expect("weight is [C_out, taps]")
         .reversed_axes();
+    let geometry = ConvGeometry {
+        input: [height, width, c_in],
+        kernel: [kh, kw],
+        stride: [sh, sw],
+        padding: [top, left],
+        output: [out_h, out_w],
+    };
     for (b, y_b) in y.chunks_mut(len * c_out).enumerate() {
         let image = &x[b * height * width * c_in..(b + 1) * height * width * c_in];
-        patches
-            .par_chunks_mut(out_w * taps)
-            .enumerate()
-            .for_each(|(i, rows)| {
-                for (j, row) in rows.chunks_exact_mut(taps).enumerate() {
-                    for p in 0..kh {
-                        let r = (i * sh + p).checked_sub(top).filter(|r| *r < height);
-                        for q in 0..kw {
-                            let s = (j * sw + q).checked_sub(left).filter(|s| *s < width);
-                            // Taps (c, p, q) of this (p, q): stride kh·kw in the row.
-                            let dst = row[p * kw + q..].iter_mut().step_by(kh * kw);
-                            match (r, s) {
-                                (Some(r), Some(s)) => {
-                                    let src = &image[(r * width + s) * c_in..][..c_in];
-                                    for (d, v) in dst.zip(src) {
-                                        *d = *v;
-                                    }
-                                }
-                                _ => dst.for_each(|d| *d = 0.0),
-                            }
-                        }
-                    }
-                }
-            });
+        geometry.patches(image, &mut patches);
         let patches =
             ArrayView2::from_shape((len, taps), &patches).expect("patches are [len, taps]");
         let mut out =
@@ -638,6 +621,192 @@ fn conv2d_dense_channel_last(
         }
     }
     y
+}
+
+/// Where a dense convolution's taps fall, for one channel-last image `[height, width, C_in]`.
+struct ConvGeometry {
+    /// `[height, width, C_in]`.
+    input: [usize; 3],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// `[top, left]` zero padding.
+    padding: [usize; 2],
+    /// `[H', W']`.
+    output: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// The input row and column of output `(i, j)`'s tap `(p, q)`, if not in the padding.
+    fn tap(&self, [i, j]: [usize; 2], [p, q]: [usize; 2]) -> Option<[usize; 2]> {
+        let ([height, width, _], [sh, sw], [top, left]) = (self.input, self.stride, self.padding);
+        let r = (i * sh + p).checked_sub(top).filter(|r| *r < height)?;
+        let s = (j * sw + q).checked_sub(left).filter(|s| *s < width)?;
+        Some([r, s])
+    }
+
+    /// The patch matrix `[H'·W', C_in·kh·kw]` of `image` (taps in the weight's `(channel, p,
+    /// q)` order, zero in the padding), rayon over output rows.
+    fn patches(&self, image: &[f32], patches: &mut [f32]) {
+        use rayon::prelude::*;
+        let ([height, width, c_in], [kh, kw], [_, out_w]) = (self.input, self.kernel, self.output);
+        let taps = c_in * kh * kw;
+        debug_assert_eq!(image.len(), height * width * c_in);
+        patches
+            .par_chunks_mut(out_w * taps)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                for (j, row) in rows.chunks_exact_mut(taps).enumerate() {
+                    for p in 0..kh {
+                        for q in 0..kw {
+                            // Taps (c, p, q) of this (p, q): stride kh·kw in the row.
+                            let dst = row[p * kw + q..].iter_mut().step_by(kh * kw);
+                            match self.tap([i, j], [p, q]) {
+                                Some([r, s]) => {
+                                    let src = &image[(r * width + s) * c_in..][..c_in];
+                                    for (d, v) in dst.zip(src) {
+                                        *d = *v;
+                                    }
+                                }
+                                None => dst.for_each(|d| *d = 0.0),
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// The inverse of [`patches`](Self::patches) for gradients: each patch entry added back
+    /// onto the input value it was read from, into `dx [height, width, C_in]` (overwritten).
+    /// One task per input row; within it the contributions come in `(p, j, q)` order, so the
+    /// bits do not depend on the number of threads.
+    fn add_back(&self, dpatches: &[f32], dx: &mut [f32]) {
+        use rayon::prelude::*;
+        let ([height, width, c_in], [kh, kw]) = (self.input, self.kernel);
+        let ([sh, _], [top, _], [out_h, out_w]) = (self.stride, self.padding, self.output);
+        let taps = c_in * kh * kw;
+        debug_assert_eq!(dx.len(), height * width * c_in);
+        dx.par_chunks_mut(width * c_in)
+            .enumerate()
+            .for_each(|(r, dx_row)| {
+                dx_row.fill(0.0);
+                for p in 0..kh {
+                    // Output rows i with i·sh + p − top = r.
+                    let Some(t) = (r + top).checked_sub(p).filter(|t| t % sh == 0) else {
+                        continue;
+                    };
+                    let i = t / sh;
+                    if i >= out_h {
+                        continue;
+                    }
+                    for j in 0..out_w {
+                        let row = &dpatches[(i * out_w + j) * taps..][..taps];
+                        for q in 0..kw {
+                            let Some([_, s]) = self.tap([i, j], [p, q]) else {
+                                continue;
+                            };
+                            let src = row[p * kw + q..].iter().step_by(kh * kw);
+                            for (d, v) in dx_row[s * c_in..(s + 1) * c_in].iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// The gradients of a dense convolution on channel-last buffers (see
+/// [`SelectiveScanBackend::conv2d_dense_backward`]): `x [batch, H, W, C_in]`, `weight [C_out,
+/// C_in·kh·kw]`, `dy [batch, H', W', C_out]` → `dx [batch, H, W, C_in]`, `dweight [C_out,
+/// C_in·kh·kw]`, `dbias [C_out]`, each where `needed`. Per image: the patch matrix `P [H'·W',
+/// taps]` again, `dweight += dyᵀ · P` (images in order), `dP = dy · weight`, added back onto
+/// the input ([`ConvGeometry::add_back`]).
+fn conv2d_dense_backward(
+    x: &[f32],
+    geometry: &ConvGeometry,
+    weight: &[f32],
+    c_out: usize,
+    dy: &[f32],
+    [need_x, need_weight, need_bias]: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    let ([height, width, c_in], [kh, kw], [out_h, out_w]) =
+        (geometry.input, geometry.kernel, geometry.output);
+    let (taps, len, image_len) = (c_in * kh * kw, out_h * out_w, height * width * c_in);
+    let batch = x.len() / image_len.max(1);
+    let mut dx = need_x.then(|| vec![0.0f32; batch * image_len]);
+    let mut dweight = need_weight.then(|| vec![0.0f32; c_out * taps]);
+    let mut patches = vec![0.0f32; if need_weight { len * taps } else { 0 }];
+    for b in 0..batch {
+        let dy_b = &dy[b * len * c_out..(b + 1) * len * c_out];
+        if let Some(dweight) = dweight.as_mut() {
+            geometry.patches(&x[b * image_len..(b + 1) * image_len], &mut patches);
+            // SAFETY: dyᵀ is read through the strides of the [len, C_out] buffer `dy_b`, the
+            // patches are [len, taps] row-major, `dweight` is [C_out, taps] and initialised
+            // (β = 1 adds the product to it).
+            unsafe {
+                matrixmultiply::sgemm(
+                    c_out,
+                    len,
+                    taps,
+                    1.0,
+                    dy_b.as_ptr(),
+                    1,
+                    c_out as isize,
+                    patches.as_ptr(),
+                    taps as isize,
+                    1,
+                    1.0,
+                    dweight.as_mut_ptr(),
+                    taps as isize,
+                    1,
+                );
+            }
+        }
+        if let Some(dx) = dx.as_mut() {
+            let dpatches = gemm((dy_b, [c_out, 1]), (weight, [taps, 1]), [len, c_out, taps]);
+            geometry.add_back(&dpatches, &mut dx[b * image_len..(b + 1) * image_len]);
+        }
+    }
+    let dbias = need_bias.then(|| column_sums(dy, c_out));
+    [dx, dweight, dbias]
+}
+
+/// The values of a `[batch, channels, height, width]` f32 tensor in channel-last order
+/// (`[batch, height, width, channels]` row-major): its memory where it already is so, else
+/// transposed image by image.
+fn channel_last_values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
+    if let Some(memory) = channel_last_memory(t) {
+        return Cow::Borrowed(memory);
+    }
+    let [batch, channels, height, width] = t.shape().dims::<4>();
+    let plane = height * width;
+    let first = values(t);
+    let mut out = vec![0.0f32; first.len()];
+    for b in 0..batch {
+        let src = &first[b * channels * plane..(b + 1) * channels * plane];
+        let dst = &mut out[b * channels * plane..(b + 1) * channels * plane];
+        for (c, row) in src.chunks_exact(plane).enumerate() {
+            for (hw, v) in row.iter().enumerate() {
+                dst[hw * channels + c] = *v;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A channel-last buffer `[batch, height, width, channels]` as a `[batch, channels, height,
+/// width]` tensor (a permuted view: no copy).
+fn channel_last_tensor(
+    values: Vec<f32>,
+    [batch, channels, height, width]: [usize; 4],
+) -> NdArrayTensor {
+    let array = ndarray::ArcArray::from_shape_vec(
+        ndarray::IxDyn(&[batch, height, width, channels]),
+        values,
+    )
+    .expect("batch·height·width·channels values")
+    .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
+    NdArrayTensor::from(array)
 }
 
 /// A dense convolution (see [`SelectiveScanBackend::conv2d_dense`]): per image, the
@@ -812,13 +981,10 @@ where
             let [batch, channels, height, width] = shape[..] else {
                 unreachable!("channel_last_memory only accepts 4-D tensors")
             };
-            let array = ndarray::ArcArray::from_shape_vec(
-                ndarray::IxDyn(&[batch, height, width, channels]),
+            return Some(channel_last_tensor(
                 run(memory),
-            )
-            .expect("same number of values")
-            .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
-            return Some(NdArrayTensor::from(array));
+                [batch, channels, height, width],
+            ));
         }
         Some(tensor(run(&values(&x)), &shape))
     }
@@ -959,13 +1125,10 @@ where
             let [batch, channels, height, width] = shape[..] else {
                 unreachable!("channel_last_memory only accepts 4-D tensors")
             };
-            let array = ndarray::ArcArray::from_shape_vec(
-                ndarray::IxDyn(&[batch, height, width, channels]),
+            return Some(channel_last_tensor(
                 run(xm, dym),
-            )
-            .expect("same number of values")
-            .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
-            return Some(NdArrayTensor::from(array));
+                [batch, channels, height, width],
+            ));
         }
         Some(tensor(run(&values(&x), &values(&dy)), &shape))
     }
@@ -997,13 +1160,7 @@ where
                 [top, left],
                 out,
             );
-            let array = ndarray::ArcArray::from_shape_vec(
-                ndarray::IxDyn(&[dims[0], out[0], out[1], c_out]),
-                y,
-            )
-            .expect("the conv returns exactly batch·H'·W'·C_out values")
-            .permuted_axes(ndarray::IxDyn(&[0, 3, 1, 2]));
-            return Some(NdArrayTensor::from(array));
+            return Some(channel_last_tensor(y, [dims[0], c_out, out[0], out[1]]));
         }
         let x = values(&x);
         let y = conv2d_dense(
@@ -1017,6 +1174,43 @@ where
             out,
         );
         Some(tensor(y, &[dims[0], c_out, out[0], out[1]]))
+    }
+
+    fn conv2d_dense_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        [top, left, bottom, right]: [usize; 4],
+        dy: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
+        let dims = x.shape().dims::<4>();
+        let [batch, c_in, height, width] = dims;
+        let [c_out, c_in_w, kh, kw] = weight.shape().dims::<4>();
+        let (rows, cols) = (height + top + bottom, width + left + right);
+        if c_in != c_in_w || stride.contains(&0) || rows < kh || cols < kw {
+            return None;
+        }
+        let out = [(rows - kh) / stride[0] + 1, (cols - kw) / stride[1] + 1];
+        if dy.shape().dims::<4>() != [batch, c_out, out[0], out[1]] {
+            return None;
+        }
+        let geometry = ConvGeometry {
+            input: [height, width, c_in],
+            kernel: [kh, kw],
+            stride,
+            padding: [top, left],
+            output: out,
+        };
+        let (x, weight) = (channel_last_values(&x), values(&weight));
+        let dy = channel_last_values(&dy);
+        let [dx, dweight, dbias] =
+            conv2d_dense_backward(&x, &geometry, &weight, c_out, &dy, needed);
+        Some(LayerGradients {
+            dx: dx.map(|v| channel_last_tensor(v, dims)),
+            dweight: dweight.map(|v| tensor(v, &[c_out, c_in, kh, kw])),
+            dbias: dbias.map(|v| tensor(v, &[c_out])),
+        })
     }
 
     fn selective_scan_forward(
@@ -1791,6 +1985,107 @@ mod tests {
                         Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
                     );
                     assert!(gap <= 1e-6, "{case}: bias gradient off by {gap:e}");
+                }
+            }
+        }
+    }
+
+    /// The native dense conv in training (`conv2d_dense` and its backward on
+    /// `Autodiff<NdArray>`, through the model's `conv2d`) against Burn's own `Conv2d` and its
+    /// backward: input, weight and bias gradients on channel-first and channel-last memory,
+    /// the forward test's strides and paddings (taps in the padding, strides that skip input
+    /// rows, a kernel as large as the padded input).
+    #[test]
+    fn conv2d_dense_gradients_match_burns_conv2d() {
+        let device = Default::default();
+        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in [
+            (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
+            (1, 4, 6, 8, 8, [2, 2], [2, 2], [0, 0, 0, 0], false),
+            (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
+            (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
+            (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
+            (1, 2, 3, 10, 11, [3, 3], [3, 3], [2, 2, 0, 1], true),
+        ] {
+            let case = format!(
+                "{:?}",
+                (batch, c_in, c_out, height, width, k, stride, padding)
+            );
+            let mut rng = SplitMix64::new((height * 19 + width * 5 + c_in) as u64);
+            let [top, left, bottom, right] = padding;
+            let mut conv = Conv2dConfig::new([c_in, c_out], k)
+                .with_stride(stride)
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .with_bias(bias)
+                .init::<Ad>(&device);
+            randomise(&mut conv, &mut rng);
+            let x_values = rng.vec(batch * c_in * height * width, -3.0, 3.0);
+            let out_dims = conv
+                .forward(Tensor::<Ad, 4>::zeros(
+                    [batch, c_in, height, width],
+                    &device,
+                ))
+                .dims();
+            let dy = Tensor::<Ad, 4>::from_data(
+                TensorData::new(rng.vec(out_dims.iter().product(), -1.0, 1.0), out_dims),
+                &device,
+            );
+            for channel_last in [false, true] {
+                // The leaf and the [batch, C_in, H, W] view the conv reads.
+                let leaf = || {
+                    let x = Tensor::<Ad, 4>::from_data(
+                        TensorData::new(x_values.clone(), [batch, c_in, height, width]),
+                        &device,
+                    );
+                    if channel_last {
+                        let stored = Tensor::<Ad, 4>::from_data(
+                            x.permute([0, 2, 3, 1]).into_data(),
+                            &device,
+                        )
+                        .require_grad();
+                        (stored.clone(), stored.permute([0, 3, 1, 2]))
+                    } else {
+                        let x = x.require_grad();
+                        (x.clone(), x)
+                    }
+                };
+                let (native_leaf, x) = leaf();
+                let y = crate::model::conv::conv2d(&conv, x);
+                let (burn_leaf, x) = leaf();
+                let expected = conv.forward(x);
+                let gap = relative_gap(y.clone(), expected.clone());
+                assert!(
+                    gap <= 1e-6,
+                    "{case} channel_last {channel_last}: output off by {gap:e}"
+                );
+                let native_grads = (y * dy.clone()).sum().backward();
+                let burn_grads = (expected * dy.clone()).sum().backward();
+                let gap = relative_gap(
+                    Tensor::<Ad, 4>::from_inner(native_leaf.grad(&native_grads).unwrap()),
+                    Tensor::<Ad, 4>::from_inner(burn_leaf.grad(&burn_grads).unwrap()),
+                );
+                assert!(
+                    gap <= 1e-6,
+                    "{case} channel_last {channel_last}: input gradient off by {gap:e}"
+                );
+                let w = conv.weight.val();
+                let gap = relative_gap(
+                    Tensor::<Ad, 4>::from_inner(w.grad(&native_grads).unwrap()),
+                    Tensor::<Ad, 4>::from_inner(w.grad(&burn_grads).unwrap()),
+                );
+                assert!(
+                    gap <= 1e-6,
+                    "{case} channel_last {channel_last}: weight gradient off by {gap:e}"
+                );
+                if let Some(b) = &conv.bias {
+                    let b = b.val();
+                    let gap = relative_gap(
+                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
+                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
+                    );
+                    assert!(
+                        gap <= 1e-6,
+                        "{case} channel_last {channel_last}: bias gradient off by {gap:e}"
+                    );
                 }
             }
         }
