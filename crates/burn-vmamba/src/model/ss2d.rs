@@ -278,19 +278,17 @@ impl<B: SelectiveScanBackend> Ss2d<B> {
 }
 
 /// `weight [K, M, D]` applied per direction to `x [batch, K, D, L]` → `[batch, K, M, L]`: the
-/// backend's native product for inference where it has one
-/// ([`SelectiveScanBackend::native_direction_matmul`]), else the broadcast matmul.
+/// backend's native product where it has one (in training too, with its native backward:
+/// [`SelectiveScanBackend::native_direction_matmul`]), else the broadcast matmul.
 fn direction_matmul<B: SelectiveScanBackend>(
     weight: Tensor<B, 3>,
     x: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    if let Some(y) = native_inference(&x.device(), || {
-        B::native_direction_matmul(
-            weight.clone().into_primitive().tensor(),
-            x.clone().into_primitive().tensor(),
-        )
-    }) {
-        return y;
+    if let Some(y) = B::native_direction_matmul(
+        weight.clone().into_primitive().tensor(),
+        x.clone().into_primitive().tensor(),
+    ) {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
     }
     let [batch, directions, _, _] = x.dims();
     let [_, m, d] = weight.dims();

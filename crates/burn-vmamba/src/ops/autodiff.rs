@@ -196,6 +196,21 @@ impl<B: SelectiveScanBackend> WeightedLayer<B> for DepthwiseConvLayer {
     }
 }
 
+struct DirectionMatmulLayer;
+impl<B: SelectiveScanBackend> WeightedLayer<B> for DirectionMatmulLayer {
+    const NAME: &'static str = "native_direction_matmul";
+    type Params = ();
+    fn backward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        _: (),
+        dy: FloatTensor<B>,
+        needed: [bool; 3],
+    ) -> Option<LayerGradients<B>> {
+        B::native_direction_matmul_backward(x, weight, dy, needed)
+    }
+}
+
 struct DenseConvLayer;
 impl<B: SelectiveScanBackend> WeightedLayer<B> for DenseConvLayer {
     const NAME: &'static str = "conv2d_dense";
@@ -326,6 +341,22 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
             &x,
             &weight,
             bias.as_ref(),
+            (),
+            y,
+        ))
+    }
+
+    /// The inner backend's per-direction product, differentiated by its
+    /// `native_direction_matmul_backward`.
+    fn native_direction_matmul(
+        weight: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        let y = B::native_direction_matmul(weight.primitive.clone(), x.primitive.clone())?;
+        Some(weighted_layer::<B, C, DirectionMatmulLayer>(
+            &x,
+            &weight,
+            None,
             (),
             y,
         ))

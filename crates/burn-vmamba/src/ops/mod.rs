@@ -198,7 +198,8 @@ pub struct ScanOptions {
 /// Gradients of a layer with an input, a weight and an optional bias
 /// ([`SelectiveScanBackend::native_linear_backward`],
 /// [`SelectiveScanBackend::depthwise_conv_backward`],
-/// [`SelectiveScanBackend::conv2d_dense_backward`]): each `None` where it was not asked for.
+/// [`SelectiveScanBackend::conv2d_dense_backward`],
+/// [`SelectiveScanBackend::native_direction_matmul_backward`]): each `None` where it was not asked for.
 pub struct LayerGradients<B: Backend> {
     /// The input's gradient, its shape.
     pub dx: Option<FloatTensor<B>>,
@@ -288,16 +289,32 @@ pub trait SelectiveScanBackend: Backend {
         None
     }
 
-    /// SS2D's per-direction projections for inference: `weight [K, M, D]` (one matrix per
-    /// direction, the same for every image) times `x [batch, K, D, L]` → `[batch, K, M, L]`,
-    /// as `weight.unsqueeze(0).expand([batch, K, M, D]).matmul(x)` computes it. `None` (the
-    /// default, and always under autodiff) leaves it to that; NdArray runs one sgemm per
+    /// SS2D's per-direction projections: `weight [K, M, D]` (one matrix per direction, the
+    /// same for every image) times `x [batch, K, D, L]` → `[batch, K, M, L]`, as
+    /// `weight.unsqueeze(0).expand([batch, K, M, D]).matmul(x)` computes it (differentiable:
+    /// the autodiff backend wraps the inner backend's with
+    /// [`native_direction_matmul_backward`](Self::native_direction_matmul_backward)). `None`
+    /// (the default) leaves it to that; NdArray runs one sgemm per
     /// (image, direction) on the buffers (Burn's path materialises the expanded weight and
     /// copies both operands through reshapes around small products).
     fn native_direction_matmul(
         _weight: FloatTensor<Self>,
         _x: FloatTensor<Self>,
     ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The backward of [`native_direction_matmul`](Self::native_direction_matmul) for the
+    /// upstream gradient `dy [batch, K, M, L]`: `dx [batch, K, D, L]` (`weight_kᵀ · dy`) and
+    /// `dweight [K, M, D]` (`Σ_batch dy · xᵀ`, images in order), each only where `needed`
+    /// (`[x, weight, _]`; there is no bias). A backend that implements
+    /// `native_direction_matmul` implements this too. NdArray: one sgemm per (image, direction).
+    fn native_direction_matmul_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _needed: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
         None
     }
 

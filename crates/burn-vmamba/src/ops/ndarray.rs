@@ -325,15 +325,8 @@ fn gemm(
     (b, [rsb, csb]): (&[f32], [usize; 2]),
     [m, k, n]: [usize; 3],
 ) -> Vec<f32> {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
     assert!(
-        a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb),
+        a.len() >= extent([m, k], [rsa, csa]) && b.len() >= extent([k, n], [rsb, csb]),
         "gemm: an operand is shorter than its shape and strides"
     );
     let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
@@ -362,6 +355,56 @@ fn gemm(
         y.set_len(m * n);
     }
     y
+}
+
+/// `out = a · b + beta · out` for `a [m, k]`, `b [k, n]` given as values and `[row stride,
+/// column stride]`, `out [m, n]` row-major and initialised: matrixmultiply's sgemm, threaded
+/// over output blocks (the same bits for any number of threads).
+///
+/// Panics if an operand or `out` is shorter than its shape and strides.
+fn gemm_into(
+    (a, [rsa, csa]): (&[f32], [usize; 2]),
+    (b, [rsb, csb]): (&[f32], [usize; 2]),
+    [m, k, n]: [usize; 3],
+    out: &mut [f32],
+    beta: f32,
+) {
+    assert!(
+        a.len() >= extent([m, k], [rsa, csa])
+            && b.len() >= extent([k, n], [rsb, csb])
+            && out.len() >= m * n,
+        "gemm_into: an operand is shorter than its shape and strides"
+    );
+    let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
+    // SAFETY: every element the strided operands address lies inside their slices, and the
+    // m × n output inside `out` (asserted); `out` is initialised, so β ≠ 0 reads defined values.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            stride(rsa),
+            stride(csa),
+            b.as_ptr(),
+            stride(rsb),
+            stride(csb),
+            beta,
+            out.as_mut_ptr(),
+            stride(n),
+            1,
+        );
+    }
+}
+
+/// Values a `[rows, cols]` operand with strides `[row, column]` spans.
+fn extent([rows, cols]: [usize; 2], [rs, cs]: [usize; 2]) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
 }
 
 /// Rows per block of [`column_sums`]: fixed, so that the sums' order (and bits) never depends
@@ -492,6 +535,41 @@ fn direction_matmul(
     // SAFETY: see above: every element was written.
     unsafe { y.set_len(batch * directions * m * l) };
     y
+}
+
+/// The gradients of [`direction_matmul`] for `dy [batch, K, M, L]` (row-major buffers, as
+/// there): `dx [batch, K, D, L]` with `dx[b, k] = weight[k]ᵀ · dy[b, k]`, and `dweight [K, M, D]`
+/// with `dweight[k] = Σ_b dy[b, k] · x[b, k]ᵀ` (images in order), each where `needed`.
+fn direction_matmul_backward(
+    weight: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    [batch, directions, m, d, l]: [usize; 5],
+    [need_x, need_weight]: [bool; 2],
+) -> [Option<Vec<f32>>; 2] {
+    let dx = need_x.then(|| {
+        let mut dx = vec![0.0f32; batch * directions * d * l];
+        for (bk, dx_bk) in dx.chunks_exact_mut(d * l).enumerate() {
+            let k = bk % directions;
+            let w_t = (&weight[k * m * d..(k + 1) * m * d], [1, d]);
+            let dy_bk = (&dy[bk * m * l..(bk + 1) * m * l], [l, 1]);
+            gemm_into(w_t, dy_bk, [d, m, l], dx_bk, 0.0);
+        }
+        dx
+    });
+    let dweight = need_weight.then(|| {
+        let mut dw = vec![0.0f32; directions * m * d];
+        for b in 0..batch {
+            for (k, dw_k) in dw.chunks_exact_mut(m * d).enumerate() {
+                let bk = b * directions + k;
+                let dy_bk = (&dy[bk * m * l..(bk + 1) * m * l], [l, 1]);
+                let x_t = (&x[bk * d * l..(bk + 1) * d * l], [1, l]);
+                gemm_into(dy_bk, x_t, [m, l, d], dw_k, 1.0);
+            }
+        }
+        dw
+    });
+    [dx, dweight]
 }
 
 /// [`SelectiveScanBackend::native_cross_scan`] on a row-major `[batch, channels, height, width]`
@@ -1020,6 +1098,27 @@ where
         }
         let y = direction_matmul(&values(&weight), &values(&x), [batch, k, m, d, l]);
         Some(tensor(y, &[batch, k, m, l]))
+    }
+
+    fn native_direction_matmul_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        [need_x, need_weight, _]: [bool; 3],
+    ) -> Option<LayerGradients<Self>> {
+        let [directions, m, d] = weight.shape().dims::<3>();
+        let [batch, k, d_x, l] = x.shape().dims::<4>();
+        if k != directions || d_x != d || dy.shape().dims::<4>() != [batch, k, m, l] {
+            return None;
+        }
+        let (weight, x, dy) = (values(&weight), values(&x), values(&dy));
+        let [dx, dweight] =
+            direction_matmul_backward(&weight, &x, &dy, [batch, k, m, d, l], [need_x, need_weight]);
+        Some(LayerGradients {
+            dx: dx.map(|v| tensor(v, &[batch, k, d, l])),
+            dweight: dweight.map(|v| tensor(v, &[k, m, d])),
+            dbias: None,
+        })
     }
 
     fn native_cross_scan(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
@@ -2089,5 +2188,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// SS2D's per-direction products in training (`native_direction_matmul` and its backward
+    /// on `Autodiff<NdArray>`) against Burn's broadcast matmul and its backward: the output,
+    /// `x`'s and the weight's gradients, odd sizes, `x` a narrowed (not standard-layout) view.
+    #[test]
+    fn direction_matmul_gradients_match_the_broadcast_matmul() {
+        let device = Default::default();
+        let mut rng = SplitMix64::new(21);
+        let (batch, k, m, d, l) = (3, 4, 5, 7, 29);
+        let w_values = rng.vec(k * m * d, -1.0, 1.0);
+        let x_values = rng.vec(batch * k * (d + 2) * l, -2.0, 2.0);
+        let dy = Tensor::<Ad, 4>::from_data(
+            TensorData::new(rng.vec(batch * k * m * l, -1.0, 1.0), [batch, k, m, l]),
+            &device,
+        );
+        let leaves = || {
+            let w =
+                Tensor::<Ad, 3>::from_data(TensorData::new(w_values.clone(), [k, m, d]), &device)
+                    .require_grad();
+            let x = Tensor::<Ad, 4>::from_data(
+                TensorData::new(x_values.clone(), [batch, k, d + 2, l]),
+                &device,
+            )
+            .require_grad();
+            (w, x)
+        };
+        let (w, x) = leaves();
+        let native = Ad::native_direction_matmul(
+            w.clone().into_primitive().tensor(),
+            x.clone().narrow(2, 1, d).into_primitive().tensor(),
+        )
+        .expect("NdArray runs the per-direction products natively");
+        let native = Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(native));
+        let (w_burn, x_burn) = leaves();
+        let expected = w_burn
+            .clone()
+            .unsqueeze_dim::<4>(0)
+            .expand([batch, k, m, d])
+            .matmul(x_burn.clone().narrow(2, 1, d));
+        let gap = relative_gap(native.clone(), expected.clone());
+        assert!(gap <= 1e-6, "output off by {gap:e}");
+        let native_grads = (native * dy.clone()).sum().backward();
+        let burn_grads = (expected * dy).sum().backward();
+        let gap = relative_gap(
+            Tensor::<Ad, 4>::from_inner(x.grad(&native_grads).unwrap()),
+            Tensor::<Ad, 4>::from_inner(x_burn.grad(&burn_grads).unwrap()),
+        );
+        assert!(gap <= 1e-6, "x gradient off by {gap:e}");
+        let gap = relative_gap(
+            Tensor::<Ad, 3>::from_inner(w.grad(&native_grads).unwrap()),
+            Tensor::<Ad, 3>::from_inner(w_burn.grad(&burn_grads).unwrap()),
+        );
+        assert!(gap <= 1e-6, "weight gradient off by {gap:e}");
     }
 }
