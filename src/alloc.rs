@@ -50,10 +50,8 @@ fn default_cap() -> usize {
                 libc::sysconf(libc::_SC_PAGESIZE),
             )
         };
-        if let (Ok(pages), Ok(page)) = (usize::try_from(pages), usize::try_from(page)) {
-            if pages > 0 && page > 0 {
-                return pages.saturating_mul(page) / 4;
-            }
+        if let (Ok(pages @ 1..), Ok(page @ 1..)) = (usize::try_from(pages), usize::try_from(page)) {
+            return pages.saturating_mul(page) / 4;
         }
     }
     DEFAULT_MAX_CACHED_BYTES
@@ -343,7 +341,10 @@ mod tests {
     fn size_classes_round_up_by_at_most_an_eighth() {
         for size in [4096, 4097, 1 << 20, (1 << 20) + 1, 38_535_168, 3 << 30] {
             let class = size_class(size).unwrap();
-            assert!(class >= size && class % 4096 == 0, "{size} → {class}");
+            assert!(
+                class >= size && class.is_multiple_of(4096),
+                "{size} → {class}"
+            );
             assert!(
                 (class - size) as f64 <= size as f64 / 8.0 + 4096.0,
                 "{size} → {class}"

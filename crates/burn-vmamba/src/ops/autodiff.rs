@@ -92,8 +92,12 @@ fn forward_with<B: SelectiveScanBackend, C: CheckpointStrategy, const N: usize>(
 /// `grads(state, dy, needed)` gives each input's gradient (in the nodes' order) where `needed`.
 #[derive(Debug)]
 struct NativeBackward<B: Backend, S, const N: usize> {
-    grads: fn(S, FloatTensor<B>, [bool; N]) -> [Option<FloatTensor<B>>; N],
+    grads: GradsFn<B, S, N>,
 }
+
+/// `(state, dy, needed) → the inputs' gradients` of a [`NativeBackward`].
+type GradsFn<B, S, const N: usize> =
+    fn(S, FloatTensor<B>, [bool; N]) -> [Option<FloatTensor<B>>; N];
 
 impl<B, S, const N: usize> Backward<B, N> for NativeBackward<B, S, N>
 where
