@@ -170,50 +170,37 @@ trait WeightedLayer<B: SelectiveScanBackend> {
     ) -> Option<LayerGradients<B>>;
 }
 
-struct LinearLayer;
-impl<B: SelectiveScanBackend> WeightedLayer<B> for LinearLayer {
-    const NAME: &'static str = "native_linear";
-    type Params = ();
-    fn backward(
-        x: FloatTensor<B>,
-        weight: FloatTensor<B>,
-        _: (),
-        dy: FloatTensor<B>,
-        needed: [bool; 3],
-    ) -> Option<LayerGradients<B>> {
-        B::native_linear_backward(x, weight, dy, needed)
-    }
+/// A [`WeightedLayer`] without parameters whose backward is the inner backend's hook `$hook`.
+macro_rules! plain_layer {
+    ($layer:ident, $name:literal, $hook:ident) => {
+        struct $layer;
+        impl<B: SelectiveScanBackend> WeightedLayer<B> for $layer {
+            const NAME: &'static str = $name;
+            type Params = ();
+            fn backward(
+                x: FloatTensor<B>,
+                weight: FloatTensor<B>,
+                _: (),
+                dy: FloatTensor<B>,
+                needed: [bool; 3],
+            ) -> Option<LayerGradients<B>> {
+                B::$hook(x, weight, dy, needed)
+            }
+        }
+    };
 }
 
-struct DepthwiseConvLayer;
-impl<B: SelectiveScanBackend> WeightedLayer<B> for DepthwiseConvLayer {
-    const NAME: &'static str = "depthwise_conv";
-    type Params = ();
-    fn backward(
-        x: FloatTensor<B>,
-        weight: FloatTensor<B>,
-        _: (),
-        dy: FloatTensor<B>,
-        needed: [bool; 3],
-    ) -> Option<LayerGradients<B>> {
-        B::depthwise_conv_backward(x, weight, dy, needed)
-    }
-}
-
-struct DirectionMatmulLayer;
-impl<B: SelectiveScanBackend> WeightedLayer<B> for DirectionMatmulLayer {
-    const NAME: &'static str = "native_direction_matmul";
-    type Params = ();
-    fn backward(
-        x: FloatTensor<B>,
-        weight: FloatTensor<B>,
-        _: (),
-        dy: FloatTensor<B>,
-        needed: [bool; 3],
-    ) -> Option<LayerGradients<B>> {
-        B::native_direction_matmul_backward(x, weight, dy, needed)
-    }
-}
+plain_layer!(LinearLayer, "native_linear", native_linear_backward);
+plain_layer!(
+    DepthwiseConvLayer,
+    "depthwise_conv",
+    depthwise_conv_backward
+);
+plain_layer!(
+    DirectionMatmulLayer,
+    "native_direction_matmul",
+    native_direction_matmul_backward
+);
 
 struct DenseConvLayer;
 impl<B: SelectiveScanBackend> WeightedLayer<B> for DenseConvLayer {

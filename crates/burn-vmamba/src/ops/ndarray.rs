@@ -1385,6 +1385,56 @@ mod tests {
         }
     }
 
+    /// `(batch, height, width, channels, k, bias)` of the depthwise conv tests: odd sizes, a
+    /// 1 × 1 map (every tap but the centre in the padding), k = 3 and 5, with and without bias.
+    const DEPTHWISE_CASES: [(usize, usize, usize, usize, usize, bool); 4] = [
+        (2, 5, 7, 13, 3, true),
+        (1, 9, 4, 8, 5, false),
+        (3, 1, 1, 3, 3, true),
+        (1, 2, 11, 17, 3, false),
+    ];
+
+    /// `(batch, C_in, C_out, height, width, kernel, stride, padding, bias)` of the dense conv
+    /// tests: strides 1, 2, (2, 1) and 3, padding on every side, on some sides or none, odd
+    /// sizes, a kernel as large as the padded input; the last, stride 3 with a left padding of
+    /// 2: the first in-row tap of a column starts after the padding, and the right edge pads
+    /// for some taps only.
+    #[allow(clippy::type_complexity)]
+    const DENSE_CASES: [(
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        [usize; 2],
+        [usize; 2],
+        [usize; 4],
+        bool,
+    ); 6] = [
+        (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
+        (1, 4, 6, 8, 8, [2, 2], [2, 2], [0, 0, 0, 0], false),
+        (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
+        (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
+        (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
+        (1, 2, 3, 10, 11, [3, 3], [3, 3], [2, 2, 0, 1], true),
+    ];
+
+    /// SS2D's depthwise conv (`k × k`, padding `k / 2`) with random weights.
+    fn depthwise_conv<T: burn::tensor::backend::Backend>(
+        channels: usize,
+        k: usize,
+        bias: bool,
+        rng: &mut SplitMix64,
+    ) -> burn::nn::conv::Conv2d<T> {
+        let mut conv = Conv2dConfig::new([channels, channels], [k, k])
+            .with_groups(channels)
+            .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+            .with_bias(bias)
+            .init::<T>(&Default::default());
+        randomise(&mut conv, rng);
+        conv
+    }
+
     /// `max |native − expected| / max |expected|`, after checking the native result's shape.
     fn worst_error(
         native: burn::tensor::ops::FloatTensor<B>,
@@ -1693,19 +1743,9 @@ mod tests {
     #[test]
     fn depthwise_conv_silu_matches_burns_conv2d_and_silu() {
         let device = Default::default();
-        for (batch, height, width, channels, k, bias) in [
-            (2, 5, 7, 13, 3, true),
-            (1, 9, 4, 8, 5, false),
-            (3, 1, 1, 3, 3, true),
-            (1, 2, 11, 17, 3, false),
-        ] {
+        for (batch, height, width, channels, k, bias) in DEPTHWISE_CASES {
             let mut rng = SplitMix64::new((height * 31 + width) as u64);
-            let mut conv = Conv2dConfig::new([channels, channels], [k, k])
-                .with_groups(channels)
-                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-                .with_bias(bias)
-                .init::<B>(&device);
-            randomise(&mut conv, &mut rng);
+            let conv = depthwise_conv::<B>(channels, k, bias, &mut rng);
             let x = Tensor::<B, 4>::from_data(
                 TensorData::new(
                     rng.vec(batch * height * width * channels, -3.0, 3.0),
@@ -1735,16 +1775,7 @@ mod tests {
     #[test]
     fn conv2d_dense_matches_burns_conv2d() {
         let device = Default::default();
-        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in [
-            (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
-            (1, 4, 6, 8, 8, [2, 2], [2, 2], [0, 0, 0, 0], false),
-            (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
-            (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
-            (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
-            // Stride 3 with a left padding of 2: the first in-row tap of a column starts after
-            // the padding, and the right edge pads for some taps only.
-            (1, 2, 3, 10, 11, [3, 3], [3, 3], [2, 2, 0, 1], true),
-        ] {
+        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in DENSE_CASES {
             let mut rng = SplitMix64::new((height * 17 + width * 3 + c_in) as u64);
             let [top, left, bottom, right] = padding;
             let mut conv = Conv2dConfig::new([c_in, c_out], k)
@@ -2011,19 +2042,9 @@ mod tests {
     #[test]
     fn depthwise_conv_gradients_match_burns_conv2d() {
         let device = Default::default();
-        for (batch, height, width, channels, k, bias) in [
-            (2, 5, 7, 13, 3, true),
-            (1, 9, 4, 8, 5, false),
-            (3, 1, 1, 3, 3, true),
-            (1, 2, 11, 17, 3, false),
-        ] {
+        for (batch, height, width, channels, k, bias) in DEPTHWISE_CASES {
             let mut rng = SplitMix64::new((height * 37 + width) as u64);
-            let mut conv = Conv2dConfig::new([channels, channels], [k, k])
-                .with_groups(channels)
-                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-                .with_bias(bias)
-                .init::<Ad>(&device);
-            randomise(&mut conv, &mut rng);
+            let conv = depthwise_conv::<Ad>(channels, k, bias, &mut rng);
             let n = batch * height * width * channels;
             let x_values = rng.vec(n, -3.0, 3.0);
             let dy = Tensor::<Ad, 4>::from_data(
@@ -2097,14 +2118,7 @@ mod tests {
     #[test]
     fn conv2d_dense_gradients_match_burns_conv2d() {
         let device = Default::default();
-        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in [
-            (2, 3, 5, 9, 7, [3, 3], [2, 2], [1, 1, 1, 1], true),
-            (1, 4, 6, 8, 8, [2, 2], [2, 2], [0, 0, 0, 0], false),
-            (3, 2, 3, 5, 6, [3, 1], [2, 1], [1, 0, 1, 0], true),
-            (1, 5, 2, 3, 3, [3, 3], [1, 1], [0, 0, 0, 0], false),
-            (2, 3, 4, 11, 6, [4, 4], [4, 4], [0, 0, 0, 0], true),
-            (1, 2, 3, 10, 11, [3, 3], [3, 3], [2, 2, 0, 1], true),
-        ] {
+        for (batch, c_in, c_out, height, width, k, stride, padding, bias) in DENSE_CASES {
             let case = format!(
                 "{:?}",
                 (batch, c_in, c_out, height, width, k, stride, padding)
