@@ -1,6 +1,6 @@
 //! `Autodiff<B, C>`: a custom `Backward` that calls the inner backend's fused backward, and
 //! registers gradients for exactly the tracked inputs among u, delta, A, B, C, D, delta_bias.
-//! The same for the model's native ops that have a native backward ([`NativeBackward`]): the
+//! The same for the model's native ops that have a native backward (`NativeBackward`): the
 //! exact GELU, the linear layers and the convolutions run as the inner backend's ops in training
 //! too.
 

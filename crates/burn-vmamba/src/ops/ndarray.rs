@@ -1878,6 +1878,22 @@ mod tests {
 
     type Ad = burn::backend::Autodiff<B>;
 
+    /// Asserts that `native`'s gradient in `native_grads` is within 1e-6 (of the largest) of
+    /// `burn`'s in `burn_grads`; `what` names it in the message.
+    fn assert_same_gradient<const D: usize>(
+        native: &Tensor<Ad, D>,
+        native_grads: &burn::backend::autodiff::grads::Gradients,
+        burn: &Tensor<Ad, D>,
+        burn_grads: &burn::backend::autodiff::grads::Gradients,
+        what: &str,
+    ) {
+        let gap = relative_gap(
+            Tensor::<Ad, D>::from_inner(native.grad(native_grads).unwrap()),
+            Tensor::<Ad, D>::from_inner(burn.grad(burn_grads).unwrap()),
+        );
+        assert!(gap <= 1e-6, "{what} off by {gap:e}");
+    }
+
     /// The native GELU in training: its input gradient (`gelu_exact_backward`) against the
     /// exact derivative `dy · (Φ(x) + x·φ(x))` in f64 (`erf` by Abramowitz and Stegun's 7.1.26,
     /// absolute error ≤ 1.5e-7), for a standard and a channel-last input, the loss weighted so
@@ -2002,18 +2018,22 @@ mod tests {
                 let burn_grads = (y * dy.clone()).sum().backward();
                 let case = format!("rows {rows:?}, k {k}, n {n}, bias {bias}, permuted {permuted}");
                 let w = &linear.weight.val();
-                let gap = relative_gap(
-                    Tensor::<Ad, 2>::from_inner(w.grad(&native_grads).unwrap()),
-                    Tensor::<Ad, 2>::from_inner(w.grad(&burn_grads).unwrap()),
+                assert_same_gradient(
+                    &w,
+                    &native_grads,
+                    &w,
+                    &burn_grads,
+                    &format!("{case}: weight gradient"),
                 );
-                assert!(gap <= 1e-6, "{case}: weight gradient off by {gap:e}");
                 if let Some(b) = &linear.bias {
                     let b = b.val();
-                    let gap = relative_gap(
-                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
-                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
+                    assert_same_gradient(
+                        &b,
+                        &native_grads,
+                        &b,
+                        &burn_grads,
+                        &format!("{case}: bias gradient"),
                     );
-                    assert!(gap <= 1e-6, "{case}: bias gradient off by {gap:e}");
                 }
                 match (x.grad(&native_grads), x_burn.grad(&burn_grads)) {
                     (Some(a), Some(e)) => {
@@ -2087,24 +2107,30 @@ mod tests {
                 assert!(gap <= 1e-6, "{case}: output off by {gap:e}");
                 let native_grads = (y * dy.clone()).sum().backward();
                 let burn_grads = (expected * dy.clone()).sum().backward();
-                let gap = relative_gap(
-                    Tensor::<Ad, 4>::from_inner(native_leaf.grad(&native_grads).unwrap()),
-                    Tensor::<Ad, 4>::from_inner(burn_leaf.grad(&burn_grads).unwrap()),
+                assert_same_gradient(
+                    &native_leaf,
+                    &native_grads,
+                    &burn_leaf,
+                    &burn_grads,
+                    &format!("{case}: input gradient"),
                 );
-                assert!(gap <= 1e-6, "{case}: input gradient off by {gap:e}");
                 let w = conv.weight.val();
-                let gap = relative_gap(
-                    Tensor::<Ad, 4>::from_inner(w.grad(&native_grads).unwrap()),
-                    Tensor::<Ad, 4>::from_inner(w.grad(&burn_grads).unwrap()),
+                assert_same_gradient(
+                    &w,
+                    &native_grads,
+                    &w,
+                    &burn_grads,
+                    &format!("{case}: weight gradient"),
                 );
-                assert!(gap <= 1e-6, "{case}: weight gradient off by {gap:e}");
                 if let Some(b) = &conv.bias {
                     let b = b.val();
-                    let gap = relative_gap(
-                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
-                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
+                    assert_same_gradient(
+                        &b,
+                        &native_grads,
+                        &b,
+                        &burn_grads,
+                        &format!("{case}: bias gradient"),
                     );
-                    assert!(gap <= 1e-6, "{case}: bias gradient off by {gap:e}");
                 }
             }
         }
@@ -2172,32 +2198,29 @@ mod tests {
                 );
                 let native_grads = (y * dy.clone()).sum().backward();
                 let burn_grads = (expected * dy.clone()).sum().backward();
-                let gap = relative_gap(
-                    Tensor::<Ad, 4>::from_inner(native_leaf.grad(&native_grads).unwrap()),
-                    Tensor::<Ad, 4>::from_inner(burn_leaf.grad(&burn_grads).unwrap()),
-                );
-                assert!(
-                    gap <= 1e-6,
-                    "{case} channel_last {channel_last}: input gradient off by {gap:e}"
+                assert_same_gradient(
+                    &native_leaf,
+                    &native_grads,
+                    &burn_leaf,
+                    &burn_grads,
+                    &format!("{case} channel_last {channel_last}: input gradient"),
                 );
                 let w = conv.weight.val();
-                let gap = relative_gap(
-                    Tensor::<Ad, 4>::from_inner(w.grad(&native_grads).unwrap()),
-                    Tensor::<Ad, 4>::from_inner(w.grad(&burn_grads).unwrap()),
-                );
-                assert!(
-                    gap <= 1e-6,
-                    "{case} channel_last {channel_last}: weight gradient off by {gap:e}"
+                assert_same_gradient(
+                    &w,
+                    &native_grads,
+                    &w,
+                    &burn_grads,
+                    &format!("{case} channel_last {channel_last}: weight gradient"),
                 );
                 if let Some(b) = &conv.bias {
                     let b = b.val();
-                    let gap = relative_gap(
-                        Tensor::<Ad, 1>::from_inner(b.grad(&native_grads).unwrap()),
-                        Tensor::<Ad, 1>::from_inner(b.grad(&burn_grads).unwrap()),
-                    );
-                    assert!(
-                        gap <= 1e-6,
-                        "{case} channel_last {channel_last}: bias gradient off by {gap:e}"
+                    assert_same_gradient(
+                        &b,
+                        &native_grads,
+                        &b,
+                        &burn_grads,
+                        &format!("{case} channel_last {channel_last}: bias gradient"),
                     );
                 }
             }
@@ -2246,15 +2269,7 @@ mod tests {
         assert!(gap <= 1e-6, "output off by {gap:e}");
         let native_grads = (native * dy.clone()).sum().backward();
         let burn_grads = (expected * dy).sum().backward();
-        let gap = relative_gap(
-            Tensor::<Ad, 4>::from_inner(x.grad(&native_grads).unwrap()),
-            Tensor::<Ad, 4>::from_inner(x_burn.grad(&burn_grads).unwrap()),
-        );
-        assert!(gap <= 1e-6, "x gradient off by {gap:e}");
-        let gap = relative_gap(
-            Tensor::<Ad, 3>::from_inner(w.grad(&native_grads).unwrap()),
-            Tensor::<Ad, 3>::from_inner(w_burn.grad(&burn_grads).unwrap()),
-        );
-        assert!(gap <= 1e-6, "weight gradient off by {gap:e}");
+        assert_same_gradient(&x, &native_grads, &x_burn, &burn_grads, "x gradient");
+        assert_same_gradient(&w, &native_grads, &w_burn, &burn_grads, "weight gradient");
     }
 }
