@@ -1894,6 +1894,24 @@ mod tests {
         assert!(gap <= 1e-6, "{what} off by {gap:e}");
     }
 
+    /// [`assert_same_gradient`] for a layer's weight and, if it has one, its bias.
+    fn assert_same_parameter_gradients<const D: usize>(
+        weight: &Param<Tensor<Ad, D>>,
+        bias: Option<&Param<Tensor<Ad, 1>>>,
+        native_grads: &burn::backend::autodiff::grads::Gradients,
+        burn_grads: &burn::backend::autodiff::grads::Gradients,
+        case: &str,
+    ) {
+        let w = weight.val();
+        let what = format!("{case}: weight gradient");
+        assert_same_gradient(&w, native_grads, &w, burn_grads, &what);
+        if let Some(b) = bias {
+            let b = b.val();
+            let what = format!("{case}: bias gradient");
+            assert_same_gradient(&b, native_grads, &b, burn_grads, &what);
+        }
+    }
+
     /// The native GELU in training: its input gradient (`gelu_exact_backward`) against the
     /// exact derivative `dy · (Φ(x) + x·φ(x))` in f64 (`erf` by Abramowitz and Stegun's 7.1.26,
     /// absolute error ≤ 1.5e-7), for a standard and a channel-last input, the loss weighted so
@@ -2017,24 +2035,13 @@ mod tests {
                 let y = linear.forward(view(x_burn.clone()));
                 let burn_grads = (y * dy.clone()).sum().backward();
                 let case = format!("rows {rows:?}, k {k}, n {n}, bias {bias}, permuted {permuted}");
-                let w = &linear.weight.val();
-                assert_same_gradient(
-                    &w,
+                assert_same_parameter_gradients(
+                    &linear.weight,
+                    linear.bias.as_ref(),
                     &native_grads,
-                    &w,
                     &burn_grads,
-                    &format!("{case}: weight gradient"),
+                    &case,
                 );
-                if let Some(b) = &linear.bias {
-                    let b = b.val();
-                    assert_same_gradient(
-                        &b,
-                        &native_grads,
-                        &b,
-                        &burn_grads,
-                        &format!("{case}: bias gradient"),
-                    );
-                }
                 match (x.grad(&native_grads), x_burn.grad(&burn_grads)) {
                     (Some(a), Some(e)) => {
                         let gap = relative_gap(
@@ -2114,24 +2121,13 @@ mod tests {
                     &burn_grads,
                     &format!("{case}: input gradient"),
                 );
-                let w = conv.weight.val();
-                assert_same_gradient(
-                    &w,
+                assert_same_parameter_gradients(
+                    &conv.weight,
+                    conv.bias.as_ref(),
                     &native_grads,
-                    &w,
                     &burn_grads,
-                    &format!("{case}: weight gradient"),
+                    &case,
                 );
-                if let Some(b) = &conv.bias {
-                    let b = b.val();
-                    assert_same_gradient(
-                        &b,
-                        &native_grads,
-                        &b,
-                        &burn_grads,
-                        &format!("{case}: bias gradient"),
-                    );
-                }
             }
         }
     }
@@ -2205,24 +2201,13 @@ mod tests {
                     &burn_grads,
                     &format!("{case} channel_last {channel_last}: input gradient"),
                 );
-                let w = conv.weight.val();
-                assert_same_gradient(
-                    &w,
+                assert_same_parameter_gradients(
+                    &conv.weight,
+                    conv.bias.as_ref(),
                     &native_grads,
-                    &w,
                     &burn_grads,
-                    &format!("{case} channel_last {channel_last}: weight gradient"),
+                    &format!("{case} channel_last {channel_last}"),
                 );
-                if let Some(b) = &conv.bias {
-                    let b = b.val();
-                    assert_same_gradient(
-                        &b,
-                        &native_grads,
-                        &b,
-                        &burn_grads,
-                        &format!("{case} channel_last {channel_last}: bias gradient"),
-                    );
-                }
             }
         }
     }
