@@ -12,6 +12,12 @@
 //! The CubeCL impls (`cube`, `fusion`) are behind the `cubecl` feature, which every GPU
 //! runtime feature (`wgpu`, the default; `cuda`; `rocm`) turns on; NdArray, the fallback and
 //! autodiff are always there.
+//!
+//! The same trait carries the model's other native ops (hooks returning `None` by default):
+//! inference-only ones (LayerNorm, cross-scan/merge, fused depthwise conv + SiLU, reshapes) and
+//! differentiable ones with a `*_backward` hook (linear, exact GELU, depthwise and dense convs,
+//! SS2D's per-direction products), which `Autodiff<B>` wraps in a backward step of its own so
+//! that training runs them natively too. NdArray implements all of them.
 
 pub mod autodiff;
 #[cfg(feature = "cubecl")]
@@ -213,12 +219,18 @@ pub struct LayerGradients<B: Backend> {
 ///
 /// The default bodies are the tensor-op fallback ([`fallback`]), so any backend gets a correct
 /// (slow) scan with `impl SelectiveScanBackend for MyBackend {}`. CubeCL backends, `Fusion`,
-/// `NdArray` and `Autodiff` override them with fused implementations.
+/// `NdArray` and `Autodiff` override them with fused implementations. A backend that
+/// implements one of the differentiable native ops (`native_linear`, `gelu_exact`,
+/// `depthwise_conv`, `conv2d_dense`, `native_direction_matmul`) implements its `*_backward`
+/// hook too: the autodiff backend relies on it (and panics naming the op where it is missing;
+/// the GELU falls back to Burn's `gelu_backward`).
 pub trait SelectiveScanBackend: Backend {
     /// Whether the model runs its convolutions as tensor ops ([`crate::model::conv`]: shifted
     /// multiply-adds for depthwise, unfold + matmul otherwise) instead of the backend's
     /// `conv2d`: on for NdArray, whose conv and conv backward are scalar loops (seconds per
-    /// training step of a small model).
+    /// training step of a small model). NdArray runs the model's convolutions natively anyway
+    /// (`conv2d_dense`, `depthwise_conv`), in inference and training; the tensor ops remain for
+    /// the shapes those hooks decline.
     const CONV2D_BY_TENSOR_OPS: bool = false;
 
     /// SS2D's depthwise convolution and SiLU in one pass, for inference: `x` channel-last
