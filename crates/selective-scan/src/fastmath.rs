@@ -178,7 +178,14 @@ pub fn erf_with<const FMA: bool>(x: f32) -> f32 {
 /// max(1, |x|) against f64 (tested), branch-free so that loops over slices vectorise.
 #[inline(always)]
 pub fn gelu_with<const FMA: bool>(x: f32) -> f32 {
-    x * (erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5
+    x * normal_cdf_with::<FMA>(x)
+}
+
+/// `Φ(x) = (1 + erf(x / √2)) / 2`, the standard normal CDF, with [`erf_with`]: the factor of
+/// the exact GELU and the first term of its derivative.
+#[inline(always)]
+fn normal_cdf_with<const FMA: bool>(x: f32) -> f32 {
+    (erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5
 }
 
 /// `GELU'(x) = Φ(x) + x·φ(x)`, the derivative of the exact GELU (`Φ` the standard normal CDF
@@ -188,7 +195,7 @@ pub fn gelu_with<const FMA: bool>(x: f32) -> f32 {
 #[inline(always)]
 pub fn gelu_derivative_with<const FMA: bool>(x: f32) -> f32 {
     const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-    let cdf = (erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+    let cdf = normal_cdf_with::<FMA>(x);
     let xc = x.clamp(-10.0, 10.0);
     let pdf = exp_decay_with::<FMA>(-0.5 * xc * xc) * FRAC_1_SQRT_2PI;
     madd::<FMA>(xc, pdf, cdf)

@@ -151,14 +151,22 @@ fn gelu_grads<B: SelectiveScanBackend>(
 }
 
 /// A layer with an input, a weight and an optional bias whose inner backend runs it natively
-/// with a native backward: the linear and the depthwise convolution.
+/// with a native backward: the linear, the convolutions, the per-direction products.
 trait WeightedLayer<B: SelectiveScanBackend> {
     /// Its name in the contract's panic message.
     const NAME: &'static str;
 
-    /// What the backward needs besides the input and the weight (a convolution's stride and
-    /// padding).
+    /// What the layer needs besides the input, the weight and the bias (a convolution's stride
+    /// and padding).
     type Params: Clone + Copy + Send + std::fmt::Debug + 'static;
+
+    /// The inner backend's forward (`None` where it has no such op).
+    fn forward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+        params: Self::Params,
+    ) -> Option<FloatTensor<B>>;
 
     /// The inner backend's backward (`None` breaks the contract: see [`layer_grads`]).
     fn backward(
@@ -170,13 +178,23 @@ trait WeightedLayer<B: SelectiveScanBackend> {
     ) -> Option<LayerGradients<B>>;
 }
 
-/// A [`WeightedLayer`] without parameters whose backward is the inner backend's hook `$hook`.
+/// A [`WeightedLayer`] without parameters whose forward is `$forward` (a closure of the inner
+/// backend's `x`, `weight` and `bias`) and whose backward is the inner backend's hook `$hook`.
 macro_rules! plain_layer {
-    ($layer:ident, $name:literal, $hook:ident) => {
+    ($layer:ident, $name:literal, $forward:expr, $hook:ident) => {
         struct $layer;
         impl<B: SelectiveScanBackend> WeightedLayer<B> for $layer {
             const NAME: &'static str = $name;
             type Params = ();
+            fn forward(
+                x: FloatTensor<B>,
+                weight: FloatTensor<B>,
+                bias: Option<FloatTensor<B>>,
+                _: (),
+            ) -> Option<FloatTensor<B>> {
+                let forward: fn(_, _, _) -> _ = $forward;
+                forward(x, weight, bias)
+            }
             fn backward(
                 x: FloatTensor<B>,
                 weight: FloatTensor<B>,
@@ -190,15 +208,23 @@ macro_rules! plain_layer {
     };
 }
 
-plain_layer!(LinearLayer, "native_linear", native_linear_backward);
+plain_layer!(
+    LinearLayer,
+    "native_linear",
+    |x, weight, bias| B::native_linear(x, weight, bias),
+    native_linear_backward
+);
 plain_layer!(
     DepthwiseConvLayer,
     "depthwise_conv",
+    |x, weight, bias| B::depthwise_conv(x, weight, bias),
     depthwise_conv_backward
 );
+// No bias: the model's per-direction products have none (the hook takes none).
 plain_layer!(
     DirectionMatmulLayer,
     "native_direction_matmul",
+    |x, weight, _| B::native_direction_matmul(weight, x),
     native_direction_matmul_backward
 );
 
@@ -207,6 +233,14 @@ impl<B: SelectiveScanBackend> WeightedLayer<B> for DenseConvLayer {
     const NAME: &'static str = "conv2d_dense";
     /// Stride and padding.
     type Params = ([usize; 2], [usize; 4]);
+    fn forward(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+        (stride, padding): Self::Params,
+    ) -> Option<FloatTensor<B>> {
+        B::conv2d_dense(x, weight, bias, stride, padding)
+    }
     fn backward(
         x: FloatTensor<B>,
         weight: FloatTensor<B>,
@@ -253,33 +287,38 @@ fn layer_grads_without_bias<B: SelectiveScanBackend, L: WeightedLayer<B>>(
     [g.dx, g.dweight]
 }
 
-/// `y`, the inner backend's output of layer `L` on `x`, `weight` and `bias`, as an autodiff
-/// tensor differentiated by `L`'s native backward.
+/// Layer `L` on `x`, `weight` and `bias` by the inner backend, as an autodiff tensor
+/// differentiated by `L`'s native backward; `None` where the inner backend has no such op.
 fn weighted_layer<B, C, L>(
     x: &FloatTensor<Autodiff<B, C>>,
     weight: &FloatTensor<Autodiff<B, C>>,
     bias: Option<&FloatTensor<Autodiff<B, C>>>,
     params: L::Params,
-    y: FloatTensor<B>,
-) -> FloatTensor<Autodiff<B, C>>
+) -> Option<FloatTensor<Autodiff<B, C>>>
 where
     B: SelectiveScanBackend,
     C: CheckpointStrategy,
     L: WeightedLayer<B>,
 {
+    let y = L::forward(
+        x.primitive.clone(),
+        weight.primitive.clone(),
+        bias.map(|b| b.primitive.clone()),
+        params,
+    )?;
     let state = (x.primitive.clone(), weight.primitive.clone(), params);
     match bias {
         Some(bias) => {
             let step = NativeBackward {
                 grads: layer_grads_with_bias::<B, L>,
             };
-            native_op::<B, C, _, 3>([x, weight, bias], y, state, step)
+            Some(native_op::<B, C, _, 3>([x, weight, bias], y, state, step))
         }
         None => {
             let step = NativeBackward {
                 grads: layer_grads_without_bias::<B, L>,
             };
-            native_op::<B, C, _, 2>([x, weight], y, state, step)
+            Some(native_op::<B, C, _, 2>([x, weight], y, state, step))
         }
     }
 }
@@ -302,18 +341,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
-        let y = B::native_linear(
-            x.primitive.clone(),
-            weight.primitive.clone(),
-            bias.as_ref().map(|b| b.primitive.clone()),
-        )?;
-        Some(weighted_layer::<B, C, LinearLayer>(
-            &x,
-            &weight,
-            bias.as_ref(),
-            (),
-            y,
-        ))
+        weighted_layer::<B, C, LinearLayer>(&x, &weight, bias.as_ref(), ())
     }
 
     /// The inner backend's depthwise convolution, differentiated by its
@@ -323,18 +351,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
-        let y = B::depthwise_conv(
-            x.primitive.clone(),
-            weight.primitive.clone(),
-            bias.as_ref().map(|b| b.primitive.clone()),
-        )?;
-        Some(weighted_layer::<B, C, DepthwiseConvLayer>(
-            &x,
-            &weight,
-            bias.as_ref(),
-            (),
-            y,
-        ))
+        weighted_layer::<B, C, DepthwiseConvLayer>(&x, &weight, bias.as_ref(), ())
     }
 
     /// The inner backend's per-direction product, differentiated by its
@@ -343,14 +360,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
         weight: FloatTensor<Self>,
         x: FloatTensor<Self>,
     ) -> Option<FloatTensor<Self>> {
-        let y = B::native_direction_matmul(weight.primitive.clone(), x.primitive.clone())?;
-        Some(weighted_layer::<B, C, DirectionMatmulLayer>(
-            &x,
-            &weight,
-            None,
-            (),
-            y,
-        ))
+        weighted_layer::<B, C, DirectionMatmulLayer>(&x, &weight, None, ())
     }
 
     /// The inner backend's dense convolution, differentiated by its `conv2d_dense_backward`.
@@ -361,20 +371,7 @@ impl<B: SelectiveScanBackend, C: CheckpointStrategy> SelectiveScanBackend for Au
         stride: [usize; 2],
         padding: [usize; 4],
     ) -> Option<FloatTensor<Self>> {
-        let y = B::conv2d_dense(
-            x.primitive.clone(),
-            weight.primitive.clone(),
-            bias.as_ref().map(|b| b.primitive.clone()),
-            stride,
-            padding,
-        )?;
-        Some(weighted_layer::<B, C, DenseConvLayer>(
-            &x,
-            &weight,
-            bias.as_ref(),
-            (stride, padding),
-            y,
-        ))
+        weighted_layer::<B, C, DenseConvLayer>(&x, &weight, bias.as_ref(), (stride, padding))
     }
 
     fn selective_scan_forward(

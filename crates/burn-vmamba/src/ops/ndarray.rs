@@ -183,13 +183,12 @@ fn taps_channel_last(weight: &[f32], channels: usize, k: usize) -> Vec<f32> {
     taps
 }
 
-/// The gradients of [`depthwise_conv`] (without SiLU) for `dy [batch, channels, height, width]`
-/// (row-major), with `x [batch, height, width, channels]` and `weight [channels, k, k]`:
+/// The gradients of [`depthwise_conv`] (without SiLU) for `dy` given channel-last (`[batch,
+/// height, width, channels]`, [`channel_last_values`], so that every loop runs over contiguous
+/// channels), with `x [batch, height, width, channels]` and `weight [channels, k, k]`:
 /// `dx [batch, height, width, channels]`, `dweight [channels, k, k]` and `dbias [channels]`,
 /// each where `needed`.
-///
-/// `dy` is first transposed to channel-last (per image, rayon over rows), so that every loop
-/// runs over contiguous channels. `dx[b, r, s] = Σ_{p,q} w[p, q] · dy[b, r + pad − p,
+/// `dx[b, r, s] = Σ_{p,q} w[p, q] · dy[b, r + pad − p,
 /// s + pad − q]` (the convolution with the flipped kernel, taps in `(p, q)` order) per input
 /// row; `dweight[p, q] = Σ_{b,i,j} dy[b, i, j] · x[b, i + p − pad, j + q − pad]` and
 /// `dbias = Σ dy` as partial sums per output row `(b, i)` (over `j` in order), added in row
@@ -199,23 +198,13 @@ fn depthwise_conv_backward(
     [batch, height, width, channels]: [usize; 4],
     weight: &[f32],
     k: usize,
-    dy: &[f32],
+    dy_cl: &[f32],
     [need_x, need_weight, need_bias]: [bool; 3],
 ) -> [Option<Vec<f32>>; 3] {
     use rayon::prelude::*;
     let pad = k / 2;
     let plane = height * width;
     let row = width * channels;
-    // dy channel-last: [batch, height, width, channels].
-    let mut dy_cl = vec![0.0f32; batch * plane * channels];
-    dy_cl.par_chunks_mut(row).enumerate().for_each(|(bi, out)| {
-        let (b, i) = (bi / height, bi % height);
-        for (j, o) in out.chunks_exact_mut(channels).enumerate() {
-            for (c, v) in o.iter_mut().enumerate() {
-                *v = dy[(b * channels + c) * plane + i * width + j];
-            }
-        }
-    });
     // The window of output row `i`'s tap row `p`: input row `i + p − pad`, if inside.
     let tap_row = |i: usize, p: usize| (i + p).checked_sub(pad).filter(|r| *r < height);
     let tap_col = |j: usize, q: usize| (j + q).checked_sub(pad).filter(|s| *s < width);
@@ -276,12 +265,7 @@ fn depthwise_conv_backward(
                 sums
             })
             .collect();
-        let mut total = vec![0.0f32; (k * k + 1) * channels];
-        for partial in &partials {
-            for (t, p) in total.iter_mut().zip(partial) {
-                *t += p;
-            }
-        }
+        let total = sum_in_order(&partials, (k * k + 1) * channels);
         let dweight = need_weight.then(|| {
             let mut w = vec![0.0f32; channels * k * k];
             for c in 0..channels {
@@ -316,68 +300,59 @@ fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]
 
 /// `a [m, k] · b [k, n]` into a new row-major `[m, n]` buffer, each operand given as its values
 /// and `[row stride, column stride]` (a transposed operand is read through its strides, not
-/// copied): matrixmultiply's sgemm, threaded over output blocks (the inner dimension is never
-/// split, so the bits do not depend on the number of threads).
-///
-/// Panics if an operand's values do not cover its strided extent.
-fn gemm(
-    (a, [rsa, csa]): (&[f32], [usize; 2]),
-    (b, [rsb, csb]): (&[f32], [usize; 2]),
-    [m, k, n]: [usize; 3],
-) -> Vec<f32> {
-    assert!(
-        a.len() >= extent([m, k], [rsa, csa]) && b.len() >= extent([k, n], [rsb, csb]),
-        "gemm: an operand is shorter than its shape and strides"
-    );
-    let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
+/// copied), written straight into uninitialised memory ([`sgemm_to`]).
+fn gemm(a: (&[f32], [usize; 2]), b: (&[f32], [usize; 2]), [m, k, n]: [usize; 3]) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: every element the strided operands address lies inside their slices (asserted);
-    // `y` has capacity m·n. With β = 0 matrixmultiply writes every element of the m × n output
-    // without reading it (also for k = 0, where it writes zeros), so all m·n values are
-    // initialised when the length is set.
+    // SAFETY: `y` has capacity for the m × n output; with β = 0 `sgemm_to` writes every element
+    // of it without reading it, so all m·n values are initialised when the length is set.
     unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            stride(rsa),
-            stride(csa),
-            b.as_ptr(),
-            stride(rsb),
-            stride(csb),
-            0.0,
-            y.as_mut_ptr(),
-            stride(n),
-            1,
-        );
+        sgemm_to(a, b, [m, k, n], 0.0, y.as_mut_ptr());
         y.set_len(m * n);
     }
     y
 }
 
 /// `out = a · b + beta · out` for `a [m, k]`, `b [k, n]` given as values and `[row stride,
-/// column stride]`, `out [m, n]` row-major and initialised: matrixmultiply's sgemm, threaded
-/// over output blocks (the same bits for any number of threads).
+/// column stride]`, `out [m, n]` row-major and initialised ([`sgemm_to`]).
 ///
-/// Panics if an operand or `out` is shorter than its shape and strides.
+/// Panics if `out` is shorter than `m · n`.
 fn gemm_into(
-    (a, [rsa, csa]): (&[f32], [usize; 2]),
-    (b, [rsb, csb]): (&[f32], [usize; 2]),
+    a: (&[f32], [usize; 2]),
+    b: (&[f32], [usize; 2]),
     [m, k, n]: [usize; 3],
     out: &mut [f32],
     beta: f32,
 ) {
+    assert!(out.len() >= m * n, "gemm_into: out is shorter than m · n");
+    // SAFETY: `out` holds m·n initialised values (asserted).
+    unsafe { sgemm_to(a, b, [m, k, n], beta, out.as_mut_ptr()) }
+}
+
+/// `out = a · b + beta · out` for `a [m, k]`, `b [k, n]` given as values and `[row stride,
+/// column stride]`, into the row-major `[m, n]` block at `out`: matrixmultiply's sgemm, threaded
+/// over output blocks (the inner dimension is never split, so the bits do not depend on the
+/// number of threads). With β = 0 the output is written without being read (also for k = 0,
+/// where it is zeros).
+///
+/// Panics if an operand's values do not cover its strided extent.
+///
+/// # Safety
+/// `out` is valid for writes of `m · n` f32 (and holds initialised values if `beta ≠ 0`), and
+/// does not overlap the operands.
+unsafe fn sgemm_to(
+    (a, [rsa, csa]): (&[f32], [usize; 2]),
+    (b, [rsb, csb]): (&[f32], [usize; 2]),
+    [m, k, n]: [usize; 3],
+    beta: f32,
+    out: *mut f32,
+) {
     assert!(
-        a.len() >= extent([m, k], [rsa, csa])
-            && b.len() >= extent([k, n], [rsb, csb])
-            && out.len() >= m * n,
-        "gemm_into: an operand is shorter than its shape and strides"
+        a.len() >= extent([m, k], [rsa, csa]) && b.len() >= extent([k, n], [rsb, csb]),
+        "sgemm: an operand is shorter than its shape and strides"
     );
     let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
-    // SAFETY: every element the strided operands address lies inside their slices, and the
-    // m × n output inside `out` (asserted); `out` is initialised, so β ≠ 0 reads defined values.
+    // SAFETY: every element the strided operands address lies inside their slices (asserted);
+    // the output block is the caller's contract.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -391,7 +366,7 @@ fn gemm_into(
             stride(rsb),
             stride(csb),
             beta,
-            out.as_mut_ptr(),
+            out,
             stride(n),
             1,
         );
@@ -427,8 +402,14 @@ fn column_sums(y: &[f32], n: usize) -> Vec<f32> {
             sums
         })
         .collect();
+    sum_in_order(&partials, n)
+}
+
+/// `Σ partials` elementwise, adding the partials in their order (so the bits depend only on
+/// how the partials were cut, never on the threads that made them).
+fn sum_in_order(partials: &[Vec<f32>], n: usize) -> Vec<f32> {
     let mut total = vec![0.0f32; n];
-    for partial in &partials {
+    for partial in partials {
         for (t, p) in total.iter_mut().zip(partial) {
             *t += p;
         }
@@ -509,28 +490,11 @@ fn direction_matmul(
     let mut y: Vec<f32> = Vec::with_capacity(batch * directions * m * l);
     for bk in 0..batch * directions {
         let k = bk % directions;
-        // SAFETY: the operands hold [M, D] and [D, L] row-major at these offsets (asserted
-        // lengths); the output block [M, L] at bk·M·L lies inside the capacity. With β = 0
-        // matrixmultiply writes every output element without reading it, so after the loop
-        // all batch·K·M·L values are initialised.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                d,
-                l,
-                1.0,
-                weight.as_ptr().add(k * m * d),
-                d as isize,
-                1,
-                x.as_ptr().add(bk * d * l),
-                l as isize,
-                1,
-                0.0,
-                y.as_mut_ptr().add(bk * m * l),
-                l as isize,
-                1,
-            );
-        }
+        let w_k = (&weight[k * m * d..(k + 1) * m * d], [d, 1]);
+        let x_bk = (&x[bk * d * l..(bk + 1) * d * l], [l, 1]);
+        // SAFETY: the output block [M, L] at bk·M·L lies inside the capacity and is written
+        // whole (β = 0), so after the loop all batch·K·M·L values are initialised.
+        unsafe { sgemm_to(w_k, x_bk, [m, d, l], 0.0, y.as_mut_ptr().add(bk * m * l)) };
     }
     // SAFETY: see above: every element was written.
     unsafe { y.set_len(batch * directions * m * l) };
@@ -818,27 +782,9 @@ fn conv2d_dense_backward(
         let dy_b = &dy[b * len * c_out..(b + 1) * len * c_out];
         if let Some(dweight) = dweight.as_mut() {
             geometry.patches(&x[b * image_len..(b + 1) * image_len], &mut patches);
-            // SAFETY: dyᵀ is read through the strides of the [len, C_out] buffer `dy_b`, the
-            // patches are [len, taps] row-major, `dweight` is [C_out, taps] and initialised
-            // (β = 1 adds the product to it).
-            unsafe {
-                matrixmultiply::sgemm(
-                    c_out,
-                    len,
-                    taps,
-                    1.0,
-                    dy_b.as_ptr(),
-                    1,
-                    c_out as isize,
-                    patches.as_ptr(),
-                    taps as isize,
-                    1,
-                    1.0,
-                    dweight.as_mut_ptr(),
-                    taps as isize,
-                    1,
-                );
-            }
+            // dyᵀ read through the strides of the [len, C_out] buffer; images add in order.
+            let (dy_t, patches) = ((dy_b, [1, c_out]), (&patches[..], [taps, 1]));
+            gemm_into(dy_t, patches, [c_out, len, taps], dweight, 1.0);
         }
         if let Some(dx) = dx.as_mut() {
             let dpatches = gemm((dy_b, [c_out, 1]), (weight, [taps, 1]), [len, c_out, taps]);
@@ -856,19 +802,22 @@ fn channel_last_values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
     if let Some(memory) = channel_last_memory(t) {
         return Cow::Borrowed(memory);
     }
-    let [batch, channels, height, width] = t.shape().dims::<4>();
+    use rayon::prelude::*;
+    let [_, channels, height, width] = t.shape().dims::<4>();
     let plane = height * width;
     let first = values(t);
     let mut out = vec![0.0f32; first.len()];
-    for b in 0..batch {
-        let src = &first[b * channels * plane..(b + 1) * channels * plane];
-        let dst = &mut out[b * channels * plane..(b + 1) * channels * plane];
-        for (c, row) in src.chunks_exact(plane).enumerate() {
-            for (hw, v) in row.iter().enumerate() {
-                dst[hw * channels + c] = *v;
+    // One task per output row (b, i): [width, channels] from the image's channel rows.
+    out.par_chunks_mut((width * channels).max(1))
+        .enumerate()
+        .for_each(|(bi, dst)| {
+            let (b, i) = (bi / height, bi % height);
+            for (j, o) in dst.chunks_exact_mut(channels).enumerate() {
+                for (c, v) in o.iter_mut().enumerate() {
+                    *v = first[(b * channels + c) * plane + i * width + j];
+                }
             }
-        }
-    }
+        });
     Cow::Owned(out)
 }
 
@@ -988,6 +937,39 @@ fn depthwise_conv_native(
     Some(tensor(y, &[batch, channels, height, width]))
 }
 
+/// `f(x, g, out)` over chunks of `x` and of `g` (the same shape; `x` again where `None`) on
+/// every core, as a new tensor of `x`'s shape. Channel-last memory seen channel-first (the
+/// stem's activations, and their gradients) is mapped in memory order when every operand has
+/// it, and the result keeps that layout (no gathering copy); anything else is mapped in
+/// row-major order.
+fn elementwise(
+    x: &NdArrayTensor,
+    g: Option<&NdArrayTensor>,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> NdArrayTensor {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let run = |xs: &[f32], gs: &[f32]| {
+        let mut out = vec![0.0f32; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+            .for_each(|(out, (xs, gs))| f(xs, gs, out));
+        out
+    };
+    let shape = x.shape().to_vec();
+    let x_memory = channel_last_memory(x);
+    let g_memory = g.map_or(x_memory, channel_last_memory);
+    if let (Some(xm), Some(gm)) = (x_memory, g_memory) {
+        let [batch, channels, height, width] = shape[..] else {
+            unreachable!("channel_last_memory only accepts 4-D tensors")
+        };
+        return channel_last_tensor(run(xm, gm), [batch, channels, height, width]);
+    }
+    let xs = values(x);
+    let gs = g.map(values);
+    tensor(run(&xs, gs.as_deref().unwrap_or(&xs)), &shape)
+}
+
 /// A new f32 NdArray tensor that takes ownership of `values` (no copy).
 fn tensor(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
     let array = ndarray::ArcArray::from_shape_vec(ndarray::IxDyn(shape), values)
@@ -1033,7 +1015,8 @@ where
         if dy.shape().dims::<4>() != [batch, channels, height, width] {
             return None;
         }
-        let (x, weight, dy) = (values(&x), values(&weight), values(&dy));
+        let (x, weight) = (values(&x), values(&weight));
+        let dy = channel_last_values(&dy);
         let [dx, dweight, dbias] = depthwise_conv_backward(&x, dims, &weight, k, &dy, needed);
         Some(LayerGradients {
             dx: dx.map(|v| tensor(v, &dims)),
@@ -1043,28 +1026,8 @@ where
     }
 
     fn gelu_exact(x: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
-        use rayon::prelude::*;
         let isa = cpu::Isa::detect();
-        let run = |input: &[f32]| {
-            let mut y = vec![0.0f32; input.len()];
-            y.par_chunks_mut(1 << 14)
-                .zip(input.par_chunks(1 << 14))
-                .for_each(|(y, x)| cpu::gelu_into(isa, x, y));
-            y
-        };
-        let shape = x.shape().to_vec();
-        // Elementwise: channel-last memory (the stem hands it over so) is mapped in memory
-        // order and keeps its layout, with no gathering copy.
-        if let Some(memory) = channel_last_memory(&x) {
-            let [batch, channels, height, width] = shape[..] else {
-                unreachable!("channel_last_memory only accepts 4-D tensors")
-            };
-            return Some(channel_last_tensor(
-                run(memory),
-                [batch, channels, height, width],
-            ));
-        }
-        Some(tensor(run(&values(&x)), &shape))
+        Some(elementwise(&x, None, |x, _, y| cpu::gelu_into(isa, x, y)))
     }
 
     fn native_layer_norm(
@@ -1205,31 +1168,13 @@ where
         x: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> Option<FloatTensor<Self>> {
-        use rayon::prelude::*;
-        let shape = x.shape().to_vec();
-        if dy.shape().to_vec() != shape {
+        if dy.shape().to_vec() != x.shape().to_vec() {
             return None;
         }
         let isa = cpu::Isa::detect();
-        let run = |x: &[f32], dy: &[f32]| {
-            let mut dx = vec![0.0f32; x.len()];
-            dx.par_chunks_mut(1 << 14)
-                .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-                .for_each(|(dx, (x, dy))| cpu::gelu_backward_into(isa, x, dy, dx));
-            dx
-        };
-        // Both channel-last memory seen channel-first (as `gelu_exact` returns the stem's
-        // activations): mapped in memory order, the gradient keeps that layout.
-        if let (Some(xm), Some(dym)) = (channel_last_memory(&x), channel_last_memory(&dy)) {
-            let [batch, channels, height, width] = shape[..] else {
-                unreachable!("channel_last_memory only accepts 4-D tensors")
-            };
-            return Some(channel_last_tensor(
-                run(xm, dym),
-                [batch, channels, height, width],
-            ));
-        }
-        Some(tensor(run(&values(&x), &values(&dy)), &shape))
+        Some(elementwise(&x, Some(&dy), |x, dy, dx| {
+            cpu::gelu_backward_into(isa, x, dy, dx)
+        }))
     }
 
     fn conv2d_dense(
