@@ -76,12 +76,41 @@ struct Block {
     stamp: u64,
 }
 
+impl Block {
+    /// The block at `ptr` of layout `class`, freed at `stamp`.
+    fn new(ptr: *mut u8, class: Layout, stamp: u64) -> Self {
+        Self {
+            addr: ptr as usize,
+            class: class.size(),
+            align: class.align(),
+            stamp,
+        }
+    }
+}
+
 struct Cache {
     slots: [Option<Block>; SLOTS],
     /// Sum of the free blocks' classes.
     bytes: usize,
     /// Free events so far (the blocks' stamps).
     clock: u64,
+}
+
+impl Cache {
+    /// The free blocks with their slots.
+    fn blocks(&self) -> impl Iterator<Item = (usize, Block)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|b| (i, b)))
+    }
+
+    /// The block in slot `i` (which holds one), taken out.
+    fn remove(&mut self, i: usize) -> Block {
+        let block = self.slots[i].take().expect("the slot holds a block");
+        self.bytes -= block.class;
+        block
+    }
 }
 
 /// A global allocator over `A` that keeps freed blocks of at least `min_bytes` for reuse (see
@@ -154,16 +183,11 @@ impl<A> ReuseLarge<A> {
     /// A free block of `class` (the most recently freed one), taken out of the cache.
     fn take(&self, class: Layout) -> Option<*mut u8> {
         let mut cache = self.lock();
-        let found = cache
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.map(|b| (i, b)))
+        let (i, _) = cache
+            .blocks()
             .filter(|(_, b)| b.class == class.size() && b.align == class.align())
             .max_by_key(|(_, b)| b.stamp)?;
-        cache.slots[found.0] = None;
-        cache.bytes -= found.1.class;
-        Some(found.1.addr as *mut u8)
+        Some(cache.remove(i).addr as *mut u8)
     }
 }
 
@@ -177,15 +201,8 @@ impl<A: GlobalAlloc> ReuseLarge<A> {
 
     fn evict_oldest(&self) -> Option<Block> {
         let mut cache = self.lock();
-        let (i, block) = cache
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.map(|b| (i, b)))
-            .min_by_key(|(_, b)| b.stamp)?;
-        cache.slots[i] = None;
-        cache.bytes -= block.class;
-        Some(block)
+        let (i, _) = cache.blocks().min_by_key(|(_, b)| b.stamp)?;
+        Some(cache.remove(i))
     }
 
     fn free_block(&self, block: Block) {
@@ -203,51 +220,26 @@ impl<A: GlobalAlloc> ReuseLarge<A> {
     /// at once if it alone exceeds the cap.
     fn keep(&self, ptr: *mut u8, class: Layout) {
         let cap = self.cap();
-        if class.size() > cap {
-            return self.free_block(Block {
-                addr: ptr as usize,
-                class: class.size(),
-                align: class.align(),
-                stamp: 0,
-            });
-        }
-        loop {
-            let victim = {
+        while class.size() <= cap {
+            {
                 let mut cache = self.lock();
                 let free_slot = cache.slots.iter().position(Option::is_none);
-                match free_slot {
-                    Some(i) if cache.bytes + class.size() <= cap => {
-                        cache.clock += 1;
-                        cache.slots[i] = Some(Block {
-                            addr: ptr as usize,
-                            class: class.size(),
-                            align: class.align(),
-                            stamp: cache.clock,
-                        });
-                        cache.bytes += class.size();
-                        return;
-                    }
-                    _ => {
-                        drop(cache);
-                        self.evict_oldest()
-                    }
-                }
-            };
-            match victim {
-                // Freed outside the lock (returning memory to the OS can take a while).
-                Some(block) => self.free_block(block),
-                None => {
-                    // Nothing left to evict yet no room: cannot happen (the block fits the
-                    // cap alone), but never loop forever in an allocator.
-                    return self.free_block(Block {
-                        addr: ptr as usize,
-                        class: class.size(),
-                        align: class.align(),
-                        stamp: 0,
-                    });
+                if let Some(i) = free_slot.filter(|_| cache.bytes + class.size() <= cap) {
+                    cache.clock += 1;
+                    cache.slots[i] = Some(Block::new(ptr, class, cache.clock));
+                    cache.bytes += class.size();
+                    return;
                 }
             }
+            // Freed outside the lock (returning memory to the OS can take a while). With
+            // nothing left to evict the block would fit, so this cannot end the loop; but never
+            // loop forever in an allocator.
+            match self.evict_oldest() {
+                Some(block) => self.free_block(block),
+                None => break,
+            }
         }
+        self.free_block(Block::new(ptr, class, 0));
     }
 }
 
