@@ -813,20 +813,22 @@ struct Ahead<const K: usize> {
     rows: [(usize, usize); K],
 }
 
+/// Address and length of a whole `[B, D, L]` input (floats, initialised or not), for [`Ahead`].
+fn whole<T>(x: &[T]) -> (usize, usize) {
+    const { assert!(size_of::<T>() == size_of::<f32>()) };
+    (x.as_ptr() as usize, x.len())
+}
+
 impl<const K: usize> Ahead<K> {
-    /// `inputs`: the address and length of each whole input; `next`: the next task's first
-    /// element.
-    fn new(inputs: [(usize, usize); K], next: usize) -> Self {
+    /// The rows that follow `task`'s in each of the `inputs` (each [`whole`]).
+    fn after(s: &ScanShape, task: &Task, inputs: [(usize, usize); K]) -> Self {
+        let next = (task.row(s) + task.count) * s.seq_len;
         Self {
             rows: inputs.map(|(addr, len)| {
                 let start = next.min(len);
-                (addr + start * 4, len - start)
+                (addr + start * size_of::<f32>(), len - start)
             }),
         }
-    }
-
-    fn of(x: &[f32]) -> (usize, usize) {
-        (x.as_ptr() as usize, x.len())
     }
 
     /// Prefetches the line of step `t` (lanes `W`) of each input, where it exists.
@@ -839,7 +841,7 @@ impl<const K: usize> Ahead<K> {
                 // inside the input anyway); SSE is baseline on x86-64.
                 unsafe {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(
-                        (addr + t * W * 4) as *const i8,
+                        (addr + t * W * size_of::<f32>()) as *const i8,
                     )
                 };
             }
@@ -879,10 +881,7 @@ fn forward_task<const F: bool, const W: usize>(
     gather(isa, task.rows(s, p.u), task.count, l, dtu, None);
     p.steps::<F, W>(isa, task, dt, None);
     let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
-    let ahead = Ahead::new(
-        [Ahead::<2>::of(p.u), Ahead::<2>::of(p.delta)],
-        (task.row(s) + task.count) * l,
-    );
+    let ahead = Ahead::after(s, task, [whole(p.u), whole(p.delta)]);
     // The first chunk of states starts `y` at `D·u` and turns `u` into `Δ·u` in place (inside
     // its recurrence: a loop of its own was vectorised across `t` with AVX-512 gathers).
     let mut n = 0;
@@ -1192,10 +1191,7 @@ fn backward_task<const F: bool, const W: usize>(
         dt,
         slope,
         skip: task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch])),
-        ahead: Ahead::new(
-            [Ahead::<3>::of(p.u), Ahead::<3>::of(p.delta), dy_whole],
-            (task.row(s) + task.count) * l,
-        ),
+        ahead: Ahead::after(s, task, [whole(p.u), whole(p.delta), dy_whole]),
     };
     let mut db = vec![0.0; n_state * l];
     let mut dc = vec![0.0; n_state * l];
@@ -1330,7 +1326,7 @@ fn backward_lanes<const W: usize>(
         Upstream::Owned(dy) => (reuse_as_output(dy), None),
     };
     // Where all of `dy` is (for the prefetches): its own buffer, or `du`'s.
-    let dy_whole = dy.map_or((du.as_ptr() as usize, du.len()), Ahead::<3>::of);
+    let dy_whole = dy.map_or(whole(&du), whole);
     let mut ddelta = output_buffer(s.bdl_len());
     // A task's rows are consecutive in du/ddelta.
     type Rows<'a> = &'a mut [MaybeUninit<f32>];
