@@ -55,7 +55,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::fastmath::{exp_decay_with, exp_with, softplus_sigmoid_with, softplus_with};
+use crate::fastmath::{
+    CHUNK, exp_decay_with, exp_with, softplus_lanes, softplus_sigmoid_lanes, softplus_sigmoid_with,
+    softplus_with,
+};
 use crate::{ScanError, ScanGrads, ScanProblem, ScanShape};
 
 /// Sums over `t` (`dA`, `dD`, `dΔ_bias`) add blocks of this many terms, then the blocks: the
@@ -784,16 +787,31 @@ impl ScanSlices<'_> {
             }
             return;
         }
-        // On the flattened `[L·W]` values: long loops vectorise, W-lane ones did not here.
+        // On the flattened `[L·W]` values, `CHUNK` lanes at a time (independent dependency
+        // chains for the out-of-order core, see `fastmath::CHUNK`), the tail one by one (the
+        // same operations: the same bits).
         let dt = dt.as_flattened_mut();
+        let mut dts = dt.chunks_exact_mut(CHUNK);
         match slope {
             Some(slope) => {
-                for (d, g) in dt.iter_mut().zip(slope.as_flattened_mut()) {
+                let mut slopes = slope.as_flattened_mut().chunks_exact_mut(CHUNK);
+                for (d, g) in (&mut dts).zip(&mut slopes) {
+                    let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
+                    let (softplus, sigmoid) = softplus_sigmoid_lanes::<F, CHUNK>(x);
+                    d.copy_from_slice(&softplus);
+                    g.copy_from_slice(&sigmoid);
+                }
+                let tail = dts.into_remainder().iter_mut();
+                for (d, g) in tail.zip(slopes.into_remainder()) {
                     (*d, *g) = softplus_sigmoid_with::<F>(*d);
                 }
             }
             None => {
-                for d in dt.iter_mut() {
+                for d in &mut dts {
+                    let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
+                    d.copy_from_slice(&softplus_lanes::<F, CHUNK>(x));
+                }
+                for d in dts.into_remainder() {
                     *d = softplus_with::<F>(*d);
                 }
             }
