@@ -28,6 +28,7 @@ pub mod fusion;
 pub mod ndarray;
 #[cfg(any(test, feature = "testing"))]
 pub mod problem;
+mod sgemm;
 #[cfg(feature = "shortcut-control")]
 pub mod shortcut;
 

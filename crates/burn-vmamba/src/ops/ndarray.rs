@@ -284,7 +284,7 @@ fn depthwise_conv_backward(
 }
 
 /// `x [m, k] · weight [k, n] (+ bias)` (see [`SelectiveScanBackend::native_linear`]): one matrix
-/// product (matrixmultiply's sgemm, threaded) written straight into a new, uninitialised
+/// product ([`gemm`], threaded) written straight into a new, uninitialised
 /// buffer, then the bias added row by row, the order of Burn's `matmul` then `add`.
 fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]) -> Vec<f32> {
     assert!(
@@ -329,10 +329,12 @@ fn gemm_into(
 }
 
 /// `out = a · b + beta · out` for `a [m, k]`, `b [k, n]` given as values and `[row stride,
-/// column stride]`, into the row-major `[m, n]` block at `out`: matrixmultiply's sgemm, threaded
-/// over output blocks (the inner dimension is never split, so the bits do not depend on the
-/// number of threads). With β = 0 the output is written without being read (also for k = 0,
-/// where it is zeros).
+/// column stride]`, into the row-major `[m, n]` block at `out`, threaded over output blocks
+/// (the inner dimension is never split, so the bits do not depend on the number of threads):
+/// the AVX-512 kernel of [`super::sgemm`] where the CPU has AVX-512F (unless
+/// `VMAMBA_NATIVE_SGEMM=0`), matrixmultiply's sgemm (AVX2 + FMA or portable kernels)
+/// elsewhere. With β = 0 the output is written without being read (also for k = 0, where it
+/// is zeros).
 ///
 /// Panics if an operand's values do not cover its strided extent.
 ///
@@ -350,6 +352,26 @@ unsafe fn sgemm_to(
         a.len() >= extent([m, k], [rsa, csa]) && b.len() >= extent([k, n], [rsb, csb]),
         "sgemm: an operand is shorter than its shape and strides"
     );
+    if super::sgemm::enabled() {
+        use super::sgemm::{Operand, sgemm};
+        let operand = |v: &[f32], strides| Operand {
+            ptr: v.as_ptr(),
+            strides,
+        };
+        // SAFETY: `enabled()` implies `available()`; every element the strided operands address lies inside
+        // their slices (asserted); the output block is the caller's contract.
+        unsafe {
+            sgemm(
+                [m, k, n],
+                operand(a, [rsa, csa]),
+                operand(b, [rsb, csb]),
+                beta,
+                out,
+                n,
+            );
+        }
+        return;
+    }
     let stride = |s: usize| isize::try_from(s).expect("strides fit isize");
     // SAFETY: every element the strided operands address lies inside their slices (asserted);
     // the output block is the caller's contract.
@@ -621,8 +643,8 @@ fn channel_last_memory(t: &NdArrayTensor) -> Option<&[f32]> {
 /// `x [batch, height, width, C_in]` row-major gives `y [batch, H', W', C_out]` row-major. Per
 /// image, the `[H'·W', C_in·kh·kw]` patch matrix is gathered from the input (rayon over output
 /// rows; taps in the weight's `(channel, p, q)` order, zero where a tap falls in the padding),
-/// then `y = patches · weightᵀ` is one matrix product (matrixmultiply, threaded; the weight
-/// read transposed through its strides, not copied), plus the bias. Reading and writing
+/// then `y = patches · weightᵀ` is one matrix product ([`gemm_into`]; the weight read
+/// transposed through its strides, not copied), plus the bias. Reading and writing
 /// channel-last keeps the model's activations in their layout: no permuted copies around the
 /// conv downsamples and the stem's second conv.
 #[allow(clippy::too_many_arguments)]
@@ -636,13 +658,10 @@ fn conv2d_dense_channel_last(
     [top, left]: [usize; 2],
     [out_h, out_w]: [usize; 2],
 ) -> Vec<f32> {
-    use ndarray::{ArrayView2, ArrayViewMut2};
     let (taps, len) = (c_in * kh * kw, out_h * out_w);
+    assert_eq!(weight.len(), c_out * taps, "weight is [C_out, taps]");
     let mut patches = vec![0.0f32; len * taps];
     let mut y = vec![0.0f32; batch * len * c_out];
-    let weight_t = ArrayView2::from_shape((c_out, taps), weight)
-        .expect("weight is [C_out, taps]")
-        .reversed_axes();
     let geometry = ConvGeometry {
         input: [height, width, c_in],
         kernel: [kh, kw],
@@ -653,11 +672,14 @@ fn conv2d_dense_channel_last(
     for (b, y_b) in y.chunks_mut(len * c_out).enumerate() {
         let image = &x[b * height * width * c_in..(b + 1) * height * width * c_in];
         geometry.patches(image, &mut patches);
-        let patches =
-            ArrayView2::from_shape((len, taps), &patches).expect("patches are [len, taps]");
-        let mut out =
-            ArrayViewMut2::from_shape((len, c_out), &mut *y_b).expect("the output is [len, C_out]");
-        ndarray::linalg::general_mat_mul(1.0, &patches, &weight_t, 0.0, &mut out);
+        // patches [len, taps] · weightᵀ [taps, C_out] (the weight read through its strides).
+        gemm_into(
+            (&patches, [taps, 1]),
+            (weight, [1, taps]),
+            [len, taps, c_out],
+            y_b,
+            0.0,
+        );
         if let Some(bias) = bias {
             add_bias_rows(y_b, bias);
         }
@@ -839,7 +861,7 @@ fn channel_last_tensor(
 /// A dense convolution (see [`SelectiveScanBackend::conv2d_dense`]): per image, the
 /// `[C_in·kh·kw, H'·W']` column matrix is gathered straight from the input (rayon over its
 /// rows; zero where a tap falls in the padding), then `y = weight · columns` is one matrix
-/// product (matrixmultiply, threaded), plus the bias.
+/// product ([`gemm_into`]), plus the bias.
 #[allow(clippy::too_many_arguments)]
 fn conv2d_dense(
     x: &[f32],
@@ -851,12 +873,11 @@ fn conv2d_dense(
     [top, left]: [usize; 2],
     [out_h, out_w]: [usize; 2],
 ) -> Vec<f32> {
-    use ndarray::{ArrayView2, ArrayViewMut2};
     use rayon::prelude::*;
     let (taps, len) = (c_in * kh * kw, out_h * out_w);
+    assert_eq!(weight.len(), c_out * taps, "weight is [C_out, taps]");
     let mut columns = vec![0.0f32; taps * len];
     let mut y = vec![0.0f32; batch * c_out * len];
-    let weight = ArrayView2::from_shape((c_out, taps), weight).expect("weight is [C_out, taps]");
     for (b, y_b) in y.chunks_mut(c_out * len).enumerate() {
         columns
             .par_chunks_mut(len)
@@ -895,10 +916,14 @@ fn conv2d_dense(
                     }
                 }
             });
-        let cols = ArrayView2::from_shape((taps, len), &columns).expect("columns are [taps, len]");
-        let mut out =
-            ArrayViewMut2::from_shape((c_out, len), y_b).expect("the output is [C_out, len]");
-        ndarray::linalg::general_mat_mul(1.0, &weight, &cols, 0.0, &mut out);
+        // weight [C_out, taps] · columns [taps, len].
+        gemm_into(
+            (weight, [taps, 1]),
+            (&columns, [len, 1]),
+            [c_out, taps, len],
+            y_b,
+            0.0,
+        );
         if let Some(bias) = bias {
             for (row, b) in y_b.chunks_exact_mut(len).zip(bias) {
                 row.iter_mut().for_each(|v| *v += b);
@@ -1427,7 +1452,7 @@ mod tests {
     }
 
     /// The native NdArray linear against Burn's `Linear::forward` on 2-D inputs: odd sizes,
-    /// `K` above matrixmultiply's 256-deep blocks, with and without bias, one row.
+    /// `K` above the products' 256-deep blocks, with and without bias, one row.
     #[test]
     fn native_linear_matches_burns_linear() {
         use burn::nn::LinearConfig;
@@ -1926,7 +1951,7 @@ mod tests {
 
     /// The native linear in training: gradients of `x`, the weight and the bias
     /// (`native_linear_backward`) against Burn's `Linear` on `Autodiff<NdArray>`, for 2-D and
-    /// 4-D inputs (standard and permuted), with and without bias, `K` above matrixmultiply's
+    /// 4-D inputs (standard and permuted), with and without bias, `K` above the products'
     /// 256-deep blocks, and with `x` untracked (its gradient not computed, the others right).
     #[test]
     fn linear_gradients_match_burns_linear() {
