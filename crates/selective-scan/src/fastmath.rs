@@ -111,11 +111,12 @@ pub fn exp_decay_with<const FMA: bool>(x: f32) -> f32 {
 /// [`exp_decay_with`] on `N` lanes, one step at a time over all of them (see [`CHUNK`]).
 #[inline(always)]
 pub fn exp_decay_lanes<const FMA: bool, const N: usize>(x: [f32; N]) -> [f32; N] {
+    let tiny: [bool; N] = map(|i| x[i] < DECAY_MIN);
     // n ∈ [−126, 0]: 2^n is one normal factor.
-    let (e_r, k) = exp_reduced::<FMA, N>(map(|i| if x[i] < DECAY_MIN { DECAY_MIN } else { x[i] }));
+    let (e_r, k) = exp_reduced::<FMA, N>(map(|i| if tiny[i] { DECAY_MIN } else { x[i] }));
     map(|i| {
         let y = e_r[i] * f32::from_bits((k[i].wrapping_add(127) << 23) as u32);
-        if x[i] < DECAY_MIN { 0.0 } else { y }
+        if tiny[i] { 0.0 } else { y }
     })
 }
 
@@ -174,7 +175,19 @@ pub fn softplus_with<const FMA: bool>(x: f32) -> f32 {
 /// [`softplus_with`] on `N` lanes, one step at a time over all of them (see [`CHUNK`]).
 #[inline(always)]
 pub fn softplus_lanes<const FMA: bool, const N: usize>(x: [f32; N]) -> [f32; N] {
-    let ln = ln_1p_unit::<FMA, N>(exp_decay_lanes::<FMA, N>(map(|i| -x[i].abs())));
+    softplus_given::<FMA, N>(x, exp_minus_abs::<FMA, N>(x))
+}
+
+/// `z = e^{−|x|}` per lane, with the decay exponential (its argument is never positive).
+#[inline(always)]
+fn exp_minus_abs<const FMA: bool, const N: usize>(x: [f32; N]) -> [f32; N] {
+    exp_decay_lanes::<FMA, N>(map(|i| -x[i].abs()))
+}
+
+/// `max(x, 0) + ln(1 + z)` per lane, given `z = e^{−|x|}` ([`exp_minus_abs`]).
+#[inline(always)]
+fn softplus_given<const FMA: bool, const N: usize>(x: [f32; N], z: [f32; N]) -> [f32; N] {
+    let ln = ln_1p_unit::<FMA, N>(z);
     map(|i| x[i].max(0.0) + ln[i])
 }
 
@@ -205,11 +218,10 @@ pub fn softplus_sigmoid_with<const FMA: bool>(x: f32) -> (f32, f32) {
 pub fn softplus_sigmoid_lanes<const FMA: bool, const N: usize>(
     x: [f32; N],
 ) -> ([f32; N], [f32; N]) {
-    let z = exp_decay_lanes::<FMA, N>(map(|i| -x[i].abs()));
+    let z = exp_minus_abs::<FMA, N>(x);
     let r: [f32; N] = map(|i| 1.0 / (1.0 + z[i]));
     let sig = map(|i| if x[i] >= 0.0 { r[i] } else { z[i] * r[i] });
-    let ln = ln_1p_unit::<FMA, N>(z);
-    (map(|i| x[i].max(0.0) + ln[i]), sig)
+    (softplus_given::<FMA, N>(x, z), sig)
 }
 
 /// `erf(x)`, f32, branch-free: the rational approximation Eigen and TensorFlow vectorise

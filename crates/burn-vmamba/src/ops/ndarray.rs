@@ -354,17 +354,14 @@ unsafe fn sgemm_to(
     );
     if super::sgemm::enabled() {
         use super::sgemm::{Operand, sgemm};
-        let operand = |v: &[f32], strides| Operand {
-            ptr: v.as_ptr(),
-            strides,
-        };
-        // SAFETY: `enabled()` implies `available()`; every element the strided operands address lies inside
-        // their slices (asserted); the output block is the caller's contract.
+        // SAFETY: `enabled()` implies `available()`; every element the strided operands
+        // address lies inside their slices (asserted); the output block is the caller's
+        // contract.
         unsafe {
             sgemm(
                 [m, k, n],
-                operand(a, [rsa, csa]),
-                operand(b, [rsb, csb]),
+                Operand::new(a, [rsa, csa]),
+                Operand::new(b, [rsb, csb]),
                 beta,
                 out,
                 n,

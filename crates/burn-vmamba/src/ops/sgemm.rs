@@ -1,6 +1,6 @@
-//! The f32 matrix product of the NdArray fast paths on x86-64 CPUs with AVX-512F: packed
-//! operands and a 12 × 32 register-blocked micro-kernel (24 sixteen-lane accumulators), threaded
-//! over blocks of the output.
+//! The f32 matrix product of the NdArray fast paths on x86-64 CPUs with AVX-512F: a 12 × 32
+//! register-blocked micro-kernel (24 sixteen-lane accumulators) reading its operands in place
+//! where their layout allows, threaded over blocks of the output.
 //!
 //! Every matrix product of the native NdArray ops (linear layers forward and backward, the
 //! per-direction projections, the dense convolutions) goes through `ndarray::sgemm_to`, which
@@ -32,14 +32,14 @@
 use rayon::prelude::*;
 
 /// Rows of the micro-kernel's tile.
-pub(crate) const MR: usize = 12;
+const MR: usize = 12;
 /// Columns of the micro-kernel's tile (two 16-lane registers).
-pub(crate) const NR: usize = 32;
-/// Inner-dimension block: an `A` panel (`KC × MR`, 12 KiB) and a `B` panel (`KC × NR`, 32 KiB)
-/// stay in the first two cache levels while a tile is computed.
-pub(crate) const KC: usize = 256;
-/// Rows of the output per job (8 micro-kernel rows: the packed `A` block is 96 KiB).
-pub(crate) const MC: usize = 8 * MR;
+const NR: usize = 32;
+/// Inner-dimension block: a tile's rows of `A` (`KC × MR`, 12 KiB) and its panel of `B`
+/// (`KC × NR`, 32 KiB) stay in the first two cache levels while it is computed.
+const KC: usize = 256;
+/// Rows of the output per job (8 micro-kernel rows, which reuse each `B` panel from cache).
+const MC: usize = 8 * MR;
 
 /// Whether [`sgemm`] can run on this CPU (x86-64 with AVX-512F, detected at run time).
 pub(crate) fn available() -> bool {
@@ -65,8 +65,28 @@ pub(crate) fn enabled() -> bool {
 /// A strided operand: its first element and `[row stride, column stride]` in elements.
 #[derive(Clone, Copy)]
 pub(crate) struct Operand {
-    pub ptr: *const f32,
-    pub strides: [usize; 2],
+    ptr: *const f32,
+    strides: [usize; 2],
+}
+
+impl Operand {
+    /// `values` read with `strides` from its first element.
+    pub(crate) fn new(values: &[f32], strides: [usize; 2]) -> Self {
+        Self {
+            ptr: values.as_ptr(),
+            strides,
+        }
+    }
+
+    /// Element `(i, j)`.
+    ///
+    /// # Safety
+    /// It is readable.
+    unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        let [rs, cs] = self.strides;
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(i * rs + j * cs) }
+    }
 }
 
 /// The output: its first element and its row stride (columns are contiguous).
@@ -128,16 +148,12 @@ pub(crate) unsafe fn sgemm(
         return;
     }
     let panels = n.div_ceil(NR);
-    // A `B` with contiguous rows is read in place (each panel's rows are 32 consecutive
-    // values, loaded under a mask at the right edge); any other is packed first.
-    // SAFETY: `b`'s elements are readable (the caller's contract).
-    let packed_b = (b.strides[1] != 1).then(|| unsafe { pack_b(b, k, n) });
     let b_panels = BPanels {
         b,
-        packed: packed_b.as_deref().map(|v| Operand {
-            ptr: v.as_ptr(),
-            strides: [NR, 1],
-        }),
+        // A `B` with contiguous rows is read in place (each panel's rows are 32 consecutive
+        // values, loaded under a mask at the right edge); any other is packed first.
+        // SAFETY: `b`'s elements are readable (the caller's contract).
+        packed: (b.strides[1] != 1).then(|| unsafe { pack_b(b, k, n) }),
         panels,
     };
     let m_blocks = m.div_ceil(MC);
@@ -165,20 +181,17 @@ pub(crate) unsafe fn sgemm(
 /// (contiguous rows) or in its packed copy.
 struct BPanels {
     b: Operand,
-    packed: Option<Operand>,
+    /// `B` packed by [`pack_b`], where its columns are strided.
+    packed: Option<Vec<f32>>,
     panels: usize,
 }
-
-// SAFETY: read-only pointers, inside `sgemm`'s contract.
-unsafe impl Sync for BPanels {}
 
 impl BPanels {
     /// The first element of panel `j`, block `k0..k0 + kc`, and the stride between its rows.
     fn panel(&self, k0: usize, kc: usize, j: usize) -> (*const f32, usize) {
-        match self.packed {
+        match &self.packed {
             // Block `k0 / KC` starts at `k0·panels·NR`, its panel `j` at `j·kc·NR` after that.
-            // SAFETY (of the offsets): inside the packed buffer of `k·panels·NR` values.
-            Some(p) => (p.ptr.wrapping_add(k0 * self.panels * NR + j * kc * NR), NR),
+            Some(p) => (p[k0 * self.panels * NR + j * kc * NR..].as_ptr(), NR),
             None => (
                 self.b
                     .ptr
@@ -198,8 +211,6 @@ impl BPanels {
 unsafe fn pack_b(b: Operand, k: usize, n: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
     let mut packed = vec![0.0f32; k * panels * NR];
-    let [rs, cs] = b.strides;
-    let src = SendPtr(b.ptr);
     for (kb, block) in packed.chunks_mut(KC * panels * NR).enumerate() {
         let k0 = kb * KC;
         let kc = (k - k0).min(KC);
@@ -207,28 +218,20 @@ unsafe fn pack_b(b: Operand, k: usize, n: usize) -> Vec<f32> {
             .par_chunks_mut(kc * NR)
             .enumerate()
             .for_each(|(j, panel)| {
-                let src = &src;
                 let cols = (n - j * NR).min(NR);
-                // Column by column: each reads `kc` values at stride `rs` (contiguous for the
-                // transposed operands this path gets, `rs = 1`).
+                // Column by column: each reads `kc` values at `B`'s row stride (contiguous for
+                // the transposed operands this path gets).
                 for col in 0..cols {
-                    // SAFETY: `col < cols`, `p < kc`: inside `b`'s `[k, n]` (the caller's contract).
-                    let column = unsafe { src.0.add(k0 * rs + (j * NR + col) * cs) };
                     for p in 0..kc {
-                        // SAFETY: as above.
-                        panel[p * NR + col] = unsafe { *column.add(p * rs) };
+                        // SAFETY: `p < kc`, `col < cols`: inside `b`'s `[k, n]` (the caller's
+                        // contract).
+                        panel[p * NR + col] = unsafe { b.at(k0 + p, j * NR + col) };
                     }
                 }
             });
     }
     packed
 }
-
-/// A pointer that may cross threads (read-only uses inside [`pack_b`]).
-struct SendPtr(*const f32);
-// SAFETY: only read, inside `pack_b`'s contract.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// One job: output rows `rows` × panels `panel_range`, every block of `k`. `A` is read in place
 /// (the micro-kernel broadcasts its elements through the strides).
@@ -409,17 +412,13 @@ mod tests {
         for i in 0..m {
             buf[i * rsc..i * rsc + n].copy_from_slice(&c[i * n..(i + 1) * n]);
         }
-        let operand = |v: &[f32], strides| Operand {
-            ptr: v.as_ptr(),
-            strides,
-        };
         // SAFETY: the test runs only where `available()`; the operands cover their shapes and
         // strides; the block is inside `buf`.
         unsafe {
             sgemm(
                 shape,
-                operand(a, sa),
-                operand(b, sb),
+                Operand::new(a, sa),
+                Operand::new(b, sb),
                 beta,
                 buf.as_mut_ptr(),
                 rsc,
