@@ -213,7 +213,7 @@ impl ScanSlices<'_> {
 }
 
 /// An output of the scan: `n` values, not initialised (every one is written by exactly one
-/// task's `scatter` before [`assume_written`] hands the buffer out: the tasks' rows partition
+/// task's [`scatter_block`]s before [`assume_written`] hands the buffer out: the tasks' rows partition
 /// `[B, D, L]`). Not zeroing saves a pass over the buffer where the allocator recycles memory
 /// (calloc's memset; C1's outputs are 4.8 MB each). A large one is fresh memory from the OS; on
 /// Linux it is marked for transparent huge pages before the first write, so filling it takes
@@ -529,6 +529,13 @@ impl Task {
 /// Side of the square tiles the gathers and scatters transpose.
 const TILE: usize = 8;
 
+/// How many steps ahead of its writes a loop prefetches an output's lines
+/// ([`prefetch_for_write`]), one line (16 floats, [`LINE`]) per row every 16 steps.
+const AHEAD_STEPS: usize = 64;
+
+/// Floats in a 64-byte cache line.
+const LINE: usize = 16;
+
 /// Lane `k` of `out[t]` = `rows[k·L + t]` for the task's `count` rows `[count, L]`, 0 in spare
 /// lanes; plus `bias[k]` where given (`delta`'s bias: added here rather than in a loop of its
 /// own, which LLVM vectorised across `t` with AVX-512 gathers and scatters, slower than the
@@ -582,43 +589,65 @@ fn gather<const W: usize>(
     }
 }
 
-/// The inverse of [`gather`] into the task's rows `dst [count, L]`.
+/// Hint that the task's rows `dst [count, L]` are about to be written at step `t`: the line of
+/// step `t` of each row is brought into the cache ([`AHEAD_STEPS`] before the loop that writes
+/// it gets there), so the blocks' stores find their lines present instead of each waiting for a
+/// read for ownership from memory (C1's backward on a Xeon: 3.3 → 3.0–3.1 ms). `prefetcht0`:
+/// `prefetchw` would say "for writing", but its target feature is unstable in Rust.
 #[inline(always)]
-fn scatter<const W: usize>(
+fn prefetch_for_write(dst: &[MaybeUninit<f32>], count: usize, l: usize, t: usize) {
+    if t >= l {
+        return;
+    }
+    for k in 0..count {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch only hints the cache; the address is inside `dst`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                dst.as_ptr().add(k * l + t).cast(),
+            )
+        };
+    }
+}
+
+/// The inverse of [`gather`] for one block of steps: steps `t0..t0 + n` (`n ≤ TILE`, `t0` a
+/// multiple of `TILE`) of the task's rows `dst [count, L]` from `block[j][k]` (step `t0 + j`,
+/// lane `k`). The loops that produce an output's final values (the last states of the forward
+/// and the backward) write each block as soon as it is done, rather than keeping the output in
+/// `[L][W]` scratch for a transpose pass of its own: the stores overlap the recurrence's
+/// arithmetic, and one scratch buffer fewer passes through the cache.
+#[inline(always)]
+fn scatter_block<const W: usize>(
     isa: Isa,
-    src: &[[f32; W]],
+    block: &[[f32; W]; TILE],
+    (t0, n): (usize, usize),
     count: usize,
     l: usize,
     dst: &mut [MaybeUninit<f32>],
 ) {
-    let (src, dst) = (&src[..l], &mut dst[..count * l]);
-    let tiled = if count == W { l / TILE * TILE } else { 0 };
-    if tiled > 0 {
+    if n == TILE && count == W {
         for lane0 in (0..W).step_by(TILE) {
-            let tile_dst = &mut dst[lane0 * l..(lane0 + TILE) * l];
-            if transpose::scatter(isa, &src[..tiled], lane0, l, tile_dst) {
+            let start = lane0 * l + t0;
+            let tile_dst = &mut dst[start..start + (TILE - 1) * l + TILE];
+            if transpose::scatter(isa, block, lane0, l, tile_dst) {
                 continue;
             }
-            for t0 in (0..tiled).step_by(TILE) {
-                // 8 × 8 block transposed, then 8 contiguous row stores.
-                let block: [[f32; TILE]; TILE] =
-                    std::array::from_fn(|k| std::array::from_fn(|j| src[t0 + j][lane0 + k]));
-                for (k, row) in block.iter().enumerate() {
-                    for (d, v) in tile_dst[k * l + t0..k * l + t0 + TILE].iter_mut().zip(row) {
-                        d.write(*v);
-                    }
+            for k in 0..TILE {
+                for (j, v) in block.iter().enumerate() {
+                    tile_dst[k * l + j].write(v[lane0 + k]);
                 }
             }
         }
-    }
-    for k in 0..count {
-        for t in tiled..l {
-            dst[k * l + t].write(src[t][k]);
+    } else {
+        for k in 0..count {
+            for (j, v) in block[..n].iter().enumerate() {
+                dst[k * l + t0 + j].write(v[k]);
+            }
         }
     }
 }
 
-/// The 8 × 8 tile transposes of [`gather`] and [`scatter`] with AVX shuffles (24 per tile
+/// The 8 × 8 tile transposes of [`gather`] and [`scatter_block`] with AVX shuffles (24 per tile
 /// instead of 64 scalar moves through the stack, which LLVM made of the portable loops and
 /// which took 40 % of the scan's time). Each returns `false` where the ISA has no such path
 /// (the caller then runs the portable loop); results are the same bits either way (a transpose
@@ -849,7 +878,11 @@ impl<const K: usize> Ahead<K> {
         }
     }
 
-    /// Prefetches the line of step `t` (lanes `W`) of each input, where it exists.
+    /// Prefetches the line of step `t` (lanes `W`) of each input, where it exists, into every
+    /// cache level (`prefetcht0`). The non-temporal hint (`prefetchnta`) was as fast on an AMD
+    /// EPYC but 20–25 % slower on a Xeon (Sapphire Rapids; C1's backward 4.0–4.8 → 3.3–3.6 ms,
+    /// its forward 2.1–2.4 → 2.0 ms): there it fills L1 only, and the lines are evicted before
+    /// the next task gathers them.
     #[inline(always)]
     fn step<const W: usize>(&self, t: usize) {
         for (addr, len) in self.rows {
@@ -858,7 +891,7 @@ impl<const K: usize> Ahead<K> {
                 // SAFETY: a prefetch only hints the cache (no access is made; the address is
                 // inside the input anyway); SSE is baseline on x86-64.
                 unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                         (addr + t * W * size_of::<f32>()) as *const i8,
                     )
                 };
@@ -900,66 +933,103 @@ fn forward_task<const F: bool, const W: usize>(
     p.steps::<F, W>(isa, task, dt, None);
     let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
     let ahead = Ahead::after(s, task, [whole(p.u), whole(p.delta)]);
+    let x = ForwardInputs {
+        isa,
+        task,
+        dt,
+        skip,
+        ahead,
+    };
     // The first chunk of states starts `y` at `D·u` and turns `u` into `Δ·u` in place (inside
-    // its recurrence: a loop of its own was vectorised across `t` with AVX-512 gathers).
+    // its recurrence: a loop of its own was vectorised across `t` with AVX-512 gathers); the
+    // last writes `y` into the task's rows.
     let mut n = 0;
-    while n + 4 <= s.d_state {
-        if n == 0 {
-            forward_states::<F, W, 4, true>(p, task, n, dt, dtu, y, (skip, ahead));
-        } else {
-            forward_states::<F, W, 4, false>(p, task, n, dt, dtu, y, (skip, ahead));
-        }
-        n += 4;
-    }
     while n < s.d_state {
-        if n == 0 {
-            forward_states::<F, W, 1, true>(p, task, n, dt, dtu, y, (skip, ahead));
-        } else {
-            forward_states::<F, W, 1, false>(p, task, n, dt, dtu, y, (skip, ahead));
+        let ns = if n + 4 <= s.d_state { 4 } else { 1 };
+        let (first, last) = (n == 0, n + ns == s.d_state);
+        let (dtu, y, out) = (&mut dtu[..], &mut y[..], &mut y_rows[..]);
+        match (ns, first, last) {
+            (4, true, true) => forward_states::<F, W, 4, true, true>(p, &x, n, dtu, y, out),
+            (4, true, false) => forward_states::<F, W, 4, true, false>(p, &x, n, dtu, y, out),
+            (4, false, true) => forward_states::<F, W, 4, false, true>(p, &x, n, dtu, y, out),
+            (4, false, false) => forward_states::<F, W, 4, false, false>(p, &x, n, dtu, y, out),
+            (_, true, true) => forward_states::<F, W, 1, true, true>(p, &x, n, dtu, y, out),
+            (_, true, false) => forward_states::<F, W, 1, true, false>(p, &x, n, dtu, y, out),
+            (_, false, true) => forward_states::<F, W, 1, false, true>(p, &x, n, dtu, y, out),
+            (_, false, false) => forward_states::<F, W, 1, false, false>(p, &x, n, dtu, y, out),
         }
-        n += 1;
+        n += ns;
     }
-    scatter(isa, y, task.count, l, y_rows);
+}
+
+/// What every state chunk of a forward task reads: `Δ` per lane, the skip `D` per lane, and
+/// the next task's rows to prefetch.
+struct ForwardInputs<'a, const W: usize> {
+    isa: Isa,
+    task: &'a Task,
+    dt: &'a [[f32; W]],
+    skip: [f32; W],
+    ahead: Ahead<2>,
 }
 
 /// States `n0..n0 + NS` of the forward: `NS` independent recurrences per step, added to `y` in
 /// state order. `FIRST`: `y` starts at `skip·u` and `dtu` holds `u`, replaced by `Δ·u`, and
-/// the next task's rows are prefetched (`ahead`).
+/// the next task's rows are prefetched (`ahead`). `LAST`: `y` is final and goes to the task's
+/// rows `out` one [`TILE`] of steps at a time ([`scatter_block`]) rather than to scratch.
 #[inline(always)]
-fn forward_states<const F: bool, const W: usize, const NS: usize, const FIRST: bool>(
+fn forward_states<
+    const F: bool,
+    const W: usize,
+    const NS: usize,
+    const FIRST: bool,
+    const LAST: bool,
+>(
     p: &ScanSlices<'_>,
-    task: &Task,
+    x: &ForwardInputs<'_, W>,
     n0: usize,
-    dt: &[[f32; W]],
     dtu: &mut [[f32; W]],
     y: &mut [[f32; W]],
-    (skip, ahead): ([f32; W], Ahead<2>),
+    out: &mut [MaybeUninit<f32>],
 ) {
     let s = &p.shape;
-    let l = s.seq_len;
+    let (l, task) = (s.seq_len, x.task);
     let a: [[f32; W]; NS] =
         std::array::from_fn(|j| task.lanes(0.0, |ch| p.a[ch * s.d_state + n0 + j]));
     let b: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.b, n0 + j));
     let c: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.c, n0 + j));
-    let (dt, dtu, y) = (&dt[..l], &mut dtu[..l], &mut y[..l]);
+    let (dt, dtu, y) = (&x.dt[..l], &mut dtu[..l], &mut y[..l]);
     let mut h = [[0.0; W]; NS];
-    for t in 0..l {
-        if FIRST {
-            ahead.step::<W>(t);
+    let mut block = [[0.0; W]; TILE];
+    for t0 in (0..l).step_by(TILE) {
+        let n = TILE.min(l - t0);
+        for t in t0..t0 + n {
+            if FIRST {
+                x.ahead.step::<W>(t);
+            }
+            let (mut acc, dtu_t) = if FIRST {
+                let u = dtu[t];
+                dtu[t] = mul(u, dt[t]);
+                (mul(x.skip, u), dtu[t])
+            } else {
+                (y[t], dtu[t])
+            };
+            for j in 0..NS {
+                let decay = exp_decay_v::<F, W>(mul(dt[t], a[j]));
+                h[j] = fma::<F, W>(decay, h[j], mul(dtu_t, splat(b[j][t])));
+                acc = fma::<F, W>(splat(c[j][t]), h[j], acc);
+            }
+            if LAST {
+                block[t - t0] = acc;
+            } else {
+                y[t] = acc;
+            }
         }
-        let (mut acc, dtu_t) = if FIRST {
-            let u = dtu[t];
-            dtu[t] = mul(u, dt[t]);
-            (mul(skip, u), dtu[t])
-        } else {
-            (y[t], dtu[t])
-        };
-        for j in 0..NS {
-            let decay = exp_decay_v::<F, W>(mul(dt[t], a[j]));
-            h[j] = fma::<F, W>(decay, h[j], mul(dtu_t, splat(b[j][t])));
-            acc = fma::<F, W>(splat(c[j][t]), h[j], acc);
+        if LAST {
+            if t0 % LINE == 0 {
+                prefetch_for_write(out, task.count, l, t0 + AHEAD_STEPS);
+            }
+            scatter_block(x.isa, &block, (t0, n), task.count, l, out);
         }
-        y[t] = acc;
     }
 }
 
@@ -1051,6 +1121,9 @@ struct BackwardScratch {
 
 /// The task's lane arrays the backward reads, and the skip `D` per lane.
 struct BackwardInputs<'a, const W: usize> {
+    isa: Isa,
+    /// The task's channels (lanes in use).
+    count: usize,
     u: &'a [[f32; W]],
     dy: &'a [[f32; W]],
     dt: &'a [[f32; W]],
@@ -1092,6 +1165,7 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
     (b_row, c_row): (&[f32], &[f32]),
     (decay, h, du, ddt): StateWork<'_, W>,
     (db, dc): (&mut [f32], &mut [f32]),
+    (du_rows, dd_rows): (&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
 ) -> StateSums<W> {
     let l = x.u.len();
     let (u, dy, dt, slope) = (x.u, x.dy, &x.dt[..l], &x.slope[..l]);
@@ -1121,36 +1195,55 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
     }
     let mut adj = zero;
     let mut next_decay = zero;
+    // `LAST`: the final `du`, `dΔ` of each `TILE` of steps, written to the task's rows once the
+    // tile is done (the loop runs down, so at its lowest step).
+    let (mut du_block, mut dd_block) = ([zero; TILE], [zero; TILE]);
     let mut end = l;
     while end > 0 {
         let start = end.saturating_sub(SUM_BLOCK);
         let (mut da, mut dbias) = (zero, zero);
-        for t in (start..end).rev() {
-            if FIRST {
-                x.ahead.step::<W>(l - 1 - t);
+        let mut hi = end;
+        while hi > start {
+            let lo = ((hi - 1) / TILE * TILE).max(start);
+            for t in (lo..hi).rev() {
+                if FIRST {
+                    x.ahead.step::<W>(l - 1 - t);
+                }
+                adj = fma::<F, W>(next_decay, adj, mul(dy[t], splat(c_row[t])));
+                next_decay = decay[t];
+                let b_t = splat(b_row[t]);
+                let adj_dt = mul(adj, dt[t]);
+                let a_h = mul(decay[t], h[t]);
+                let (du_in, ddt_in) = if FIRST {
+                    (mul(x.skip, dy[t]), zero)
+                } else {
+                    (du[t], ddt[t])
+                };
+                let du_t = fma::<F, W>(adj_dt, b_t, du_in);
+                let g = fma::<F, W>(adj, fma::<F, W>(a_n, a_h, mul(b_t, u[t])), ddt_in);
+                if LAST {
+                    let g = mul(g, slope[t]);
+                    dbias = add(dbias, g);
+                    du_block[t % TILE] = du_t;
+                    dd_block[t % TILE] = g;
+                } else {
+                    du[t] = du_t;
+                    ddt[t] = g;
+                }
+                da = add(da, mul(adj_dt, a_h));
+                db[t] = hsum(mul(adj_dt, u[t]));
+                dc[t] = hsum(mul(dy[t], h[t + 1]));
             }
-            adj = fma::<F, W>(next_decay, adj, mul(dy[t], splat(c_row[t])));
-            next_decay = decay[t];
-            let b_t = splat(b_row[t]);
-            let adj_dt = mul(adj, dt[t]);
-            let a_h = mul(decay[t], h[t]);
-            let (du_in, ddt_in) = if FIRST {
-                (mul(x.skip, dy[t]), zero)
-            } else {
-                (du[t], ddt[t])
-            };
-            du[t] = fma::<F, W>(adj_dt, b_t, du_in);
-            let g = fma::<F, W>(adj, fma::<F, W>(a_n, a_h, mul(b_t, u[t])), ddt_in);
-            ddt[t] = if LAST {
-                let g = mul(g, slope[t]);
-                dbias = add(dbias, g);
-                g
-            } else {
-                g
-            };
-            da = add(da, mul(adj_dt, a_h));
-            db[t] = hsum(mul(adj_dt, u[t]));
-            dc[t] = hsum(mul(dy[t], h[t + 1]));
+            if LAST && lo % TILE == 0 {
+                if lo % LINE == 0 && lo >= AHEAD_STEPS {
+                    prefetch_for_write(du_rows, x.count, l, lo - AHEAD_STEPS);
+                    prefetch_for_write(dd_rows, x.count, l, lo - AHEAD_STEPS);
+                }
+                let steps = (lo, TILE.min(l - lo));
+                scatter_block(x.isa, &du_block, steps, x.count, l, du_rows);
+                scatter_block(x.isa, &dd_block, steps, x.count, l, dd_rows);
+            }
+            hi = lo;
         }
         sums.da = add(sums.da, da);
         if LAST {
@@ -1199,11 +1292,13 @@ fn backward_task<const F: bool, const W: usize>(
     );
     gather(isa, task.rows(s, p.u), task.count, l, u, None);
     // SAFETY: without `dy_rows`, `du_rows` holds this task's rows of `dy` (`du` is written over
-    // it by the scatter below): initialised.
+    // it by the last state, after this gather): initialised.
     let dy_rows = dy_rows.unwrap_or_else(|| unsafe { written(du_rows) });
     gather(isa, dy_rows, task.count, l, dy, None);
     p.steps::<F, W>(isa, task, dt, Some(slope));
     let inputs = BackwardInputs {
+        isa,
+        count: task.count,
         u,
         dy,
         dt,
@@ -1222,11 +1317,13 @@ fn backward_task<const F: bool, const W: usize>(
         let rows = (task.state_row(s, p.b, n), task.state_row(s, p.c, n));
         let work = (&mut decay[..], &mut h[..], &mut du[..], &mut ddt[..]);
         let grads = (&mut db[n * l..(n + 1) * l], &mut dc[n * l..(n + 1) * l]);
+        let out = (&mut du_rows[..], &mut dd_rows[..]);
+        let x = &inputs;
         let sums = match (n == 0, n + 1 == n_state) {
-            (true, true) => backward_state::<F, W, true, true>(&inputs, a_n, rows, work, grads),
-            (true, false) => backward_state::<F, W, true, false>(&inputs, a_n, rows, work, grads),
-            (false, true) => backward_state::<F, W, false, true>(&inputs, a_n, rows, work, grads),
-            (false, false) => backward_state::<F, W, false, false>(&inputs, a_n, rows, work, grads),
+            (true, true) => backward_state::<F, W, true, true>(x, a_n, rows, work, grads, out),
+            (true, false) => backward_state::<F, W, true, false>(x, a_n, rows, work, grads, out),
+            (false, true) => backward_state::<F, W, false, true>(x, a_n, rows, work, grads, out),
+            (false, false) => backward_state::<F, W, false, false>(x, a_n, rows, work, grads, out),
         };
         da.extend_from_slice(&sums.da[..task.count]);
         if n == 0 {
@@ -1236,8 +1333,6 @@ fn backward_task<const F: bool, const W: usize>(
             dbias = sums.dbias;
         }
     }
-    scatter(isa, du, task.count, l, du_rows);
-    scatter(isa, ddt, task.count, l, dd_rows);
     TaskOut {
         db,
         dc,
@@ -1454,8 +1549,16 @@ mod tests {
                     // Into initialised buffers (a value the scatter does not write stays -1).
                     let mut rows_portable = reuse_as_output(vec![-1.0; task.count * l]);
                     let mut rows_avx = reuse_as_output(vec![-1.0; task.count * l]);
-                    scatter(Isa::Portable, &portable, task.count, l, &mut rows_portable);
-                    scatter(Isa::Avx2Fma, &portable, task.count, l, &mut rows_avx);
+                    // `scatter_block` over every tile, as the scan's last states call it.
+                    for t0 in (0..l).step_by(TILE) {
+                        let n = TILE.min(l - t0);
+                        let mut block = [[0.0f32; W]; TILE];
+                        block[..n].copy_from_slice(&portable[t0..t0 + n]);
+                        let steps = (t0, n);
+                        let count = task.count;
+                        scatter_block(Isa::Portable, &block, steps, count, l, &mut rows_portable);
+                        scatter_block(Isa::Avx2Fma, &block, steps, count, l, &mut rows_avx);
+                    }
                     // SAFETY: initialised when created (and overwritten with values).
                     let (rows_portable, rows_avx) =
                         unsafe { (assume_written(rows_portable), assume_written(rows_avx)) };
