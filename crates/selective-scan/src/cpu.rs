@@ -533,42 +533,46 @@ const TILE: usize = 8;
 /// ([`prefetch_for_write`]), one line (16 floats, [`LINE`]) per row every 16 steps.
 const AHEAD_STEPS: usize = 64;
 
+/// Steps of `delta` that [`ScanSlices::steps`] gathers before taking their softplus.
+const STEPS_BLOCK: usize = 64;
+
 /// Floats in a 64-byte cache line.
 const LINE: usize = 16;
 
-/// Lane `k` of `out[t]` = `rows[k·L + t]` for the task's `count` rows `[count, L]`, 0 in spare
-/// lanes; plus `bias[k]` where given (`delta`'s bias: added here rather than in a loop of its
-/// own, which LLVM vectorised across `t` with AVX-512 gathers and scatters, slower than the
-/// gather itself).
+/// Lane `k` of `out[j]` = `rows[k·L + t0 + j]` for steps `t0..t0 + n` of the task's `count`
+/// rows `[count, L]`, 0 in spare lanes; plus `bias[k]` where given (`delta`'s bias: added here
+/// rather than in a loop of its own, which LLVM vectorised across `t` with AVX-512 gathers and
+/// scatters, slower than the gather itself).
 #[inline(always)]
 fn gather<const W: usize>(
     isa: Isa,
-    rows: &[f32],
-    count: usize,
-    l: usize,
+    (rows, count, l): (&[f32], usize, usize),
+    (t0, n): (usize, usize),
     out: &mut [[f32; W]],
     bias: Option<[f32; W]>,
 ) {
-    let (rows, out) = (&rows[..count * l], &mut out[..l]);
+    let (rows, out) = (&rows[..count * l], &mut out[..n]);
     // Full tasks: 8 × 8 tiles (8 channels × 8 steps), transposed in registers.
-    let tiled = if count == W { l / TILE * TILE } else { 0 };
+    let tiled = if count == W { n / TILE * TILE } else { 0 };
     if tiled > 0 {
         for lane0 in (0..W).step_by(TILE) {
-            let tile_rows: [&[f32]; TILE] =
-                std::array::from_fn(|k| &rows[(lane0 + k) * l..(lane0 + k + 1) * l]);
+            let tile_rows: [&[f32]; TILE] = std::array::from_fn(|k| {
+                let row = (lane0 + k) * l + t0;
+                &rows[row..row + tiled]
+            });
             let tile_bias: Option<[f32; TILE]> =
                 bias.map(|b| std::array::from_fn(|k| b[lane0 + k]));
             if transpose::gather(isa, &tile_rows, lane0, &mut out[..tiled], tile_bias) {
                 continue;
             }
             let tile_bias = tile_bias.unwrap_or([0.0; TILE]);
-            for t0 in (0..tiled).step_by(TILE) {
+            for j0 in (0..tiled).step_by(TILE) {
                 let block: [[f32; TILE]; TILE] = std::array::from_fn(|k| {
-                    tile_rows[k][t0..t0 + TILE]
+                    tile_rows[k][j0..j0 + TILE]
                         .try_into()
                         .expect("a tile is TILE long")
                 });
-                for (j, v) in out[t0..t0 + TILE].iter_mut().enumerate() {
+                for (j, v) in out[j0..j0 + TILE].iter_mut().enumerate() {
                     for (k, b) in block.iter().enumerate() {
                         v[lane0 + k] = if bias.is_some() {
                             b[j] + tile_bias[k]
@@ -580,7 +584,8 @@ fn gather<const W: usize>(
             }
         }
     }
-    for (t, v) in out.iter_mut().enumerate().skip(tiled) {
+    for (j, v) in out.iter_mut().enumerate().skip(tiled) {
+        let t = t0 + j;
         *v = std::array::from_fn(|k| match (k < count, bias) {
             (false, _) => 0.0,
             (true, Some(b)) => rows[k * l + t] + b[k],
@@ -798,50 +803,53 @@ impl ScanSlices<'_> {
         isa: Isa,
         task: &Task,
         dt: &mut [[f32; W]],
-        slope: Option<&mut [[f32; W]]>,
+        mut slope: Option<&mut [[f32; W]]>,
     ) {
         let s = &self.shape;
+        let l = s.seq_len;
         let bias = self.delta_bias.map(|v| task.lanes(0.0, |ch| v[ch]));
-        gather(
-            isa,
-            task.rows(s, self.delta),
-            task.count,
-            s.seq_len,
-            dt,
-            bias,
-        );
+        let rows = (task.rows(s, self.delta), task.count, l);
         if !self.delta_softplus {
+            gather(isa, rows, (0, l), dt, bias);
             if let Some(slope) = slope {
-                slope.as_flattened_mut().fill(1.0);
+                slope[..l].as_flattened_mut().fill(1.0);
             }
             return;
         }
-        // On the flattened `[L·W]` values, `CHUNK` lanes at a time (independent dependency
-        // chains for the out-of-order core, see `fastmath::CHUNK`), the tail one by one (the
-        // same operations: the same bits).
-        let dt = dt.as_flattened_mut();
-        let mut dts = dt.chunks_exact_mut(CHUNK);
-        match slope {
-            Some(slope) => {
-                let mut slopes = slope.as_flattened_mut().chunks_exact_mut(CHUNK);
-                for (d, g) in (&mut dts).zip(&mut slopes) {
-                    let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
-                    let (softplus, sigmoid) = softplus_sigmoid_lanes::<F, CHUNK>(x);
-                    d.copy_from_slice(&softplus);
-                    g.copy_from_slice(&sigmoid);
+        // [`STEPS_BLOCK`] steps at a time: gathered, then through softplus while they are in
+        // L1 (the loads of one block overlap the arithmetic of the previous one).
+        for t0 in (0..l).step_by(STEPS_BLOCK) {
+            let n = STEPS_BLOCK.min(l - t0);
+            let dt = &mut dt[t0..t0 + n];
+            gather(isa, rows, (t0, n), dt, bias);
+            // On the flattened `[n·W]` values, `CHUNK` lanes at a time (independent dependency
+            // chains for the out-of-order core, see `fastmath::CHUNK`), the tail one by one
+            // (the same operations: the same bits).
+            let dt = dt.as_flattened_mut();
+            let mut dts = dt.chunks_exact_mut(CHUNK);
+            match slope.as_deref_mut() {
+                Some(slope) => {
+                    let slope = slope[t0..t0 + n].as_flattened_mut();
+                    let mut slopes = slope.chunks_exact_mut(CHUNK);
+                    for (d, g) in (&mut dts).zip(&mut slopes) {
+                        let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
+                        let (softplus, sigmoid) = softplus_sigmoid_lanes::<F, CHUNK>(x);
+                        d.copy_from_slice(&softplus);
+                        g.copy_from_slice(&sigmoid);
+                    }
+                    let tail = dts.into_remainder().iter_mut();
+                    for (d, g) in tail.zip(slopes.into_remainder()) {
+                        (*d, *g) = softplus_sigmoid_with::<F>(*d);
+                    }
                 }
-                let tail = dts.into_remainder().iter_mut();
-                for (d, g) in tail.zip(slopes.into_remainder()) {
-                    (*d, *g) = softplus_sigmoid_with::<F>(*d);
-                }
-            }
-            None => {
-                for d in &mut dts {
-                    let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
-                    d.copy_from_slice(&softplus_lanes::<F, CHUNK>(x));
-                }
-                for d in dts.into_remainder() {
-                    *d = softplus_with::<F>(*d);
+                None => {
+                    for d in &mut dts {
+                        let x: [f32; CHUNK] = (&*d).try_into().expect("chunks of CHUNK");
+                        d.copy_from_slice(&softplus_lanes::<F, CHUNK>(x));
+                    }
+                    for d in dts.into_remainder() {
+                        *d = softplus_with::<F>(*d);
+                    }
                 }
             }
         }
@@ -929,7 +937,7 @@ fn forward_task<const F: bool, const W: usize>(
     let l = s.seq_len;
     let ForwardScratch { dtu, dt, y } = scratch;
     let (dtu, dt, y) = (dtu.get::<W>(l), dt.get::<W>(l), y.get::<W>(l));
-    gather(isa, task.rows(s, p.u), task.count, l, dtu, None);
+    gather(isa, (task.rows(s, p.u), task.count, l), (0, l), dtu, None);
     p.steps::<F, W>(isa, task, dt, None);
     let skip = task.lanes(0.0, |ch| p.d.map_or(0.0, |v| v[ch]));
     let ahead = Ahead::after(s, task, [whole(p.u), whole(p.delta)]);
@@ -1290,11 +1298,11 @@ fn backward_task<const F: bool, const W: usize>(
         ddt.get::<W>(l),
         h.get::<W>(l + 1),
     );
-    gather(isa, task.rows(s, p.u), task.count, l, u, None);
+    gather(isa, (task.rows(s, p.u), task.count, l), (0, l), u, None);
     // SAFETY: without `dy_rows`, `du_rows` holds this task's rows of `dy` (`du` is written over
     // it by the last state, after this gather): initialised.
     let dy_rows = dy_rows.unwrap_or_else(|| unsafe { written(du_rows) });
-    gather(isa, dy_rows, task.count, l, dy, None);
+    gather(isa, (dy_rows, task.count, l), (0, l), dy, None);
     p.steps::<F, W>(isa, task, dt, Some(slope));
     let inputs = BackwardInputs {
         isa,
@@ -1534,8 +1542,9 @@ mod tests {
                     let rows = task.rows(&s, &src);
                     let mut portable = vec![[0.0f32; W]; l];
                     let mut avx = vec![[0.0f32; W]; l];
-                    gather(Isa::Portable, rows, task.count, l, &mut portable, None);
-                    gather(Isa::Avx2Fma, rows, task.count, l, &mut avx, None);
+                    let src = (rows, task.count, l);
+                    gather(Isa::Portable, src, (0, l), &mut portable, None);
+                    gather(Isa::Avx2Fma, src, (0, l), &mut avx, None);
                     assert_eq!(
                         portable, avx,
                         "gather, W = {W}, {channels} channels, L = {l}"
@@ -1568,19 +1577,29 @@ mod tests {
                     );
                     assert_eq!(rows_avx, rows);
                     let bias: [f32; W] = std::array::from_fn(|k| 0.25 - k as f32);
-                    gather(
-                        Isa::Portable,
-                        rows,
-                        task.count,
-                        l,
-                        &mut portable,
-                        Some(bias),
-                    );
-                    gather(Isa::Avx2Fma, rows, task.count, l, &mut avx, Some(bias));
+                    gather(Isa::Portable, src, (0, l), &mut portable, Some(bias));
+                    gather(Isa::Avx2Fma, src, (0, l), &mut avx, Some(bias));
                     assert_eq!(portable, avx, "gather + bias, W = {W}, L = {l}");
                     for (t, v) in portable.iter().enumerate() {
                         for (k, x) in v.iter().enumerate().take(task.count) {
                             assert_eq!(*x, rows[k * l + t] + bias[k]);
+                        }
+                    }
+                    // Steps `t0..t0 + n` alone (as `steps` gathers blocks): the same lanes.
+                    for (t0, n) in [
+                        (0, l / 2),
+                        (l / 3, l - l / 3),
+                        (l - 1, 1),
+                        (l / 2, 9.min(l - l / 2)),
+                    ] {
+                        for isa in [Isa::Portable, Isa::Avx2Fma] {
+                            let mut part = vec![[0.0f32; W]; n];
+                            gather(isa, src, (t0, n), &mut part, Some(bias));
+                            assert_eq!(
+                                part[..],
+                                portable[t0..t0 + n],
+                                "{isa:?}, steps {t0}..+{n}, W = {W}, L = {l}"
+                            );
                         }
                     }
                 }
