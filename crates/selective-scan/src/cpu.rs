@@ -1033,7 +1033,7 @@ fn forward_states<
             }
         }
         if LAST {
-            if t0 % LINE == 0 {
+            if t0.is_multiple_of(LINE) {
                 prefetch_for_write(out, task.count, l, t0 + AHEAD_STEPS);
             }
             scatter_block(x.isa, &block, (t0, n), task.count, l, out);
@@ -1242,8 +1242,8 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
                 db[t] = hsum(mul(adj_dt, u[t]));
                 dc[t] = hsum(mul(dy[t], h[t + 1]));
             }
-            if LAST && lo % TILE == 0 {
-                if lo % LINE == 0 && lo >= AHEAD_STEPS {
+            if LAST && lo.is_multiple_of(TILE) {
+                if lo.is_multiple_of(LINE) && lo >= AHEAD_STEPS {
                     prefetch_for_write(du_rows, x.count, l, lo - AHEAD_STEPS);
                     prefetch_for_write(dd_rows, x.count, l, lo - AHEAD_STEPS);
                 }

@@ -7,7 +7,10 @@
 //! several device-to-device copy kernels and the device's exp rate (`device_floor.rs`).
 //! `floor_ms` is the larger of the pass's minimal traffic (each input read once, each output
 //! written once) at that bandwidth and its exponentials at that rate; `gbps` is the same
-//! traffic over the measured time.
+//! traffic over the measured time. For the native CPU scan (`ndarray-fused`), a third pass,
+//! `forward_backward_op`, times the op's own forward and backward on `NdArray` without the
+//! autodiff graph (`bench_op`): the difference to `forward_backward` is Burn's part (its
+//! single-threaded `dy = 1` seed above all).
 
 use cubecl::prelude::*;
 use selective_scan::{
@@ -443,6 +446,50 @@ where
     (forward, both)
 }
 
+/// Times the op's own forward and backward on an eager CPU backend `B` (no autodiff graph):
+/// `selective_scan_forward`, then `selective_scan_backward` with `dy = 1` made before the timed
+/// region. Through `Autodiff<B>` ([`bench_burn`]) the same work comes with the graph's
+/// bookkeeping and Burn's seed of the backward (`dy = 1` filled by `TensorData::full`, a loop on
+/// one thread: on C1 about a fifth of the forward + backward on a 2-core Xeon); this time is the
+/// scan's alone. `dy` is shared with the caller here, so `du` gets a buffer of its own (through
+/// Autodiff it is written over the seed).
+fn bench_op<B: SelectiveScanBackend>(p: &ScanProblem, device: &B::Device, repeats: usize) -> f64 {
+    use burn_vmamba::ops::ScanTensors;
+    let s = p.shape;
+    let t = |v: &[f32], shape: Vec<usize>| {
+        B::float_from_data(TensorData::new(v.to_vec(), shape), device)
+    };
+    let d = p.d.as_ref().expect("bench problems have D");
+    let bias = p.delta_bias.as_ref().expect("bench problems have a bias");
+    let inputs = || ScanTensors::<B> {
+        u: t(&p.u, s.bdl().to_vec()),
+        delta: t(&p.delta, s.bdl().to_vec()),
+        a: t(&p.a, s.dn().to_vec()),
+        b: t(&p.b, s.bgnl().to_vec()),
+        c: t(&p.c, s.bgnl().to_vec()),
+        d: Some(t(d, vec![s.channels])),
+        delta_bias: Some(t(bias, vec![s.channels])),
+    };
+    let (x, dy) = (inputs(), t(&vec![1.0; s.bdl_len()], s.bdl().to_vec()));
+    let options = burn_vmamba::ScanOptions {
+        delta_softplus: p.delta_softplus,
+    };
+    crate::median_ms(repeats, || {
+        let x = || ScanTensors::<B> {
+            u: x.u.clone(),
+            delta: x.delta.clone(),
+            a: x.a.clone(),
+            b: x.b.clone(),
+            c: x.c.clone(),
+            d: x.d.clone(),
+            delta_bias: x.delta_bias.clone(),
+        };
+        let (y, saved) = B::selective_scan_forward(x(), options);
+        std::hint::black_box(y);
+        std::hint::black_box(B::selective_scan_backward(x(), saved, dy.clone(), options));
+    })
+}
+
 /// Peak heap bytes above the starting point while `f` runs.
 fn peak_heap_bytes(f: impl FnOnce()) -> usize {
     let start = crate::alloc::reset_peak();
@@ -654,12 +701,30 @@ pub fn run(args: &Args) -> Result<(), String> {
         }
         let s = bench.shape;
         let p = ScanProblem::random(s, &RandomSpec::default(), 7);
-        let mut push = |implementation: String, forward: f64, both: f64, floor: Floor| {
+        // `op`: the op alone, where measured ([`bench_op`]).
+        let mut push = |implementation: String,
+                        forward: f64,
+                        both: f64,
+                        op: Option<f64>,
+                        floor: Floor| {
             println!(
                 "{} {implementation}: forward {forward:.2} ms, forward+backward {both:.2} ms",
                 bench.name
             );
-            for (pass, ms) in [("forward", forward), ("forward_backward", both)] {
+            if let Some(op) = op {
+                println!(
+                    "{} {implementation}, the op alone (no autodiff graph, dy made beforehand): \
+                     forward+backward {op:.2} ms",
+                    bench.name
+                );
+            }
+            let passes = [
+                ("forward", Some(forward)),
+                ("forward_backward", Some(both)),
+                ("forward_backward_op", op),
+            ];
+            for (pass, ms) in passes {
+                let Some(ms) = ms else { continue };
                 let bytes = traffic_bytes(&s, pass);
                 records.push(Record {
                     shape: bench.name,
@@ -691,12 +756,19 @@ pub fn run(args: &Args) -> Result<(), String> {
                 } else {
                     format!("{}-cubecl[{config}]", backend.name())
                 };
-                push(name, forward, both, floor);
+                push(name, forward, both, None, floor);
             }
         }
         if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
-            push("ndarray-fused".to_string(), forward, both, all_cores);
+            let op = bench_op::<NdArray>(&p, &Default::default(), repeats);
+            push(
+                "ndarray-fused".to_string(),
+                forward,
+                both,
+                Some(op),
+                all_cores,
+            );
             if bench.name == "C2" {
                 let bytes = peak_heap_bytes(|| {
                     bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), 1);
@@ -715,7 +787,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             // The tensor-op fallback takes minutes on the N = 16 shapes; C1 and C2 give the ratio.
             if s.d_state == 1 {
                 let (forward, both) = bench_burn::<Autodiff<Flex>>(&p, &Default::default(), 1);
-                push("fallback".to_string(), forward, both, all_cores);
+                push("fallback".to_string(), forward, both, None, all_cores);
             }
         }
         if !bench.gpu_only && wanted("reference") {
@@ -726,7 +798,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             let both = crate::median_ms(1, || {
                 std::hint::black_box(reference::backward(&p, &dy));
             });
-            push("reference".to_string(), forward, both, single_core);
+            push("reference".to_string(), forward, both, None, single_core);
         }
     }
 
