@@ -597,8 +597,10 @@ fn gather<const W: usize>(
 /// Hint that the task's rows `dst [count, L]` are about to be written at step `t`: the line of
 /// step `t` of each row is brought into the cache ([`AHEAD_STEPS`] before the loop that writes
 /// it gets there), so the blocks' stores find their lines present instead of each waiting for a
-/// read for ownership from memory (C1's backward on a Xeon: 3.3 → 3.0–3.1 ms). `prefetcht0`:
-/// `prefetchw` would say "for writing", but its target feature is unstable in Rust.
+/// read for ownership from memory. Measured on a Xeon together with the move of the outputs'
+/// writes into the loops: C1's backward 3.1–3.6 ms, as with a separate scatter pass, within
+/// that machine's noise. `prefetcht0`: `prefetchw` would say "for writing", but its target
+/// feature is unstable in Rust.
 #[inline(always)]
 fn prefetch_for_write(dst: &[MaybeUninit<f32>], count: usize, l: usize, t: usize) {
     if t >= l {
