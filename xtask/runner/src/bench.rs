@@ -361,6 +361,57 @@ impl Floor {
     }
 }
 
+/// The seven inputs in their own shapes, as a model would hand them over. (Reshaping flat
+/// leaves inside the timed region measured Burn's copy of shared NdArray buffers on
+/// reshape, ≈ 18 ms per C2 tensor, not the scan.)
+struct Leaves<B: BurnBackend> {
+    u: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 4>,
+    c: Tensor<B, 4>,
+    d: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+}
+
+impl<B: SelectiveScanBackend> Leaves<B> {
+    /// The op's inputs, sharing the leaves' buffers.
+    fn inputs(&self) -> burn_vmamba::ops::ScanTensors<B> {
+        burn_vmamba::ops::ScanTensors {
+            u: self.u.clone().into_primitive().tensor(),
+            delta: self.delta.clone().into_primitive().tensor(),
+            a: self.a.clone().into_primitive().tensor(),
+            b: self.b.clone().into_primitive().tensor(),
+            c: self.c.clone().into_primitive().tensor(),
+            d: Some(self.d.clone().into_primitive().tensor()),
+            delta_bias: Some(self.bias.clone().into_primitive().tensor()),
+        }
+    }
+}
+
+/// `p`'s inputs as [`Leaves`] on `device`.
+fn leaves<B: BurnBackend>(p: &ScanProblem, device: &B::Device) -> Leaves<B> {
+    let s = p.shape;
+    fn t<B: BurnBackend, const D: usize>(
+        v: &[f32],
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+    }
+    let d = p.d.as_ref().expect("bench problems have D");
+    let bias = p.delta_bias.as_ref().expect("bench problems have a bias");
+    Leaves {
+        u: t(&p.u, s.bdl(), device),
+        delta: t(&p.delta, s.bdl(), device),
+        a: t(&p.a, s.dn(), device),
+        b: t(&p.b, s.bgnl(), device),
+        c: t(&p.c, s.bgnl(), device),
+        d: t(d, [s.channels], device),
+        bias: t(bias, [s.channels], device),
+    }
+}
+
 /// Times the Burn op on an eager CPU backend: forward on `B::InnerBackend`, forward+backward
 /// (every input tracked) on the autodiff backend `B`.
 fn bench_burn<B>(p: &ScanProblem, device: &B::Device, repeats: usize) -> (f64, f64)
@@ -368,39 +419,6 @@ where
     B: AutodiffBackend + SelectiveScanBackend,
     B::InnerBackend: SelectiveScanBackend,
 {
-    /// The seven inputs in their own shapes, as a model would hand them over. (Reshaping flat
-    /// leaves inside the timed region measured Burn's copy of shared NdArray buffers on
-    /// reshape, ≈ 18 ms per C2 tensor, not the scan.)
-    struct Leaves<B: BurnBackend> {
-        u: Tensor<B, 3>,
-        delta: Tensor<B, 3>,
-        a: Tensor<B, 2>,
-        b: Tensor<B, 4>,
-        c: Tensor<B, 4>,
-        d: Tensor<B, 1>,
-        bias: Tensor<B, 1>,
-    }
-    fn leaves<B: BurnBackend>(p: &ScanProblem, device: &B::Device) -> Leaves<B> {
-        let s = p.shape;
-        fn t<B: BurnBackend, const D: usize>(
-            v: &[f32],
-            shape: [usize; D],
-            device: &B::Device,
-        ) -> Tensor<B, D> {
-            Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
-        }
-        let d = p.d.as_ref().expect("bench problems have D");
-        let bias = p.delta_bias.as_ref().expect("bench problems have a bias");
-        Leaves {
-            u: t(&p.u, s.bdl(), device),
-            delta: t(&p.delta, s.bdl(), device),
-            a: t(&p.a, s.dn(), device),
-            b: t(&p.b, s.bgnl(), device),
-            c: t(&p.c, s.bgnl(), device),
-            d: t(d, [s.channels], device),
-            bias: t(bias, [s.channels], device),
-        }
-    }
     /// The op alone: `y`. (The backward is seeded from `y` itself, which Burn does with
     /// `dy = 1`: the gradient of `sum(y)` without timing a sum and its backward, which cost
     /// another two passes over `[B, D, L]`: the op's, not a loss's, time is measured.)
@@ -454,39 +472,22 @@ where
 /// scan's alone. `dy` is shared with the caller here, so `du` gets a buffer of its own (through
 /// Autodiff it is written over the seed).
 fn bench_op<B: SelectiveScanBackend>(p: &ScanProblem, device: &B::Device, repeats: usize) -> f64 {
-    use burn_vmamba::ops::ScanTensors;
-    let s = p.shape;
-    let t = |v: &[f32], shape: Vec<usize>| {
-        B::float_from_data(TensorData::new(v.to_vec(), shape), device)
-    };
-    let d = p.d.as_ref().expect("bench problems have D");
-    let bias = p.delta_bias.as_ref().expect("bench problems have a bias");
-    let inputs = || ScanTensors::<B> {
-        u: t(&p.u, s.bdl().to_vec()),
-        delta: t(&p.delta, s.bdl().to_vec()),
-        a: t(&p.a, s.dn().to_vec()),
-        b: t(&p.b, s.bgnl().to_vec()),
-        c: t(&p.c, s.bgnl().to_vec()),
-        d: Some(t(d, vec![s.channels])),
-        delta_bias: Some(t(bias, vec![s.channels])),
-    };
-    let (x, dy) = (inputs(), t(&vec![1.0; s.bdl_len()], s.bdl().to_vec()));
+    let x = leaves::<B>(p, device);
+    let dy = Tensor::<B, 3>::ones(p.shape.bdl(), device)
+        .into_primitive()
+        .tensor();
     let options = burn_vmamba::ScanOptions {
         delta_softplus: p.delta_softplus,
     };
     crate::median_ms(repeats, || {
-        let x = || ScanTensors::<B> {
-            u: x.u.clone(),
-            delta: x.delta.clone(),
-            a: x.a.clone(),
-            b: x.b.clone(),
-            c: x.c.clone(),
-            d: x.d.clone(),
-            delta_bias: x.delta_bias.clone(),
-        };
-        let (y, saved) = B::selective_scan_forward(x(), options);
+        let (y, saved) = B::selective_scan_forward(x.inputs(), options);
         std::hint::black_box(y);
-        std::hint::black_box(B::selective_scan_backward(x(), saved, dy.clone(), options));
+        std::hint::black_box(B::selective_scan_backward(
+            x.inputs(),
+            saved,
+            dy.clone(),
+            options,
+        ));
     })
 }
 
