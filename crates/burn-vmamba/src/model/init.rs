@@ -8,7 +8,7 @@
 //! - LayerNorm: weight 1, bias 0.
 //! - SS2D scan parameters: [`ScanParams`].
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
 
@@ -31,90 +31,115 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Dev
     linear
 }
 
-/// SS2D's scan parameters, in upstream's shapes and row order (`k·d_inner + d`).
+/// SS2D's scan parameters, in upstream's shapes and row order (`k·d_inner + d`). Each is a
+/// lazy [`Param`], as Burn's own layers make theirs: drawn the first time it is read, so a
+/// model whose weights come from a checkpoint never draws them, and counting parameters needs
+/// only their shapes.
 pub struct ScanParams<B: Backend> {
     /// `[K, R + 2N, d_inner]`.
-    pub x_proj_weight: Tensor<B, 3>,
+    pub x_proj_weight: Param<Tensor<B, 3>>,
     /// `[K, d_inner, R]`.
-    pub dt_projs_weight: Tensor<B, 3>,
+    pub dt_projs_weight: Param<Tensor<B, 3>>,
     /// `[K, d_inner]`.
-    pub dt_projs_bias: Tensor<B, 2>,
+    pub dt_projs_bias: Param<Tensor<B, 2>>,
     /// `[K·d_inner, N]`.
-    pub a_logs: Tensor<B, 2>,
+    pub a_logs: Param<Tensor<B, 2>>,
     /// `[K·d_inner]`.
-    pub ds: Tensor<B, 1>,
+    pub ds: Param<Tensor<B, 1>>,
 }
 
-/// Draws SS2D's scan parameters as upstream's `ssm_init` does (dt_min 1e-3, dt_max 0.1,
-/// dt_init_floor 1e-4, dt_scale 1, dt_init "random").
+/// A parameter of `shape` that `draw` makes on its device when it is first read.
+fn lazy<B: Backend, const D: usize>(
+    shape: [usize; D],
+    device: &B::Device,
+    draw: impl Fn([usize; D], &B::Device) -> Tensor<B, D> + Send + Sync + 'static,
+) -> Param<Tensor<B, D>> {
+    Param::uninitialized(
+        ParamId::new(),
+        move |device, require_grad| {
+            let tensor = draw(shape, device);
+            if require_grad {
+                tensor.require_grad()
+            } else {
+                tensor
+            }
+        },
+        device.clone(),
+        true,
+        shape.into(),
+    )
+}
+
+/// Draws from `distribution`, for [`lazy`].
+fn random<B: Backend, const D: usize>(
+    distribution: Distribution,
+) -> impl Fn([usize; D], &B::Device) -> Tensor<B, D> + Send + Sync + 'static {
+    move |shape, device| Tensor::random(shape, distribution, device)
+}
+
+/// Upstream's `dt_projs_bias` for `SsmInit::V0` ("random" dt init): `dt = exp(U(ln 1e-3,
+/// ln 1e-1))` floored at 1e-4, and `bias = softplus⁻¹(dt) = dt + ln(−expm1(−dt))`.
+fn dt_bias_v0<B: Backend>(shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    let (ln_min, ln_max) = (1e-3f64.ln(), 1e-1f64.ln());
+    let uniform: Tensor<B, 2> = Tensor::random(shape, Distribution::Uniform(0.0, 1.0), device);
+    let bias: Vec<f32> = uniform
+        .into_data()
+        .iter::<f64>()
+        .map(|r| {
+            let dt = (r * (ln_max - ln_min) + ln_min).exp().max(1e-4);
+            (dt + (-(-dt).exp_m1()).ln()) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(bias, shape), device)
+}
+
+/// SS2D's scan parameters as upstream's `ssm_init` initialises them (dt_min 1e-3, dt_max 0.1,
+/// dt_init_floor 1e-4, dt_scale 1, dt_init "random"), each drawn when first read.
 pub fn scan_params<B: Backend>(config: &Ss2dConfig, device: &B::Device) -> ScanParams<B> {
     let (d_inner, rank, n) = (config.d_inner(), config.dt_rank(), config.d_state);
     let channels = K * d_inner;
     // K stacked default nn.Linear(d_inner, R + 2N): U(±1/√d_inner); never re-initialised.
     let bound = 1.0 / (d_inner as f64).sqrt();
-    let x_proj_weight = Tensor::random(
+    let x_proj_weight = lazy(
         [K, config.x_proj_rows(), d_inner],
-        Distribution::Uniform(-bound, bound),
         device,
+        random(Distribution::Uniform(-bound, bound)),
     );
-    let ds = Tensor::ones([channels], device);
-    match config.init {
+    let ds = lazy([channels], device, |shape, device| {
+        Tensor::ones(shape, device)
+    });
+    let (w, b, a) = ([K, d_inner, rank], [K, d_inner], [channels, n]);
+    let (dt_projs_weight, dt_projs_bias, a_logs) = match config.init {
         SsmInit::V0 => {
             let std = (rank as f64).powf(-0.5);
-            let dt_projs_weight =
-                Tensor::random([K, d_inner, rank], Distribution::Uniform(-std, std), device);
-            // dt = exp(U(ln 1e-3, ln 1e-1)) ≥ 1e-4; bias = softplus⁻¹(dt) = dt + ln(−expm1(−dt)).
-            let (ln_min, ln_max) = (1e-3f64.ln(), 1e-1f64.ln());
-            let uniform: Tensor<B, 2> =
-                Tensor::random([K, d_inner], Distribution::Uniform(0.0, 1.0), device);
-            let bias: Vec<f32> = uniform
-                .into_data()
-                .iter::<f64>()
-                .map(|r| {
-                    let dt = (r * (ln_max - ln_min) + ln_min).exp().max(1e-4);
-                    (dt + (-(-dt).exp_m1()).ln()) as f32
-                })
-                .collect();
-            let dt_projs_bias = Tensor::from_data(TensorData::new(bias, [K, d_inner]), device);
-            // S4D-real: A = −[1, 2, …, N] in every row.
-            let row: Vec<f32> = (1..=n).map(|i| (i as f32).ln()).collect();
-            let a_logs = Tensor::<B, 1>::from_data(TensorData::new(row, [n]), device)
-                .reshape([1, n])
-                .repeat_dim(0, channels);
-            ScanParams {
-                x_proj_weight,
-                dt_projs_weight,
-                dt_projs_bias,
-                a_logs,
-                ds,
-            }
+            (
+                lazy(w, device, random(Distribution::Uniform(-std, std))),
+                lazy(b, device, dt_bias_v0),
+                // S4D-real: A = −[1, 2, …, N] in every row.
+                lazy(a, device, move |[rows, n], device: &B::Device| {
+                    let row: Vec<f32> = (1..=n).map(|i| (i as f32).ln()).collect();
+                    Tensor::<B, 1>::from_data(TensorData::new(row, [n]), device)
+                        .reshape([1, n])
+                        .repeat_dim(0, rows)
+                }),
+            )
         }
-        SsmInit::V1 => ScanParams {
-            x_proj_weight,
-            dt_projs_weight: Tensor::random(
-                [K, d_inner, rank],
-                Distribution::Normal(0.0, 0.1),
-                device,
-            ),
-            dt_projs_bias: Tensor::random([K, d_inner], Distribution::Normal(0.0, 0.1), device),
-            a_logs: Tensor::random([channels, n], Distribution::Normal(0.0, 1.0), device),
-            ds,
-        },
-        SsmInit::V2 => ScanParams {
-            x_proj_weight,
-            dt_projs_weight: Tensor::random(
-                [K, d_inner, rank],
-                Distribution::Uniform(0.0, 0.1),
-                device,
-            ),
-            dt_projs_bias: Tensor::random([K, d_inner], Distribution::Uniform(0.0, 0.1), device),
-            a_logs: Tensor::zeros([channels, n], device),
-            ds,
-        },
+        SsmInit::V1 => (
+            lazy(w, device, random(Distribution::Normal(0.0, 0.1))),
+            lazy(b, device, random(Distribution::Normal(0.0, 0.1))),
+            lazy(a, device, random(Distribution::Normal(0.0, 1.0))),
+        ),
+        SsmInit::V2 => (
+            lazy(w, device, random(Distribution::Uniform(0.0, 0.1))),
+            lazy(b, device, random(Distribution::Uniform(0.0, 0.1))),
+            lazy(a, device, |shape, device| Tensor::zeros(shape, device)),
+        ),
+    };
+    ScanParams {
+        x_proj_weight,
+        dt_projs_weight,
+        dt_projs_bias,
+        a_logs,
+        ds,
     }
-}
-
-/// A trainable parameter from a tensor.
-pub fn param<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Param<Tensor<B, D>> {
-    Param::from_tensor(tensor)
 }

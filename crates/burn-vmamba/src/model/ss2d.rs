@@ -125,11 +125,11 @@ impl Ss2dConfig {
         Ss2d {
             in_proj: init::linear(self.d_model, d_proj, false, device),
             conv2d,
-            x_proj_weight: init::param(params.x_proj_weight),
-            dt_projs_weight: init::param(params.dt_projs_weight),
-            dt_projs_bias: init::param(params.dt_projs_bias),
-            a_logs: init::param(params.a_logs),
-            ds: init::param(params.ds),
+            x_proj_weight: params.x_proj_weight,
+            dt_projs_weight: params.dt_projs_weight,
+            dt_projs_bias: params.dt_projs_bias,
+            a_logs: params.a_logs,
+            ds: params.ds,
             out_norm: (self.out_norm == OutNorm::LayerNorm)
                 .then(|| layer_norm_config(d_inner).init(device)),
             out_proj: init::linear(d_inner, self.d_model, false, device),
