@@ -32,9 +32,9 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Dev
 }
 
 /// SS2D's scan parameters, in upstream's shapes and row order (`k·d_inner + d`). Each is a
-/// lazy [`Param`], as Burn's own layers make theirs: drawn the first time it is read, so a
-/// model whose weights come from a checkpoint never draws them, and counting parameters needs
-/// only their shapes.
+/// lazy [`Param`], as Burn's own layers make theirs: drawn the first time it is read, so
+/// counting parameters by their lazy shapes draws nothing. (Loading a checkpoint still reads
+/// each parameter once, in `checkpoint::Loader`'s `param.map`, before replacing it.)
 pub struct ScanParams<B: Backend> {
     /// `[K, R + 2N, d_inner]`.
     pub x_proj_weight: Param<Tensor<B, 3>>,
