@@ -177,7 +177,8 @@ impl<B: Backend> ModuleVisitor<B> for Expected {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let mut shape = param.shape().dims::<D>().to_vec();
+        // The lazy shape: listing keys draws no parameter that is not drawn yet.
+        let mut shape = param.lazy_shape().dims::<D>().to_vec();
         let linear = self.path.is_linear_weight();
         if linear {
             shape.reverse();
@@ -241,13 +242,21 @@ impl<B: Backend> ModuleMapper<B> for Loader {
         let Some(entry) = self.values.remove(&key) else {
             unreachable!("{key}: every parameter's key is matched before the loader runs");
         };
-        param.map(|old| {
-            // The entry is in upstream layout; Burn's linear weight is its transpose.
-            let data = TensorData::new(entry.values, entry.shape);
-            let t = Tensor::<B, D>::from_data(data, &old.device());
-            let t = if linear { t.transpose() } else { t };
-            t.cast(old.dtype()).set_require_grad(old.is_require_grad())
-        })
+        // The entry is in upstream layout; Burn's linear weight is its transpose.
+        let data = TensorData::new(entry.values, entry.shape);
+        let t = Tensor::<B, D>::from_data(data, &param.lazy_device());
+        let t = if linear { t.transpose() } else { t };
+        // A parameter not drawn yet is replaced without drawing it: it would have been made in
+        // the device's default float dtype, which `from_data` gives too. One already read
+        // keeps its dtype (a module cast to f16, say). Device, require-grad and the load
+        // mapper come from the parameter (`transform_for_load`, as Burn's own record loading).
+        let t = if param.is_initialized() {
+            t.cast(param.val().dtype())
+        } else {
+            t
+        };
+        let id = param.id;
+        param.transform_for_load(t, id)
     }
 }
 

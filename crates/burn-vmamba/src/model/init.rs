@@ -27,14 +27,17 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Dev
             std: 0.02,
         })
         .init(device);
-    linear.bias = linear.bias.map(|b| b.map(|t| t.zeros_like()));
+    // A new lazy parameter, not `Param::map`, which would draw the default bias first.
+    if linear.bias.is_some() {
+        linear.bias = Some(Initializer::Zeros.init([d_out], device));
+    }
     linear
 }
 
 /// SS2D's scan parameters, in upstream's shapes and row order (`k·d_inner + d`). Each is a
-/// lazy [`Param`], as Burn's own layers make theirs: drawn the first time it is read, so
-/// counting parameters by their lazy shapes draws nothing. (Loading a checkpoint still reads
-/// each parameter once, in `checkpoint::Loader`'s `param.map`, before replacing it.)
+/// lazy [`Param`], as Burn's own layers make theirs (through [`Initializer`] where it has the
+/// distribution): drawn the first time it is read, so neither counting parameters by their
+/// lazy shapes nor loading a checkpoint over them draws anything.
 pub struct ScanParams<B: Backend> {
     /// `[K, R + 2N, d_inner]`.
     pub x_proj_weight: Param<Tensor<B, 3>>,
@@ -48,33 +51,32 @@ pub struct ScanParams<B: Backend> {
     pub ds: Param<Tensor<B, 1>>,
 }
 
-/// A parameter of `shape` that `draw` makes on its device when it is first read.
+/// A parameter of `shape` that `draw` makes on its device when it is first read, for the two
+/// initialisations [`Initializer`] has no kind for (V0's `dt_projs_bias` and `A_logs`). Built
+/// as `Initializer::init` builds its parameters: allocated as persistent memory.
 fn lazy<B: Backend, const D: usize>(
     shape: [usize; D],
     device: &B::Device,
     draw: impl Fn([usize; D], &B::Device) -> Tensor<B, D> + Send + Sync + 'static,
 ) -> Param<Tensor<B, D>> {
+    let draw = std::sync::Arc::new(draw);
     Param::uninitialized(
         ParamId::new(),
         move |device, require_grad| {
-            let tensor = draw(shape, device);
-            if require_grad {
-                tensor.require_grad()
-            } else {
-                tensor
-            }
+            let draw = draw.clone();
+            B::memory_persistent_allocations(device, (), move |_| {
+                let tensor = draw(shape, device);
+                if require_grad {
+                    tensor.require_grad()
+                } else {
+                    tensor
+                }
+            })
         },
         device.clone(),
         true,
         shape.into(),
     )
-}
-
-/// Draws from `distribution`, for [`lazy`].
-fn random<B: Backend, const D: usize>(
-    distribution: Distribution,
-) -> impl Fn([usize; D], &B::Device) -> Tensor<B, D> + Send + Sync + 'static {
-    move |shape, device| Tensor::random(shape, distribution, device)
 }
 
 /// Upstream's `dt_projs_bias` for `SsmInit::V0` ("random" dt init): `dt = exp(U(ln 1e-3,
@@ -100,20 +102,22 @@ pub fn scan_params<B: Backend>(config: &Ss2dConfig, device: &B::Device) -> ScanP
     let channels = K * d_inner;
     // K stacked default nn.Linear(d_inner, R + 2N): U(±1/√d_inner); never re-initialised.
     let bound = 1.0 / (d_inner as f64).sqrt();
-    let x_proj_weight = lazy(
-        [K, config.x_proj_rows(), d_inner],
-        device,
-        random(Distribution::Uniform(-bound, bound)),
-    );
-    let ds = lazy([channels], device, |shape, device| {
-        Tensor::ones(shape, device)
-    });
+    let x_proj_weight = Initializer::Uniform {
+        min: -bound,
+        max: bound,
+    }
+    .init([K, config.x_proj_rows(), d_inner], device);
+    let ds = Initializer::Ones.init([channels], device);
     let (w, b, a) = ([K, d_inner, rank], [K, d_inner], [channels, n]);
     let (dt_projs_weight, dt_projs_bias, a_logs) = match config.init {
         SsmInit::V0 => {
             let std = (rank as f64).powf(-0.5);
             (
-                lazy(w, device, random(Distribution::Uniform(-std, std))),
+                Initializer::Uniform {
+                    min: -std,
+                    max: std,
+                }
+                .init(w, device),
                 lazy(b, device, dt_bias_v0),
                 // S4D-real: A = −[1, 2, …, N] in every row.
                 lazy(a, device, move |[rows, n], device: &B::Device| {
@@ -124,16 +128,22 @@ pub fn scan_params<B: Backend>(config: &Ss2dConfig, device: &B::Device) -> ScanP
                 }),
             )
         }
-        SsmInit::V1 => (
-            lazy(w, device, random(Distribution::Normal(0.0, 0.1))),
-            lazy(b, device, random(Distribution::Normal(0.0, 0.1))),
-            lazy(a, device, random(Distribution::Normal(0.0, 1.0))),
-        ),
-        SsmInit::V2 => (
-            lazy(w, device, random(Distribution::Uniform(0.0, 0.1))),
-            lazy(b, device, random(Distribution::Uniform(0.0, 0.1))),
-            lazy(a, device, |shape, device| Tensor::zeros(shape, device)),
-        ),
+        SsmInit::V1 => {
+            let normal = |std| Initializer::Normal { mean: 0.0, std };
+            (
+                normal(0.1).init(w, device),
+                normal(0.1).init(b, device),
+                normal(1.0).init(a, device),
+            )
+        }
+        SsmInit::V2 => {
+            let uniform = Initializer::Uniform { min: 0.0, max: 0.1 };
+            (
+                uniform.init(w, device),
+                uniform.init(b, device),
+                Initializer::Zeros.init(a, device),
+            )
+        }
     };
     ScanParams {
         x_proj_weight,
