@@ -28,9 +28,7 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Dev
         })
         .init(device);
     // A new lazy parameter, not `Param::map`, which would draw the default bias first.
-    if linear.bias.is_some() {
-        linear.bias = Some(Initializer::Zeros.init([d_out], device));
-    }
+    linear.bias = bias.then(|| Initializer::Zeros.init([d_out], device));
     linear
 }
 
@@ -59,12 +57,10 @@ fn lazy<B: Backend, const D: usize>(
     device: &B::Device,
     draw: impl Fn([usize; D], &B::Device) -> Tensor<B, D> + Send + Sync + 'static,
 ) -> Param<Tensor<B, D>> {
-    let draw = std::sync::Arc::new(draw);
     Param::uninitialized(
         ParamId::new(),
         move |device, require_grad| {
-            let draw = draw.clone();
-            B::memory_persistent_allocations(device, (), move |_| {
+            B::memory_persistent_allocations(device, (), |_| {
                 let tensor = draw(shape, device);
                 if require_grad {
                     tensor.require_grad()
