@@ -491,6 +491,21 @@ fn bench_op<B: SelectiveScanBackend>(p: &ScanProblem, device: &B::Device, repeat
     })
 }
 
+/// Times what Burn's `backward()` does before any op's backward: `dy = 1` for the root, made by
+/// `float_ones` of the root's shape (`burn_autodiff::grads::Gradients::new`). On NdArray that is
+/// `TensorData::full`, a push loop on one thread; it is part of [`bench_burn`]'s forward +
+/// backward and not of [`bench_op`]'s, and a model (whose root is a scalar loss) never pays it.
+fn bench_seed<B: BurnBackend>(p: &ScanProblem, device: &B::Device, repeats: usize) -> f64 {
+    let shape = burn::tensor::Shape::from(p.shape.bdl());
+    crate::median_ms(repeats, || {
+        std::hint::black_box(B::float_ones(
+            shape.clone(),
+            device,
+            burn::tensor::FloatDType::F32,
+        ));
+    })
+}
+
 /// Peak heap bytes above the starting point while `f` runs.
 fn peak_heap_bytes(f: impl FnOnce()) -> usize {
     let start = crate::alloc::reset_peak();
@@ -763,6 +778,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         if !bench.gpu_only && wanted("ndarray-fused") {
             let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
             let op = bench_op::<NdArray>(&p, &Default::default(), repeats);
+            let seed = bench_seed::<NdArray>(&p, &Default::default(), repeats);
+            println!(
+                "{} ndarray-fused: of the forward+backward through Autodiff, Burn's seed of the \
+                 backward (`dy = 1` by `float_ones`, as `backward()` makes it) alone takes {seed:.2} ms",
+                bench.name
+            );
             push(
                 "ndarray-fused".to_string(),
                 forward,
