@@ -6,12 +6,13 @@
 //! | `CubeBackend<R, F, I, BT>` (WGPU, CUDA, ROCm) | the CubeCL kernels of `selective-scan` (`cube`) |
 //! | `Fusion<B>` (burn's default `Wgpu` with `fusion`) | a fusion custom op calling `B` (`fusion`) |
 //! | `NdArray` | the native fused CPU scan `selective_scan::cpu` ([`ndarray`]) |
-//! | `Flex`, or any backend that implements the trait with no body | the tensor-op fallback ([`fallback`]) |
+//! | `Flex` (feature `flex`), or any backend that implements the trait with no body | the tensor-op fallback ([`fallback`]) |
 //! | `Autodiff<B, C>` | a custom `Backward` that calls `B`'s fused backward ([`autodiff`]) |
 //!
 //! The CubeCL impls (`cube`, `fusion`) are behind the `cubecl` feature, which every GPU
 //! runtime feature (`wgpu`, the default; `cuda`; `rocm`) turns on; NdArray, the fallback and
-//! autodiff are always there.
+//! autodiff are always there; the `Flex` impl with the `flex` feature (Burn's `flex` backend is a
+//! large crate to compile).
 //!
 //! The same trait carries the model's other native ops (hooks returning `None` by default):
 //! inference-only ones (LayerNorm, cross-scan/merge, fused depthwise conv + SiLU, reshapes) and
@@ -466,6 +467,8 @@ pub trait SelectiveScanBackend: Backend {
     }
 }
 
+/// Burn's portable CPU backend runs the tensor-op fallback (feature `flex`).
+#[cfg(feature = "flex")]
 impl SelectiveScanBackend for burn::backend::Flex {}
 
 fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
