@@ -539,6 +539,11 @@ const STEPS_BLOCK: usize = 64;
 /// Floats in a 64-byte cache line.
 const LINE: usize = 16;
 
+/// Steps of an output that the loops producing its final values hand to [`scatter_block`] at
+/// once: one AVX-512 16 × 16 tile, two columns of 8 × 8 tiles otherwise; a cache line of each
+/// row.
+const BLOCK: usize = 16;
+
 /// Lane `k` of `out[j]` = `rows[k·L + t0 + j]` for steps `t0..t0 + n` of the task's `count`
 /// rows `[count, L]`, 0 in spare lanes; plus `bias[k]` where given (`delta`'s bias: added here
 /// rather than in a loop of its own, which LLVM vectorised across `t` with AVX-512 gathers and
@@ -552,6 +557,13 @@ fn gather<const W: usize>(
     bias: Option<[f32; W]>,
 ) {
     let (rows, out) = (&rows[..count * l], &mut out[..n]);
+    // Full tasks of 16 lanes with AVX-512: 16 × 16 tiles first (16 steps at a time).
+    let wide = if count == W {
+        transpose::gather_wide(isa, (rows, l, t0), out.as_flattened_mut(), bias.as_ref())
+    } else {
+        0
+    };
+    let (t0, n, out) = (t0 + wide, n - wide, &mut out[wide..]);
     // Full tasks: 8 × 8 tiles (8 channels × 8 steps), transposed in registers.
     let tiled = if count == W { n / TILE * TILE } else { 0 };
     if tiled > 0 {
@@ -617,8 +629,8 @@ fn prefetch_for_write(dst: &[MaybeUninit<f32>], count: usize, l: usize, t: usize
     }
 }
 
-/// The inverse of [`gather`] for one block of steps: steps `t0..t0 + n` (`n ≤ TILE`, `t0` a
-/// multiple of `TILE`) of the task's rows `dst [count, L]` from `block[j][k]` (step `t0 + j`,
+/// The inverse of [`gather`] for one block of steps: steps `t0..t0 + n` (`n ≤ BLOCK`, `t0` a
+/// multiple of `BLOCK`) of the task's rows `dst [count, L]` from `block[j][k]` (step `t0 + j`,
 /// lane `k`). The loops that produce an output's final values (the last states of the forward
 /// and the backward) write each block as soon as it is done, rather than keeping the output in
 /// `[L][W]` scratch for a transpose pass of its own: the stores overlap the recurrence's
@@ -626,22 +638,28 @@ fn prefetch_for_write(dst: &[MaybeUninit<f32>], count: usize, l: usize, t: usize
 #[inline(always)]
 fn scatter_block<const W: usize>(
     isa: Isa,
-    block: &[[f32; W]; TILE],
+    block: &[[f32; W]; BLOCK],
     (t0, n): (usize, usize),
     count: usize,
     l: usize,
     dst: &mut [MaybeUninit<f32>],
 ) {
-    if n == TILE && count == W {
+    if n == BLOCK && count == W {
+        if transpose::scatter_wide(isa, block, t0, l, dst) {
+            return;
+        }
         for lane0 in (0..W).step_by(TILE) {
-            let start = lane0 * l + t0;
-            let tile_dst = &mut dst[start..start + (TILE - 1) * l + TILE];
-            if transpose::scatter(isa, block, lane0, l, tile_dst) {
-                continue;
-            }
-            for k in 0..TILE {
-                for (j, v) in block.iter().enumerate() {
-                    tile_dst[k * l + j].write(v[lane0 + k]);
+            for j0 in (0..BLOCK).step_by(TILE) {
+                let start = lane0 * l + t0 + j0;
+                let tile_dst = &mut dst[start..start + (TILE - 1) * l + TILE];
+                let src = &block[j0..j0 + TILE];
+                if transpose::scatter(isa, src, lane0, l, tile_dst) {
+                    continue;
+                }
+                for k in 0..TILE {
+                    for (j, v) in src.iter().enumerate() {
+                        tile_dst[k * l + j].write(v[lane0 + k]);
+                    }
                 }
             }
         }
@@ -682,6 +700,49 @@ mod transpose {
         true
     }
 
+    /// With AVX-512 and 16 lanes (`out` is `[n][16]` flattened, `rows` the task's 16 rows
+    /// `[16, l]`): `out[j][k] = rows[k·l + t0 + j] (+ bias[k])` for the first `n / 16 · 16`
+    /// steps, 16 × 16 tiles transposed in 512-bit registers (64 shuffles, 16 loads and 16
+    /// stores per 16 steps, against 96, 64 and 64 for four 8 × 8 tiles); returns how many steps
+    /// it did (0 for other ISAs and widths: the caller does them all).
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    pub(super) fn gather_wide<const W: usize>(
+        isa: Isa,
+        rows: (&[f32], usize, usize),
+        out: &mut [f32],
+        bias: Option<&[f32; W]>,
+    ) -> usize {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` only runs after `Isa::check` found AVX-512F.
+            Isa::Avx512 if W == 16 => unsafe { avx512::gather(rows, out, bias.map(|b| &b[..])) },
+            _ => 0,
+        }
+    }
+
+    /// With AVX-512 and 16 lanes: the inverse of [`gather_wide`] for one block of 16 steps,
+    /// `dst[k·l + t0 + j] = block[j][k]`, one 16 × 16 tile; `false` for other ISAs and widths.
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    pub(super) fn scatter_wide<const W: usize>(
+        isa: Isa,
+        block: &[[f32; W]; super::BLOCK],
+        t0: usize,
+        l: usize,
+        dst: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `gather_wide`.
+            Isa::Avx512 if W == 16 => unsafe {
+                avx512::scatter(block.as_flattened(), t0, l, dst);
+                true
+            },
+            _ => false,
+        }
+    }
+
     /// `dst[k·l + t] = src[t][lane0 + k]` for `t < src.len()` (a multiple of [`TILE`]), `k < 8`.
     #[inline(always)]
     pub(super) fn scatter<const W: usize>(
@@ -698,6 +759,100 @@ mod transpose {
             _ => return false,
         }
         true
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+        use std::mem::MaybeUninit;
+
+        /// Steps at a time, and lanes: a 16 × 16 tile.
+        const WIDE: usize = 16;
+
+        /// Rows `r[k]` to columns: `out[j][k] = r[k][j]`. Within each 128-bit quarter the
+        /// unpacks and shuffles transpose 4 × 4 blocks (as the AVX 8 × 8 transpose does); the
+        /// two `shuffle_f32x4` rounds then transpose the 4 × 4 grid of quarters.
+        #[target_feature(enable = "avx512f")]
+        fn transpose(r: [__m512; WIDE]) -> [__m512; WIDE] {
+            let t: [__m512; WIDE] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            });
+            // s[4i + j], quarter q: rows 4i..4i + 4 of column 4q + j.
+            let s: [__m512; WIDE] = std::array::from_fn(|m| {
+                let (i, j) = (m / 4, m % 4);
+                let (a, b) = (t[4 * i + j / 2], t[4 * i + 2 + j / 2]);
+                if j % 2 == 0 {
+                    _mm512_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm512_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            // Column 4q + j: quarter q of s[j], s[4 + j], s[8 + j], s[12 + j].
+            let u: [__m512; WIDE] = std::array::from_fn(|m| {
+                let (j, half, pair) = (m % 4, (m / 4) % 2, m / 8);
+                let (a, b) = (s[8 * pair + j], s[8 * pair + 4 + j]);
+                if half == 0 {
+                    _mm512_shuffle_f32x4::<0x44>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xEE>(a, b)
+                }
+            });
+            std::array::from_fn(|c| {
+                let (q, j) = (c / 4, c % 4);
+                // Quarters 0, 1 are in u[j] (pair 0) and u[8 + j] (pair 1); 2, 3 in u[4 + j], u[12 + j].
+                let (a, b) = (u[4 * (q / 2) + j], u[8 + 4 * (q / 2) + j]);
+                if q % 2 == 0 {
+                    _mm512_shuffle_f32x4::<0x88>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xDD>(a, b)
+                }
+            })
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn gather(
+            (rows, l, t0): (&[f32], usize, usize),
+            out: &mut [f32],
+            bias: Option<&[f32]>,
+        ) -> usize {
+            let wide = out.len() / WIDE / WIDE * WIDE;
+            // SAFETY: the bias holds 16 floats (unaligned load).
+            let add = bias.map(|b| unsafe { _mm512_loadu_ps(b[..WIDE].as_ptr()) });
+            for (b, block) in out[..wide * WIDE].chunks_exact_mut(WIDE * WIDE).enumerate() {
+                let t = t0 + b * WIDE;
+                let r: [__m512; WIDE] = std::array::from_fn(|k| {
+                    let row = &rows[k * l + t..k * l + t + WIDE];
+                    // SAFETY: `row` holds 16 floats (unaligned load).
+                    unsafe { _mm512_loadu_ps(row.as_ptr()) }
+                });
+                for (v, c) in block.chunks_exact_mut(WIDE).zip(transpose(r)) {
+                    let c = add.map_or(c, |a| _mm512_add_ps(c, a));
+                    // SAFETY: `v` holds 16 floats (unaligned store).
+                    unsafe { _mm512_storeu_ps(v.as_mut_ptr(), c) };
+                }
+            }
+            wide
+        }
+
+        /// `dst[k·l + t0 + j] = block[j·16 + k]` for `j, k < 16`.
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn scatter(block: &[f32], t0: usize, l: usize, dst: &mut [MaybeUninit<f32>]) {
+            let r: [__m512; WIDE] = std::array::from_fn(|j| {
+                let lanes = &block[j * WIDE..j * WIDE + WIDE];
+                // SAFETY: `lanes` holds 16 floats (unaligned load).
+                unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+            });
+            for (k, c) in transpose(r).into_iter().enumerate() {
+                let row = &mut dst[k * l + t0..k * l + t0 + WIDE];
+                // SAFETY: `row` holds 16 floats (unaligned store; writing initialises them).
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr().cast(), c) };
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -985,7 +1140,7 @@ struct ForwardInputs<'a, const W: usize> {
 /// States `n0..n0 + NS` of the forward: `NS` independent recurrences per step, added to `y` in
 /// state order. `FIRST`: `y` starts at `skip·u` and `dtu` holds `u`, replaced by `Δ·u`, and
 /// the next task's rows are prefetched (`ahead`). `LAST`: `y` is final and goes to the task's
-/// rows `out` one [`TILE`] of steps at a time ([`scatter_block`]) rather than to scratch.
+/// rows `out` one [`BLOCK`] of steps at a time ([`scatter_block`]) rather than to scratch.
 #[inline(always)]
 fn forward_states<
     const F: bool,
@@ -1009,9 +1164,9 @@ fn forward_states<
     let c: [&[f32]; NS] = std::array::from_fn(|j| task.state_row(s, p.c, n0 + j));
     let (dt, dtu, y) = (&x.dt[..l], &mut dtu[..l], &mut y[..l]);
     let mut h = [[0.0; W]; NS];
-    let mut block = [[0.0; W]; TILE];
-    for t0 in (0..l).step_by(TILE) {
-        let n = TILE.min(l - t0);
+    let mut block = [[0.0; W]; BLOCK];
+    for t0 in (0..l).step_by(BLOCK) {
+        let n = BLOCK.min(l - t0);
         for t in t0..t0 + n {
             if FIRST {
                 x.ahead.step::<W>(t);
@@ -1205,16 +1360,16 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
     }
     let mut adj = zero;
     let mut next_decay = zero;
-    // `LAST`: the final `du`, `dΔ` of each `TILE` of steps, written to the task's rows once the
-    // tile is done (the loop runs down, so at its lowest step).
-    let (mut du_block, mut dd_block) = ([zero; TILE], [zero; TILE]);
+    // `LAST`: the final `du`, `dΔ` of each `BLOCK` of steps, written to the task's rows once the
+    // block is done (the loop runs down, so at its lowest step).
+    let (mut du_block, mut dd_block) = ([zero; BLOCK], [zero; BLOCK]);
     let mut end = l;
     while end > 0 {
         let start = end.saturating_sub(SUM_BLOCK);
         let (mut da, mut dbias) = (zero, zero);
         let mut hi = end;
         while hi > start {
-            let lo = ((hi - 1) / TILE * TILE).max(start);
+            let lo = ((hi - 1) / BLOCK * BLOCK).max(start);
             for t in (lo..hi).rev() {
                 if FIRST {
                     x.ahead.step::<W>(l - 1 - t);
@@ -1234,8 +1389,8 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
                 if LAST {
                     let g = mul(g, slope[t]);
                     dbias = add(dbias, g);
-                    du_block[t % TILE] = du_t;
-                    dd_block[t % TILE] = g;
+                    du_block[t % BLOCK] = du_t;
+                    dd_block[t % BLOCK] = g;
                 } else {
                     du[t] = du_t;
                     ddt[t] = g;
@@ -1244,12 +1399,12 @@ fn backward_state<const F: bool, const W: usize, const FIRST: bool, const LAST: 
                 db[t] = hsum(mul(adj_dt, u[t]));
                 dc[t] = hsum(mul(dy[t], h[t + 1]));
             }
-            if LAST && lo.is_multiple_of(TILE) {
+            if LAST && lo.is_multiple_of(BLOCK) {
                 if lo.is_multiple_of(LINE) && lo >= AHEAD_STEPS {
                     prefetch_for_write(du_rows, x.count, l, lo - AHEAD_STEPS);
                     prefetch_for_write(dd_rows, x.count, l, lo - AHEAD_STEPS);
                 }
-                let steps = (lo, TILE.min(l - lo));
+                let steps = (lo, BLOCK.min(l - lo));
                 scatter_block(x.isa, &du_block, steps, x.count, l, du_rows);
                 scatter_block(x.isa, &dd_block, steps, x.count, l, dd_rows);
             }
@@ -1524,8 +1679,9 @@ fn backward_lanes<const W: usize>(
 mod tests {
     use super::*;
 
-    /// The AVX 8 × 8 transposes move exactly the values the portable loops move, for full and
-    /// partial tasks of 8 and 16 lanes and lengths that are not a multiple of the tile.
+    /// The AVX 8 × 8 transposes (and AVX-512's 16 × 16 gather, where the CPU has AVX-512)
+    /// move exactly the values the portable loops move, for full and partial tasks of 8 and 16
+    /// lanes and lengths that are not a multiple of either tile.
     #[test]
     fn avx_transposes_match_the_portable_loops() {
         if !Isa::Avx2Fma.is_available() {
@@ -1535,7 +1691,9 @@ mod tests {
         check::<8>();
         check::<16>();
         fn check<const W: usize>() {
-            for (channels, l) in [(32, 37), (32, 8), (24, 21), (16, 1), (10, 16)] {
+            let wide = [Isa::Avx2Fma, Isa::Avx512];
+            let avx_isas: Vec<Isa> = wide.into_iter().filter(|i| i.is_available()).collect();
+            for (channels, l) in [(32, 37), (32, 8), (24, 21), (16, 1), (10, 16), (16, 61)] {
                 let s = ScanShape::new(2, channels, l, 1, 1);
                 let src: Vec<f32> = (0..s.bdl_len()).map(|i| i as f32 + 0.5).collect();
                 let count = s.batch * s.groups * Task::blocks(&s, W);
@@ -1546,11 +1704,13 @@ mod tests {
                     let mut avx = vec![[0.0f32; W]; l];
                     let src = (rows, task.count, l);
                     gather(Isa::Portable, src, (0, l), &mut portable, None);
-                    gather(Isa::Avx2Fma, src, (0, l), &mut avx, None);
-                    assert_eq!(
-                        portable, avx,
-                        "gather, W = {W}, {channels} channels, L = {l}"
-                    );
+                    for &isa in &avx_isas {
+                        gather(isa, src, (0, l), &mut avx, None);
+                        assert_eq!(
+                            portable, avx,
+                            "gather, {isa:?}, W = {W}, {channels} channels, L = {l}"
+                        );
+                    }
                     for (t, v) in portable.iter().enumerate() {
                         for (k, x) in v.iter().enumerate() {
                             let expected = if k < task.count { rows[k * l + t] } else { 0.0 };
@@ -1559,29 +1719,39 @@ mod tests {
                     }
                     // Into initialised buffers (a value the scatter does not write stays -1).
                     let mut rows_portable = reuse_as_output(vec![-1.0; task.count * l]);
-                    let mut rows_avx = reuse_as_output(vec![-1.0; task.count * l]);
-                    // `scatter_block` over every tile, as the scan's last states call it.
-                    for t0 in (0..l).step_by(TILE) {
-                        let n = TILE.min(l - t0);
-                        let mut block = [[0.0f32; W]; TILE];
+                    for t0 in (0..l).step_by(BLOCK) {
+                        let n = BLOCK.min(l - t0);
+                        let mut block = [[0.0f32; W]; BLOCK];
                         block[..n].copy_from_slice(&portable[t0..t0 + n]);
-                        let steps = (t0, n);
-                        let count = task.count;
+                        let (steps, count) = ((t0, n), task.count);
                         scatter_block(Isa::Portable, &block, steps, count, l, &mut rows_portable);
-                        scatter_block(Isa::Avx2Fma, &block, steps, count, l, &mut rows_avx);
                     }
                     // SAFETY: initialised when created (and overwritten with values).
-                    let (rows_portable, rows_avx) =
-                        unsafe { (assume_written(rows_portable), assume_written(rows_avx)) };
-                    assert_eq!(
-                        rows_portable, rows_avx,
-                        "scatter, W = {W}, {channels} channels, L = {l}"
-                    );
-                    assert_eq!(rows_avx, rows);
+                    let rows_portable = unsafe { assume_written(rows_portable) };
+                    assert_eq!(rows_portable, rows);
+                    for &isa in &avx_isas {
+                        let mut rows_avx = reuse_as_output(vec![-1.0; task.count * l]);
+                        // `scatter_block` over every block, as the scan's last states call it.
+                        for t0 in (0..l).step_by(BLOCK) {
+                            let n = BLOCK.min(l - t0);
+                            let mut block = [[0.0f32; W]; BLOCK];
+                            block[..n].copy_from_slice(&portable[t0..t0 + n]);
+                            let (steps, count) = ((t0, n), task.count);
+                            scatter_block(isa, &block, steps, count, l, &mut rows_avx);
+                        }
+                        // SAFETY: as above.
+                        let rows_avx = unsafe { assume_written(rows_avx) };
+                        assert_eq!(
+                            rows_portable, rows_avx,
+                            "scatter, {isa:?}, W = {W}, {channels} channels, L = {l}"
+                        );
+                    }
                     let bias: [f32; W] = std::array::from_fn(|k| 0.25 - k as f32);
                     gather(Isa::Portable, src, (0, l), &mut portable, Some(bias));
-                    gather(Isa::Avx2Fma, src, (0, l), &mut avx, Some(bias));
-                    assert_eq!(portable, avx, "gather + bias, W = {W}, L = {l}");
+                    for &isa in &avx_isas {
+                        gather(isa, src, (0, l), &mut avx, Some(bias));
+                        assert_eq!(portable, avx, "gather + bias, {isa:?}, W = {W}, L = {l}");
+                    }
                     for (t, v) in portable.iter().enumerate() {
                         for (k, x) in v.iter().enumerate().take(task.count) {
                             assert_eq!(*x, rows[k * l + t] + bias[k]);
@@ -1593,8 +1763,9 @@ mod tests {
                         (l / 3, l - l / 3),
                         (l - 1, 1),
                         (l / 2, 9.min(l - l / 2)),
+                        (l / 4, (l - l / 4).min(40)),
                     ] {
-                        for isa in [Isa::Portable, Isa::Avx2Fma] {
+                        for isa in std::iter::once(Isa::Portable).chain(avx_isas.clone()) {
                             let mut part = vec![[0.0f32; W]; n];
                             gather(isa, src, (t0, n), &mut part, Some(bias));
                             assert_eq!(
