@@ -9,7 +9,8 @@
 //! dependency between lanes. `B_t` and `C_t` are shared by the group's channels and are
 //! broadcast. The task gathers its rows of `u`, `delta` (and `dy`) into lane-major scratch
 //! `[L][W]` once, runs every state over it, and scatters its outputs back into the `[B, D, L]`
-//! rows (8 × 8 tiles transposed with AVX shuffles where the CPU has them, see `transpose`); a
+//! rows (16 × 16 tiles transposed in AVX-512 registers, 8 × 8 tiles with AVX shuffles on AVX2,
+//! see `transpose`); a
 //! block with fewer than `W` channels (the group's last) fills the spare lanes with zeros
 //! (`u = dy = A = 0`), which contribute exact zeros to every sum.
 //! - Forward: `Δ` (softplus) per lane, then states in chunks of 4 (four independent recurrences
@@ -33,9 +34,10 @@
 //! (`#[target_feature]`), chosen at run time by [`Isa::detect`] (`is_x86_feature_detected!`).
 //! The lane arithmetic is written on `[f32; W]` arrays, which LLVM turns into one AVX2 or
 //! AVX-512 register (two SSE/NEON registers); no SIMD crate is needed, and the portable path is
-//! the same source (except the gathers' and scatters' 8 × 8 transposes, which LLVM did not
-//! vectorise: written with AVX intrinsics, module `transpose`, used on the AVX2 and AVX-512
-//! paths). With FMA (AVX2 and AVX-512 paths; NEON, where FMA is baseline) the multiply-adds are
+//! the same source (except the gathers' and scatters' transposes, which LLVM did not
+//! vectorise: written with intrinsics, module `transpose`: 8 × 8 tiles with AVX on the AVX2
+//! path, 16 × 16 tiles with AVX-512 on the AVX-512 path, which take 6 instructions per step
+//! and transpose where four 8 × 8 tiles took 14; C1's forward 2.0–2.5 → 1.3–1.8 ms). With FMA (AVX2 and AVX-512 paths; NEON, where FMA is baseline) the multiply-adds are
 //! fused, so the bits differ from the portable path's, each within the same error bounds. A
 //! given machine always takes the same path, and every path is tested against the f64
 //! reference where the CPU has it. AVX-512 doubles the lanes of every instruction: on the
@@ -1717,30 +1719,23 @@ mod tests {
                             assert_eq!(*x, expected);
                         }
                     }
-                    // Into initialised buffers (a value the scatter does not write stays -1).
-                    let mut rows_portable = reuse_as_output(vec![-1.0; task.count * l]);
-                    for t0 in (0..l).step_by(BLOCK) {
-                        let n = BLOCK.min(l - t0);
-                        let mut block = [[0.0f32; W]; BLOCK];
-                        block[..n].copy_from_slice(&portable[t0..t0 + n]);
-                        let (steps, count) = ((t0, n), task.count);
-                        scatter_block(Isa::Portable, &block, steps, count, l, &mut rows_portable);
-                    }
-                    // SAFETY: initialised when created (and overwritten with values).
-                    let rows_portable = unsafe { assume_written(rows_portable) };
-                    assert_eq!(rows_portable, rows);
-                    for &isa in &avx_isas {
-                        let mut rows_avx = reuse_as_output(vec![-1.0; task.count * l]);
-                        // `scatter_block` over every block, as the scan's last states call it.
+                    // `scatter_block` over every block, as the scan's last states call it, into
+                    // initialised buffers (a value the scatter does not write stays -1).
+                    let scatter_all = |isa: Isa| {
+                        let mut out = reuse_as_output(vec![-1.0; task.count * l]);
                         for t0 in (0..l).step_by(BLOCK) {
                             let n = BLOCK.min(l - t0);
                             let mut block = [[0.0f32; W]; BLOCK];
                             block[..n].copy_from_slice(&portable[t0..t0 + n]);
-                            let (steps, count) = ((t0, n), task.count);
-                            scatter_block(isa, &block, steps, count, l, &mut rows_avx);
+                            scatter_block(isa, &block, (t0, n), task.count, l, &mut out);
                         }
-                        // SAFETY: as above.
-                        let rows_avx = unsafe { assume_written(rows_avx) };
+                        // SAFETY: initialised when created (and overwritten with values).
+                        unsafe { assume_written(out) }
+                    };
+                    let rows_portable = scatter_all(Isa::Portable);
+                    assert_eq!(rows_portable, rows);
+                    for &isa in &avx_isas {
+                        let rows_avx = scatter_all(isa);
                         assert_eq!(
                             rows_portable, rows_avx,
                             "scatter, {isa:?}, W = {W}, {channels} channels, L = {l}"

@@ -7,10 +7,13 @@
 //! several device-to-device copy kernels and the device's exp rate (`device_floor.rs`).
 //! `floor_ms` is the larger of the pass's minimal traffic (each input read once, each output
 //! written once) at that bandwidth and its exponentials at that rate; `gbps` is the same
-//! traffic over the measured time. For the native CPU scan (`ndarray-fused`), a third pass,
-//! `forward_backward_op`, times the op's own forward and backward on `NdArray` without the
-//! autodiff graph (`bench_op`): the difference to `forward_backward` is Burn's part (its
-//! single-threaded `dy = 1` seed above all).
+//! traffic over the measured time. For the native CPU scan (`ndarray-fused`), `forward_backward`
+//! runs through `Autodiff<NdArray>` with `dy` handed to the op's output by a downstream node, as
+//! a model's loss hands it over (and as PyTorch's `y.backward(dy)` in the peers' script); two
+//! more passes show where the rest of the time goes: `forward_backward_seeded` through Burn's own
+//! `y.backward()`, which first fills `dy = 1` of `[B, D, L]` on one thread (a cost a model, whose
+//! root is a scalar loss, never pays), and `forward_backward_op`, the op's own forward and
+//! backward on `NdArray` without the autodiff graph (`bench_op`).
 
 use cubecl::prelude::*;
 use selective_scan::{
@@ -18,9 +21,14 @@ use selective_scan::{
     contiguous_strides, reference,
 };
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Slice, Tensor, TensorData, TensorPrimitive};
 use burn_vmamba::SelectiveScanBackend;
 use rayon::prelude::*;
 
@@ -412,16 +420,66 @@ fn leaves<B: BurnBackend>(p: &ScanProblem, device: &B::Device) -> Leaves<B> {
     }
 }
 
-/// Times the Burn op on an eager CPU backend: forward on `B::InnerBackend`, forward+backward
-/// (every input tracked) on the autodiff backend `B`.
-fn bench_burn<B>(p: &ScanProblem, device: &B::Device, repeats: usize) -> (f64, f64)
-where
-    B: AutodiffBackend + SelectiveScanBackend,
-    B::InnerBackend: SelectiveScanBackend,
-{
-    /// The op alone: `y`. (The backward is seeded from `y` itself, which Burn does with
-    /// `dy = 1`: the gradient of `sum(y)` without timing a sum and its backward, which cost
-    /// another two passes over `[B, D, L]`: the op's, not a loss's, time is measured.)
+/// The root of a measured graph: a one-element slice of `y` (no work) whose backward hands
+/// `dy` to `y`, as the rest of a model's graph would, or as PyTorch's `y.backward(dy)` does.
+/// Burn's `backward()` takes no gradient, and seeds its root with `float_ones` of the root's
+/// shape: on a `[B, D, L]` root that is a single-threaded fill (`TensorData::full`, a push
+/// loop) that a model, whose root is a scalar loss, never pays.
+#[derive(Debug)]
+struct Downstream;
+
+impl<B: BurnBackend> Backward<B, 1> for Downstream {
+    /// `dy`.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, ops.state);
+        }
+    }
+}
+
+/// `y[0, 0, 0]` on `Autodiff<B>` whose backward gives `y` the gradient `dy` ([`Downstream`]).
+fn downstream<B: BurnBackend>(
+    y: Tensor<Autodiff<B>, 3>,
+    dy: FloatTensor<B>,
+) -> Tensor<Autodiff<B>, 3> {
+    let y = y.into_primitive().tensor();
+    let first = B::float_slice(y.primitive.clone(), &[Slice::from(0..1); 3]);
+    let root = match Downstream
+        .prepare::<NoCheckpointing>([y.node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(dy, first),
+        OpsKind::UnTracked(prep) => prep.finish(first),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(root))
+}
+
+/// What [`bench_burn`] measures, in ms.
+struct BurnTimes {
+    /// The forward on the inner backend.
+    forward: f64,
+    /// Forward + backward on `Autodiff<B>`, every input tracked, `dy` handed to the op's output
+    /// by a downstream node ([`Downstream`]). A fresh `dy = 1` is made before each timed run
+    /// (in a model the op after the scan makes it, in its own time) and is the scan's alone, so
+    /// `du` may be written over it, as in a model's backward.
+    both: f64,
+    /// The same with Burn's own `y.backward()`, which seeds `dy = 1` itself (where asked).
+    seeded: Option<f64>,
+}
+
+/// Times the Burn op on an eager CPU backend: forward on `B`, forward+backward (every input
+/// tracked) on `Autodiff<B>`, and with `seeded` also through Burn's own `y.backward()`.
+fn bench_burn<B: SelectiveScanBackend>(
+    p: &ScanProblem,
+    device: &B::Device,
+    repeats: usize,
+    seeded: bool,
+) -> BurnTimes {
     fn run<B: SelectiveScanBackend>(x: &Leaves<B>) -> Tensor<B, 3> {
         burn_vmamba::selective_scan(
             x.u.clone(),
@@ -436,11 +494,11 @@ where
     }
     // Inputs are created outside the timed region; CPU backends compute eagerly, so no
     // read-back is needed (it would dominate the time).
-    let inner = leaves::<B::InnerBackend>(p, device);
+    let inner = leaves::<B>(p, device);
     let forward = crate::median_ms(repeats, || {
-        std::hint::black_box(run::<B::InnerBackend>(&inner));
+        std::hint::black_box(run::<B>(&inner));
     });
-    let x = leaves::<B>(p, device);
+    let x = leaves::<Autodiff<B>>(p, device);
     let tracked = Leaves {
         u: x.u.require_grad(),
         delta: x.delta.require_grad(),
@@ -450,27 +508,40 @@ where
         d: x.d.require_grad(),
         bias: x.bias.require_grad(),
     };
-    let both = crate::median_ms(repeats, || {
-        let grads = run::<B>(&tracked).backward();
+    let read = |grads: &<Autodiff<B> as AutodiffBackend>::Gradients| {
         let t = &tracked;
-        std::hint::black_box((t.u.grad(&grads), t.delta.grad(&grads), t.a.grad(&grads)));
-        std::hint::black_box((
-            t.b.grad(&grads),
-            t.c.grad(&grads),
-            t.d.grad(&grads),
-            t.bias.grad(&grads),
-        ));
+        std::hint::black_box((t.u.grad(grads), t.delta.grad(grads), t.a.grad(grads)));
+        std::hint::black_box((t.b.grad(grads), t.c.grad(grads), t.d.grad(grads)));
+        std::hint::black_box(t.bias.grad(grads));
+    };
+    let shape = p.shape.bdl();
+    let both = crate::median_ms_after(
+        repeats,
+        || {
+            B::float_from_data(
+                TensorData::new(vec![1.0f32; p.shape.bdl_len()], shape),
+                device,
+            )
+        },
+        |dy| read(&downstream(run::<Autodiff<B>>(&tracked), dy).backward()),
+    );
+    let seeded = seeded.then(|| {
+        crate::median_ms(repeats, || {
+            read(&run::<Autodiff<B>>(&tracked).backward());
+        })
     });
-    (forward, both)
+    BurnTimes {
+        forward,
+        both,
+        seeded,
+    }
 }
 
 /// Times the op's own forward and backward on an eager CPU backend `B` (no autodiff graph):
 /// `selective_scan_forward`, then `selective_scan_backward` with `dy = 1` made before the timed
 /// region. Through `Autodiff<B>` ([`bench_burn`]) the same work comes with the graph's
-/// bookkeeping and Burn's seed of the backward (`dy = 1` filled by `TensorData::full`, a loop on
-/// one thread: on C1 about a fifth of the forward + backward on a 2-core Xeon); this time is the
-/// scan's alone. `dy` is shared with the caller here, so `du` gets a buffer of its own (through
-/// Autodiff it is written over the seed).
+/// bookkeeping and the making of `dy`; this time is the scan's alone. `dy` is shared with the
+/// caller here, so `du` gets a buffer of its own (through Autodiff it is written over `dy`).
 fn bench_op<B: SelectiveScanBackend>(p: &ScanProblem, device: &B::Device, repeats: usize) -> f64 {
     let x = leaves::<B>(p, device);
     let dy = Tensor::<B, 3>::ones(p.shape.bdl(), device)
@@ -487,21 +558,6 @@ fn bench_op<B: SelectiveScanBackend>(p: &ScanProblem, device: &B::Device, repeat
             saved,
             dy.clone(),
             options,
-        ));
-    })
-}
-
-/// Times what Burn's `backward()` does before any op's backward: `dy = 1` for the root, made by
-/// `float_ones` of the root's shape (`burn_autodiff::grads::Gradients::new`). On NdArray that is
-/// `TensorData::full`, a push loop on one thread; it is part of [`bench_burn`]'s forward +
-/// backward and not of [`bench_op`]'s, and a model (whose root is a scalar loss) never pays it.
-fn bench_seed<B: BurnBackend>(p: &ScanProblem, device: &B::Device, repeats: usize) -> f64 {
-    let shape = burn::tensor::Shape::from(p.shape.bdl());
-    crate::median_ms(repeats, || {
-        std::hint::black_box(B::float_ones(
-            shape.clone(),
-            device,
-            burn::tensor::FloatDType::F32,
         ));
     })
 }
@@ -717,27 +773,30 @@ pub fn run(args: &Args) -> Result<(), String> {
         }
         let s = bench.shape;
         let p = ScanProblem::random(s, &RandomSpec::default(), 7);
-        // `op`: the op alone, where measured ([`bench_op`]).
+        // `seeded` and `op`: the other two forward + backward passes, where measured
+        // ([`bench_burn`], [`bench_op`]).
         let mut push = |implementation: String,
                         forward: f64,
                         both: f64,
-                        op: Option<f64>,
+                        seeded_and_op: Option<(f64, f64)>,
                         floor: Floor| {
             println!(
                 "{} {implementation}: forward {forward:.2} ms, forward+backward {both:.2} ms",
                 bench.name
             );
-            if let Some(op) = op {
+            if let Some((seeded, op)) = seeded_and_op {
                 println!(
-                    "{} {implementation}, the op alone (no autodiff graph, dy made beforehand): \
-                     forward+backward {op:.2} ms",
+                    "{} {implementation}, forward+backward with Burn's own seed (`y.backward()`, \
+                     `dy = 1` by `float_ones` of `[B, D, L]`) {seeded:.2} ms; the op alone (no \
+                     autodiff graph, dy made beforehand) {op:.2} ms",
                     bench.name
                 );
             }
             let passes = [
                 ("forward", Some(forward)),
                 ("forward_backward", Some(both)),
-                ("forward_backward_op", op),
+                ("forward_backward_seeded", seeded_and_op.map(|(s, _)| s)),
+                ("forward_backward_op", seeded_and_op.map(|(_, o)| o)),
             ];
             for (pass, ms) in passes {
                 let Some(ms) = ms else { continue };
@@ -776,24 +835,19 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
         if !bench.gpu_only && wanted("ndarray-fused") {
-            let (forward, both) = bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), repeats);
+            let t = bench_burn::<NdArray>(&p, &Default::default(), repeats, true);
             let op = bench_op::<NdArray>(&p, &Default::default(), repeats);
-            let seed = bench_seed::<NdArray>(&p, &Default::default(), repeats);
-            println!(
-                "{} ndarray-fused: of the forward+backward through Autodiff, Burn's seed of the \
-                 backward (`dy = 1` by `float_ones`, as `backward()` makes it) alone takes {seed:.2} ms",
-                bench.name
-            );
+            let seeded_and_op = t.seeded.map(|seeded| (seeded, op));
             push(
                 "ndarray-fused".to_string(),
-                forward,
-                both,
-                Some(op),
+                t.forward,
+                t.both,
+                seeded_and_op,
                 all_cores,
             );
             if bench.name == "C2" {
                 let bytes = peak_heap_bytes(|| {
-                    bench_burn::<Autodiff<NdArray>>(&p, &Default::default(), 1);
+                    bench_burn::<NdArray>(&p, &Default::default(), 1, false);
                 });
                 let unit = (s.bdl_len() * 4) as f64;
                 println!(
@@ -808,8 +862,8 @@ pub fn run(args: &Args) -> Result<(), String> {
         if !bench.gpu_only && wanted("fallback") {
             // The tensor-op fallback takes minutes on the N = 16 shapes; C1 and C2 give the ratio.
             if s.d_state == 1 {
-                let (forward, both) = bench_burn::<Autodiff<Flex>>(&p, &Default::default(), 1);
-                push("fallback".to_string(), forward, both, None, all_cores);
+                let t = bench_burn::<Flex>(&p, &Default::default(), 1, false);
+                push("fallback".to_string(), t.forward, t.both, None, all_cores);
             }
         }
         if !bench.gpu_only && wanted("reference") {

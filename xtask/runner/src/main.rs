@@ -96,11 +96,21 @@ fn main() -> ExitCode {
 /// Median milliseconds of `repeats` runs of `f` after one warm-up run (`f` synchronises the
 /// device itself where there is one).
 pub fn median_ms(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
+    median_ms_after(repeats, || (), |()| f())
+}
+
+/// [`median_ms`] of `run(setup())`, timing `run` alone: `setup` makes what each run consumes.
+pub fn median_ms_after<S>(
+    repeats: usize,
+    mut setup: impl FnMut() -> S,
+    mut run: impl FnMut(S),
+) -> f64 {
+    run(setup());
     let mut v: Vec<f64> = (0..repeats)
         .map(|_| {
+            let input = setup();
             let start = std::time::Instant::now();
-            f();
+            run(input);
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
