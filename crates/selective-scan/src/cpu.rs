@@ -10,9 +10,8 @@
 //! broadcast. The task gathers its rows of `u`, `delta` (and `dy`) into lane-major scratch
 //! `[L][W]` once, runs every state over it, and scatters its outputs back into the `[B, D, L]`
 //! rows (16 × 16 tiles transposed in AVX-512 registers, 8 × 8 tiles with AVX shuffles on AVX2,
-//! see `transpose`); a
-//! block with fewer than `W` channels (the group's last) fills the spare lanes with zeros
-//! (`u = dy = A = 0`), which contribute exact zeros to every sum.
+//! see `transpose`); a block with fewer than `W` channels (the group's last) fills the spare
+//! lanes with zeros (`u = dy = A = 0`), which contribute exact zeros to every sum.
 //! - Forward: `Δ` (softplus) per lane, then states in chunks of 4 (four independent recurrences
 //!   per step for instruction-level parallelism), `y_t = D u_t + Σ_n C_{n,t} h_{n,t}` accumulated
 //!   in state order.
@@ -37,10 +36,11 @@
 //! the same source (except the gathers' and scatters' transposes, which LLVM did not
 //! vectorise: written with intrinsics, module `transpose`: 8 × 8 tiles with AVX on the AVX2
 //! path, 16 × 16 tiles with AVX-512 on the AVX-512 path, which take 6 instructions per step
-//! and transpose where four 8 × 8 tiles took 14; C1's forward 2.0–2.5 → 1.3–1.8 ms). With FMA (AVX2 and AVX-512 paths; NEON, where FMA is baseline) the multiply-adds are
-//! fused, so the bits differ from the portable path's, each within the same error bounds. A
-//! given machine always takes the same path, and every path is tested against the f64
-//! reference where the CPU has it. AVX-512 doubles the lanes of every instruction: on the
+//! and transpose where four 8 × 8 tiles took 14; C1's forward 2.0–2.5 → 1.3–1.8 ms). With FMA
+//! (AVX2 and AVX-512 paths; NEON, where FMA is baseline) the multiply-adds are fused, so the
+//! bits differ from the portable path's, each within the same error bounds. A given machine
+//! always takes the same path, and every path is tested against the f64 reference where the
+//! CPU has it. AVX-512 doubles the lanes of every instruction: on the
 //! 2-core development machine (Xeon with AVX-512) a 16-lane exp runs about 1.8× as many
 //! exponentials per second as an 8-lane one; called directly, the 16-lane scan takes 0.75× the
 //! time of the 8-lane one forward and 0.9× backward on C2 (15–17 vs 20 ms, 30 vs 33 ms). Two
@@ -806,7 +806,8 @@ mod transpose {
             });
             std::array::from_fn(|c| {
                 let (q, j) = (c / 4, c % 4);
-                // Quarters 0, 1 are in u[j] (pair 0) and u[8 + j] (pair 1); 2, 3 in u[4 + j], u[12 + j].
+                // Quarters 0, 1 are in u[j] (pair 0) and u[8 + j] (pair 1); 2, 3 in u[4 + j]
+                // and u[12 + j].
                 let (a, b) = (u[4 * (q / 2) + j], u[8 + 4 * (q / 2) + j]);
                 if q % 2 == 0 {
                     _mm512_shuffle_f32x4::<0x88>(a, b)
@@ -1681,9 +1682,9 @@ fn backward_lanes<const W: usize>(
 mod tests {
     use super::*;
 
-    /// The AVX 8 × 8 transposes (and AVX-512's 16 × 16 gather, where the CPU has AVX-512)
-    /// move exactly the values the portable loops move, for full and partial tasks of 8 and 16
-    /// lanes and lengths that are not a multiple of either tile.
+    /// The AVX 8 × 8 transposes (and AVX-512's 16 × 16 ones, where the CPU has AVX-512) move
+    /// exactly the values the portable loops move, gathers and scatters, for full and partial
+    /// tasks of 8 and 16 lanes and lengths that are not a multiple of either tile.
     #[test]
     fn avx_transposes_match_the_portable_loops() {
         if !Isa::Avx2Fma.is_available() {
